@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine with Python >= 3.11, pip and make:
+#   make demo   runs the pipeline on the embedded default data (smoke preset)
+#   make test   runs the test suite
+# Both bootstrap uv (into .tools/, pinned) and the locked environment (.venv/, from uv.lock).
+
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/uv/bin/uv
+RUN := $(UV) run --locked --no-sync
+
+.PHONY: setup demo test bench clean
+
+$(UV):
+	PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check \
+		--target $(TOOLS)/uv "uv==$(UV_VERSION)"
+
+.venv/.synced: $(UV) uv.lock pyproject.toml
+	$(UV) sync --locked
+	touch $@
+
+setup: .venv/.synced
+
+demo: setup
+	$(RUN) dvc repro
+	@echo
+	@$(RUN) dvc metrics show
+	@echo
+	@echo "Outputs: data/raw (videos + CSV), data/filtered (kept/rejected.parquet, report.json), data/clips (clip shards + index.parquet)"
+
+test: setup
+	$(RUN) pytest
+
+bench: setup
+	$(RUN) versvideo bench decode --json
+
+clean:
+	rm -rf data models metrics plots .dvc/tmp .pytest_cache

@@ -1,0 +1,69 @@
+"""The `versvideo` command line. It parses arguments and dispatches; no ML logic lives here.
+
+    versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
+    versvideo bench NAME [--json]                              a benchmark; JSON figures on the last line
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from tasks.params import ParamsError, load_params
+
+# Stage name (as in dvc.yaml and params.yaml) -> module with main(params).
+STAGES = {
+    "prepare": "tasks.prepare",
+    "filter": "tasks.filter",
+    "decode": "tasks.decode",
+}
+# Benchmark name -> module with run(args) -> dict of figures.
+BENCHMARKS = {
+    "decode": "tasks.bench_decode",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="versvideo", description="VersVideo text-to-video pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stage = commands.add_parser("stage", help="run one pipeline stage in the current directory (dvc.yaml calls this)")
+    stage.add_argument("name", choices=sorted(STAGES))
+    stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    stage.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param, e.g. -S decode.frames=16 (repeatable)")
+
+    bench = commands.add_parser("bench", help="run a benchmark against its baseline")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON on the last line")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (the best is reported)")
+    bench.add_argument("--videos", help="folder of videos for the decode benchmark (default: ../shared/fixtures/videos)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "stage":
+            params = load_params(args.params, args.overrides)
+            importlib.import_module(STAGES[args.name]).main(params)
+        elif args.command == "bench":
+            figures = importlib.import_module(BENCHMARKS[args.name]).run(args)
+            if args.json:
+                print(json.dumps(figures, sort_keys=True))
+            else:
+                for key, value in figures.items():
+                    print(f"{key}: {value}")
+    except ParamsError as error:
+        print(f"versvideo: bad params: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as error:
+        print(f"versvideo: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

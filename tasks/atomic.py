@@ -1,0 +1,51 @@
+"""Crash-safe writes: every output is written under a temporary name in its own folder, then
+renamed. A rename within one filesystem is atomic, so a crash leaves either the old file or the
+complete new one, never a half-written file that a later stage (or DVC) would read."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TMP_MARK = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it to `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{TMP_MARK}{os.getpid()}-{final.name}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_parquet(frame: pd.DataFrame, final: str | Path) -> None:
+    with atomic_path(final) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def write_json(payload: Any, final: str | Path) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete leftovers of a crashed run (files named by `atomic_path`) before a rerun."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for leftover in folder.glob(f"{TMP_MARK}*"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

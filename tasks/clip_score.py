@@ -1,0 +1,95 @@
+"""open_clip models from local weight files, and the filter's text-frame similarity scorer.
+
+Nothing is downloaded: the architecture comes from open_clip's bundled config for `model_name`,
+the weights from a local .safetensors file or a plain state-dict .pt/.bin read with
+`torch.load(weights_only=True)`. A checkpoint that does not fit the architecture is an error
+naming the file and the first mismatched key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from tasks.video_io import center_crop, cover_size, decode_frames
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def load_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
+    """A tensor state dict from a local file; `key` is the params key to name when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weight file not found; set {key} to a local file (nothing is downloaded)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return {name.removeprefix("module."): tensor for name, tensor in state.items()}
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """load_state_dict(strict) with an error that names the file and the first bad key."""
+    expected = module.state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            raise WeightsError(f"{path}: missing key {name!r} (is this a checkpoint for this architecture?)")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise WeightsError(f"{path}: key {name!r} has shape {tuple(state[name].shape)}, the model expects {tuple(tensor.shape)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise WeightsError(f"{path}: unexpected key {unexpected[0]!r} (is this a checkpoint for this architecture?)")
+    module.load_state_dict(state, strict=True)
+
+
+def load_clip(model_name: str, weights: str | Path, key: str = "filter.clip_weights"):
+    """(model in eval mode, tokenizer) for an open_clip architecture and local weights."""
+    if model_name not in open_clip.list_models():
+        raise WeightsError(f"{key.rsplit('.', 1)[0]}.clip_model: unknown open_clip model {model_name!r}")
+    model = open_clip.create_model(model_name, pretrained=None)
+    load_into(model, load_state_dict(weights, key), weights)
+    return model.eval(), open_clip.get_tokenizer(model_name)
+
+
+def clip_pixels(frames: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
+    """(n, h, w, 3) uint8 frames at the model's input size -> normalised (n, 3, s, s) float."""
+    mean = torch.tensor(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = torch.tensor(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    return (pixels - mean[:, None, None]) / std[:, None, None]
+
+
+class ClipFrameScorer:
+    """Ray Data callable class: loads CLIP once per actor, scores the middle frame of each clean
+    segment against its caption (cosine similarity, unscaled, as CLIPSIM)."""
+
+    def __init__(self, model_name: str, weights: str) -> None:
+        torch.set_num_threads(1)
+        self.model, self.tokenizer = load_clip(model_name, weights)
+        size = self.model.visual.image_size
+        self.size = size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    @torch.no_grad()
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        images = []
+        for row in batch.itertuples():
+            middle = (int(row.segment_start) + int(row.segment_end) - 1) // 2
+            height, width = cover_size(int(row.height), int(row.width), self.size, self.size)
+            images.append(center_crop(decode_frames(Path(row.path), [middle], height, width), self.size, self.size)[0])
+        image_features = F.normalize(self.model.encode_image(clip_pixels(np.stack(images), self.model)), dim=-1)
+        text_features = F.normalize(self.model.encode_text(self.tokenizer(list(batch["name"]))), dim=-1)
+        scores = (image_features * text_features).sum(dim=-1).numpy().astype(np.float64)
+        return pd.DataFrame({"row_index": batch["row_index"].to_numpy(), "clip_score": scores})

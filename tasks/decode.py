@@ -1,0 +1,145 @@
+"""Stage `decode`: kept videos -> fixed-shape uint8 clips (frames, height, width, 3).
+
+Clips are taken from each video's clean segment (found by the filter) at stride
+round(source_fps / decode.fps), spread evenly over the segment. All frames of one video's clips
+are fetched in one decord `get_batch`, resized inside the decoder so the short side covers the
+target, then centre-cropped.
+
+Outputs (data/clips/): clips-NNNNN.npy shards of shape (n, frames, height, width, 3), loadable
+with `np.load(path, mmap_mode="r")`; index.parquet (one row per clip: clip_id, video_id, shard,
+shard_row, start_frame, stride, caption); rejected.parquet (videos whose clips failed to decode,
+with reason); report.json. Videos are assigned to shards in kept.parquet order on the driver, so
+the same inputs always give the same shards; each Ray task decodes and writes one shard.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+
+from tasks.atomic import atomic_path, write_json, write_parquet
+from tasks.params import DecodeParams, Params
+from tasks.ray_runtime import ensure_ray
+from tasks.video_io import VideoError, center_crop, cover_size, decode_frames, window_length
+
+KEPT = Path("data/filtered/kept.parquet")
+OUT_DIR = Path("data/clips")
+
+
+def clip_starts(segment_start: int, segment_end: int, stride: int, cfg: DecodeParams) -> list[int]:
+    """First source frame of each clip: up to clips_per_video windows, non-overlapping when the
+    segment is long enough, spread evenly from its start to its end."""
+    window = window_length(cfg.frames, stride)
+    room = segment_end - segment_start - window  # the last start that still fits, relative
+    if room < 0:
+        return []
+    count = max(1, min(cfg.clips_per_video, (segment_end - segment_start) // window))
+    return [segment_start + int(round(offset)) for offset in np.linspace(0, room, count)]
+
+
+def decode_video_clips(path: str, height: int, width: int, segment_start: int, segment_end: int, stride: int, cfg: DecodeParams) -> tuple[list[int], np.ndarray]:
+    """One video's clips: (starts, (n_clips, frames, cfg.height, cfg.width, 3) uint8)."""
+    starts = clip_starts(segment_start, segment_end, stride, cfg)
+    if not starts:
+        raise VideoError("too_short", f"segment [{segment_start}, {segment_end}) is shorter than one clip")
+    indices = np.concatenate([start + stride * np.arange(cfg.frames) for start in starts])
+    decoded_h, decoded_w = cover_size(height, width, cfg.height, cfg.width)
+    frames = center_crop(decode_frames(Path(path), indices, decoded_h, decoded_w), cfg.height, cfg.width)
+    return starts, np.ascontiguousarray(frames).reshape(len(starts), cfg.frames, cfg.height, cfg.width, 3)
+
+
+def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str) -> pd.DataFrame:
+    """Ray Data UDF: decode the videos of each shard in the batch, write the shard, return its
+    index rows (kind=clip) and failed videos (kind=rejected)."""
+    rows = []
+    for shard, videos in batch.groupby("shard", sort=True):
+        clips = []
+        for row in videos.itertuples():
+            try:
+                starts, video_clips = decode_video_clips(row.path, row.height, row.width, row.segment_start, row.segment_end, row.stride, cfg)
+            except VideoError as error:
+                rows.append({"kind": "rejected", "video_id": row.videoid, "shard": shard, "reason": "decode_error", "detail": error.detail})
+                continue
+            for start, clip in zip(starts, video_clips):
+                rows.append(
+                    {
+                        "kind": "clip",
+                        "clip_id": f"{row.videoid}-{start:06d}",
+                        "video_id": row.videoid,
+                        "shard": shard,
+                        "shard_row": len(clips),
+                        "start_frame": start,
+                        "stride": int(row.stride),
+                        "source_fps": float(row.fps),
+                        "caption": row.name,
+                    }
+                )
+                clips.append(clip)
+        if clips:
+            with atomic_path(Path(out_dir) / shard_name(int(shard))) as tmp:
+                with open(tmp, "wb") as handle:  # np.save on a handle keeps the temporary name as is
+                    np.save(handle, np.stack(clips))
+    return pd.DataFrame.from_records(rows, columns=INDEX_COLUMNS)
+
+
+INDEX_COLUMNS = ["kind", "clip_id", "video_id", "shard", "shard_row", "start_frame", "stride", "source_fps", "caption", "reason", "detail"]
+
+
+def shard_name(shard: int) -> str:
+    return f"clips-{shard:05d}.npy"
+
+
+def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode all kept videos into shards under out_dir; returns (clip index, rejected videos)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # no shard of an earlier run may survive under a reused name
+    out_dir.mkdir(parents=True)
+    videos_per_shard = max(1, cfg.clips_per_shard // cfg.clips_per_video)
+    kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // videos_per_shard)
+    columns = ["shard", "videoid", "path", "height", "width", "fps", "segment_start", "segment_end", "stride", "name"]
+    if len(kept):
+        ensure_ray()
+        result = (
+            ray.data.from_pandas([group for _, group in kept.loc[:, columns].groupby("shard")])
+            .map_batches(
+                decode_shard,
+                batch_format="pandas",
+                batch_size=None,  # one block = one shard
+                num_cpus=1,
+                compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
+                fn_kwargs={"cfg": cfg, "out_dir": str(out_dir)},
+            )
+            .to_pandas()
+        )
+    else:
+        result = pd.DataFrame(columns=INDEX_COLUMNS)
+    result = result.sort_values(["shard", "kind", "shard_row"], kind="stable")
+    index = result[result["kind"] == "clip"].drop(columns=["kind", "reason", "detail"]).reset_index(drop=True)
+    rejected = result[result["kind"] == "rejected"].loc[:, ["video_id", "reason", "detail"]].reset_index(drop=True)
+    for column in ("shard", "shard_row", "start_frame", "stride"):
+        index[column] = index[column].astype("int64")
+    return index, rejected
+
+
+def main(params: Params) -> None:
+    cfg = params.decode
+    if not KEPT.exists():
+        raise FileNotFoundError(f"{KEPT} not found: run the filter stage first (versvideo stage filter)")
+    kept = pd.read_parquet(KEPT)
+    index, rejected = decode_clips(kept, cfg, OUT_DIR)
+    write_parquet(index, OUT_DIR / "index.parquet")
+    write_parquet(rejected, OUT_DIR / "rejected.parquet")
+    summary = {
+        "videos": len(kept),
+        "videos_decoded": int(index["video_id"].nunique()),
+        "videos_rejected": len(rejected),
+        "clips": len(index),
+        "shards": int(index["shard"].nunique()),
+        "clip_shape": [cfg.frames, cfg.height, cfg.width, 3],
+    }
+    write_json(summary, OUT_DIR / "report.json")
+    print(f"decode: {summary['clips']} clips of {tuple(summary['clip_shape'])} from {summary['videos_decoded']} videos in {summary['shards']} shard(s); {len(rejected)} video(s) rejected")

@@ -1,0 +1,228 @@
+"""params.yaml -> typed, frozen dataclasses.
+
+Resolution order for every value: the dataclass default, then the preset's defaults
+(`PRESET_DEFAULTS`), then params.yaml, then `-S key=value` overrides from the command line.
+A key set to `null` in params.yaml takes its value from the preset, so switching
+`preset: L` changes it (DVC still tracks the key, and `preset` itself).
+An unknown key, a value of the wrong type or an out-of-range value is an error that names
+the key (`filter.min_motoin: unknown key (did you mean 'min_motion'?)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("smoke", "L", "H")
+
+
+class ParamsError(ValueError):
+    """A bad params.yaml or override; the message names the key and says what to do."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    csv: str = "data/raw/webvid.csv"  # WebVid-format CSV: videoid,contentUrl,duration,page_dir,name
+    videos_root: str = "data/raw/videos"  # a row's file is {videos_root}/{page_dir}/{videoid}.mp4
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    source: str = "synthetic"  # synthetic: the embedded default set | webvid: a user's CSV + videos
+    webvid_csv: str = ""  # source=webvid: the user's CSV (videos under data.videos_root)
+    num_videos: int = 64  # synthetic set size
+    seconds: float = 3.0  # synthetic clip length
+    fps: int = 24
+    width: int = 112
+    height: int = 80
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("prepare.source", self.source, ("synthetic", "webvid"))
+        if self.source == "webvid" and not self.webvid_csv:
+            raise ParamsError("prepare.webvid_csv: required when prepare.source is 'webvid' (path to your WebVid CSV)")
+        _check_positive("prepare.num_videos", self.num_videos)
+        _check_positive("prepare.seconds", self.seconds)
+        _check_positive("prepare.fps", self.fps)
+        for key in ("width", "height"):
+            value = getattr(self, key)
+            if value < 16 or value % 2:
+                raise ParamsError(f"prepare.{key}: {value} must be an even number >= 16 (H.264 needs even sizes)")
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    num_workers: int = 2  # Ray Data tasks probing videos in parallel
+    min_short_side: int = 64  # pixels; smaller sources would be upscaled
+    max_aspect_ratio: float = 2.4  # long side / short side
+    min_fps: float = 5.0
+    max_fps: float = 61.0
+    min_caption_words: int = 3
+    analysis_short_side: int = 64  # frames are decoded this small for motion / cut scores
+    max_analysis_frames: int = 96  # at the clip stride, from the start of the video
+    min_motion: float = 0.002  # mean |frame_t+1 - frame_t| on [0,1] grey frames; below = static
+    scene_cut_threshold: float = 0.45  # half L1 distance of successive grey histograms, in [0,1]
+    scene_cut_adaptive_ratio: float = 4.0  # also a cut: >= this times the local median distance...
+    scene_cut_min_distance: float = 0.15  # ...and at least this large (0 ratio = off)
+    scene_cut_policy: str = "longest_segment"  # reject | longest_segment
+    clip_min_score: float = 0.0  # > 0 enables the CLIP text-frame similarity filter
+    clip_model: str = "ViT-B-32"  # open_clip model name
+    clip_weights: str = ""  # local open_clip checkpoint (.safetensors or .pt state dict)
+
+    def __post_init__(self) -> None:
+        _check_choice("filter.scene_cut_policy", self.scene_cut_policy, ("reject", "longest_segment"))
+        _check_positive("filter.num_workers", self.num_workers)
+        _check_positive("filter.max_analysis_frames", self.max_analysis_frames)
+        if self.max_aspect_ratio < 1:
+            raise ParamsError(f"filter.max_aspect_ratio: {self.max_aspect_ratio} must be >= 1 (long side / short side)")
+        if not 0 < self.scene_cut_threshold <= 1:
+            raise ParamsError(f"filter.scene_cut_threshold: {self.scene_cut_threshold} must be in (0, 1]")
+        if self.clip_min_score > 0 and not self.clip_weights:
+            raise ParamsError(
+                "filter.clip_weights: required when filter.clip_min_score > 0 "
+                "(path to a local open_clip checkpoint; nothing is downloaded)"
+            )
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    frames: int = 8  # frames per clip (16 for L, 24 for H)
+    height: int = 64
+    width: int = 64
+    fps: float = 8.0  # target frame rate; the source stride is round(source_fps / fps)
+    clips_per_video: int = 2  # at most; fewer when the clean segment is short
+    clips_per_shard: int = 256
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for key in ("frames", "height", "width", "fps", "clips_per_video", "clips_per_shard", "num_workers"):
+            _check_positive(f"decode.{key}", getattr(self, key))
+        if self.height % 8 or self.width % 8:
+            raise ParamsError(f"decode.height/width: {self.height}x{self.width} must be multiples of 8 (VAE factor)")
+
+
+@dataclass(frozen=True)
+class Params:
+    preset: str = "smoke"
+    data: DataParams = field(default_factory=DataParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    filter: FilterParams = field(default_factory=FilterParams)
+    decode: DecodeParams = field(default_factory=DecodeParams)
+
+    def __post_init__(self) -> None:
+        _check_choice("preset", self.preset, PRESETS)
+
+
+# What each preset changes from the dataclass defaults (the defaults are the smoke preset).
+# L and H follow the paper's Table 4: 16x256x256 and 24x320x576 (h x w) clips.
+PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {"decode": {"clips_per_shard": 64}},
+    "L": {
+        "filter": {"min_short_side": 256},
+        "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
+    },
+    "H": {
+        "filter": {"min_short_side": 320},
+        "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
+    },
+}
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml, apply the preset and `key=value` overrides, and type-check everything."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found (run from the project root or pass --params FILE)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        preset = raw.get("preset", Params.preset)
+        _check_choice("preset", preset, PRESETS)
+        merged: dict[str, Any] = {section: dict(values) for section, values in PRESET_DEFAULTS[preset].items()}
+        for key, value in raw.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **{name: v for name, v in value.items() if v is not None}}
+            else:
+                merged[key] = value
+        return _build(Params, merged, prefix="")
+    except ParamsError as error:
+        raise ParamsError(f"{path}: {error}") from None
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'decode': {'frames': 8}} -> {'decode.frames': 8} (for MLflow params and reports)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ParamsError(f"-S {item!r}: expected key=value, e.g. -S decode.frames=16")
+    value = yaml.safe_load(text) if text else ""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"-S {item!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ParamsError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(names)})"
+            raise ParamsError(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for name in names:
+        if values.get(name) is None:  # absent or null: the preset / default decides
+            continue
+        kind, value, key = hints[name], values[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(kind, value, key)
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ParamsError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ParamsError(f"{key}: {value!r} must be > 0")

@@ -1,0 +1,152 @@
+"""filter + decode on the real fixture videos and on synthetic videos built to fail one check."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.decode import clip_starts, decode_clips
+from tasks.filter import filter_videos, report
+from tasks.params import DecodeParams, FilterParams
+from tasks.synthetic import render, write_mp4
+from tasks.video_io import center_crop, cover_size, resize_frames
+
+GOOD = ["h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv"]
+EXPECTED_REASONS = {
+    "rotated90_3frames.mov": "too_short",
+    "corrupt_frames_1280x720.mp4": "undecodable",
+    "empty.mp4": "unreadable",
+    "not_there": "missing_file",
+    "escape": "path_outside_root",
+}
+CAPTION = "a short real video clip"
+
+
+def fixture_csv(videos: Path) -> pd.DataFrame:
+    rows = [
+        {"videoid": path.name, "contentUrl": "", "duration": "PT00H00M10S", "page_dir": ".", "name": CAPTION}
+        for path in sorted(videos.iterdir())
+        if path.suffix != ".md"
+    ]
+    rows.append({"videoid": "not_there", "contentUrl": "", "duration": "PT00H00M05S", "page_dir": ".", "name": CAPTION})
+    rows.append({"videoid": "escape", "contentUrl": "", "duration": "PT00H00M05S", "page_dir": "../../etc", "name": CAPTION})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def fixture_run(fixture_videos, ray_session, tmp_path_factory):
+    rows = fixture_csv(fixture_videos)
+    decode_cfg = DecodeParams()
+    kept, rejected = filter_videos(rows, str(fixture_videos), FilterParams(), decode_cfg)
+    out = tmp_path_factory.mktemp("clips")
+    index, decode_rejected = decode_clips(kept, decode_cfg, out)
+    return rows, kept, rejected, index, decode_rejected, out, decode_cfg
+
+
+def test_every_fixture_row_is_kept_or_rejected_with_its_specific_reason(fixture_run):
+    rows, kept, rejected, *_ = fixture_run
+    assert sorted(kept["videoid"]) == GOOD
+    reasons = dict(zip(rejected["videoid"], rejected["reason"]))
+    assert reasons == EXPECTED_REASONS
+    assert sorted([*kept["row_index"], *rejected["row_index"]]) == list(range(len(rows)))
+    assert all(rejected["detail"].str.len() > 0)
+    summary = report(kept, rejected)
+    assert summary["input_rows"] == len(rows) and summary["reasons"]["undecodable"] == 1
+
+
+def test_probe_metadata_of_kept_fixtures(fixture_run):
+    kept = fixture_run[1].set_index("videoid")
+    assert kept.loc["pancake_426x240_30fps.mkv", ["num_frames", "width", "height"]].tolist() == [310, 426, 240]
+    assert kept.loc["mpeg4_320x240_25fps.avi", "codec"] == "mpeg4"
+    assert kept.loc["mpeg4_320x240_25fps.avi", "container"] == "avi"
+    assert kept.loc["h264_340x256_28fps.mp4", "fps"] == 28.0
+    # 8 fps target: stride round(28/8) = 4 (banker's rounding of 3.5), round(25/8) = 3, round(30/8) = 4
+    assert kept["stride"].to_dict() == {"h264_340x256_28fps.mp4": 4, "mpeg4_320x240_25fps.avi": 3, "pancake_426x240_30fps.mkv": 4}
+    assert (kept["motion_score"] > 0.002).all()
+    # The 28 fps MP4 jumps into a frozen, smeared stretch (frames ~232-264) and back out: two
+    # discontinuities; the filter keeps the clean segment before them.
+    assert kept["num_cuts"].to_dict() == {"h264_340x256_28fps.mp4": 2, "mpeg4_320x240_25fps.avi": 0, "pancake_426x240_30fps.mkv": 0}
+    assert kept.loc["h264_340x256_28fps.mp4", ["segment_start", "segment_end"]].tolist() == [0, 229]
+
+
+def test_decoded_clips_have_the_exact_shape_and_the_source_frames(fixture_run, fixture_videos):
+    _, kept, _, index, decode_rejected, out, cfg = fixture_run
+    assert decode_rejected.empty
+    assert sorted(index["video_id"].unique()) == GOOD
+    shards = {shard: np.load(out / f"clips-{shard:05d}.npy", mmap_mode="r") for shard in index["shard"].unique()}
+    for shard in shards.values():
+        assert shard.dtype == np.uint8 and shard.shape[1:] == (cfg.frames, cfg.height, cfg.width, 3)
+    assert sum(len(shard) for shard in shards.values()) == len(index)
+    # The first clip of the AVI equals its source frames (start + k * stride), decoded one by one
+    # with PyAV at full size and resized/cropped independently.
+    import av
+
+    row = index[index["video_id"] == "mpeg4_320x240_25fps.avi"].iloc[0]
+    with av.open(str(fixture_videos / "mpeg4_320x240_25fps.avi")) as container:
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    wanted = frames[row.start_frame + row.stride * np.arange(cfg.frames)]
+    expected = center_crop(resize_frames(wanted, *cover_size(240, 320, cfg.height, cfg.width)), cfg.height, cfg.width)
+    clip = shards[row.shard][row.shard_row].astype(np.int16)
+    assert np.abs(clip - expected).mean() < 4.0  # decoder-side vs torch resize: a few grey levels
+    assert np.abs(clip - np.roll(expected, 1, axis=0)).mean() > 2 * np.abs(clip - expected).mean()
+
+
+def test_clip_starts_spread_over_the_segment():
+    cfg = DecodeParams(frames=8, clips_per_video=3)
+    assert clip_starts(0, 100, 4, cfg) == [0, 36, 71]  # window 29, last start 71: 0, 35.5 -> 36, 71
+    assert clip_starts(10, 39, 4, cfg) == [10]  # exactly one window
+    assert clip_starts(10, 38, 4, cfg) == []
+    assert clip_starts(0, 40, 1, DecodeParams(frames=8, clips_per_video=2)) == [0, 32]
+
+
+def synthetic_video(folder: Path, name: str, *, static=False, cut_at=None, frames=48) -> dict:
+    video, _ = render(80, 112, frames, np.random.default_rng(len(name)), static=static, cut_at=cut_at)
+    write_mp4(video, folder / f"{name}.mp4", fps=24)
+    return {"videoid": name, "contentUrl": "", "duration": "PT00H00M02S", "page_dir": ".", "name": f"{name} shape video clip"}
+
+
+def test_filter_reasons_on_built_videos(tmp_path, ray_session):
+    rows = [
+        synthetic_video(tmp_path, "moving"),
+        synthetic_video(tmp_path, "still", static=True),
+        synthetic_video(tmp_path, "cut_late", cut_at=36),  # clean part [0, 36) holds a clip
+        # 42 frames at stride 3 = 14 samples; a cut at frame 21 leaves 7 + 7 < 8 clean samples
+        synthetic_video(tmp_path, "cut_middle", cut_at=21, frames=42),
+    ]
+    rows.append({**rows[0], "name": "two"})  # too short a caption...
+    rows.append({**rows[0], "name": "moving shape again, re-crawled"})  # ...but a later row of the same id wins
+    (tmp_path / "copy.mp4").write_bytes((tmp_path / "moving.mp4").read_bytes())
+    rows.append({**rows[0], "videoid": "copy", "name": "the same file under another id"})
+    frame = pd.DataFrame(rows)
+    decode = DecodeParams(frames=8, fps=8.0)
+
+    kept, rejected = filter_videos(frame, str(tmp_path), FilterParams(), decode)
+    reasons = dict(zip(rejected["row_index"], rejected["reason"]))
+    assert reasons == {0: "duplicate_videoid", 1: "static", 3: "scene_cut", 4: "duplicate_videoid", 6: "duplicate_content"}
+    assert "moving" in rejected.loc[rejected["reason"] == "duplicate_content", "detail"].iloc[0]
+    late = kept.set_index("videoid").loc["cut_late"]
+    assert (late["num_cuts"], late["segment_start"], late["segment_end"]) == (1, 0, 34)  # frames 0..33 at stride 3
+    assert kept.set_index("videoid").loc["moving", "name"] == "moving shape again, re-crawled"
+
+    strict, strict_rejected = filter_videos(frame, str(tmp_path), FilterParams(scene_cut_policy="reject"), decode)
+    assert "cut_late" in set(strict_rejected.loc[strict_rejected["reason"] == "scene_cut", "videoid"])
+
+
+def test_stage_commands_exit_0_on_the_fixtures(fixture_videos, tmp_path):
+    """The acceptance run through the real command line, as dvc.yaml calls it."""
+    fixture_csv(fixture_videos).to_csv(tmp_path / "fixtures.csv", index=False)
+    (tmp_path / "params.yaml").write_text(
+        f"preset: smoke\ndata:\n  csv: fixtures.csv\n  videos_root: {fixture_videos}\n"
+    )
+    for stage in ("filter", "decode"):
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "stage", stage], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "data/filtered/report.json").read_text())
+    assert (summary["input_rows"], summary["kept"]) == (8, 3)
+    clips = json.loads((tmp_path / "data/clips/report.json").read_text())
+    assert clips["clip_shape"] == [8, 64, 64, 3] and clips["videos_decoded"] == 3
+    assert not list((tmp_path / "data").rglob(".tmp-*"))

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main as cli_main
+from tasks.params import ParamsError, flatten, load_params, params_to_dict
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def test_repo_params_load_as_the_smoke_preset():
+    params = load_params(REPO_PARAMS)
+    assert params.preset == "smoke"
+    assert (params.decode.frames, params.decode.height, params.decode.width) == (8, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "preset, shape",
+    [("L", (16, 256, 256)), ("H", (24, 320, 576))],  # the paper's Table 4 video resolutions
+)
+def test_presets_set_the_paper_clip_shapes_where_params_yaml_says_null(preset, shape):
+    decode = load_params(REPO_PARAMS, [f"preset={preset}"]).decode
+    assert (decode.frames, decode.height, decode.width) == shape
+
+
+def test_explicit_values_and_overrides_beat_the_preset(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("preset: L\ndecode:\n  frames: 12\n")
+    params = load_params(path, ["decode.width=128", "filter.min_motion=0.01"])
+    assert (params.decode.frames, params.decode.height, params.decode.width) == (12, 256, 128)
+    assert params.filter.min_motion == 0.01  # an int-looking override of a float is accepted as float
+    assert flatten(params_to_dict(params))["decode.width"] == 128
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("filter:\n  min_motoin: 0.1\n", "filter.min_motoin: unknown key (did you mean 'min_motion'?)"),
+        ("decod:\n  frames: 8\n", "decod: unknown key (did you mean 'decode'?)"),
+        ("decode:\n  frames: eight\n", "decode.frames: expected int, got 'eight'"),
+        ("decode:\n  frames: true\n", "decode.frames: expected int, got True"),
+        ("preset: XL\n", "preset: 'XL' is not one of smoke, L, H"),
+        ("filter:\n  scene_cut_policy: ignore\n", "filter.scene_cut_policy: 'ignore' is not one of"),
+        ("decode:\n  height: 60\n", "must be multiples of 8"),
+        ("filter:\n  clip_min_score: 0.2\n", "filter.clip_weights: required"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=None) as error:
+        load_params(path)
+    assert message in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_malformed_override_is_explained():
+    with pytest.raises(ParamsError, match="expected key=value"):
+        load_params(REPO_PARAMS, ["decode.frames"])
+
+
+def test_cli_reports_a_mistyped_key_and_exits_2(tmp_path, capsys, monkeypatch):
+    (tmp_path / "params.yaml").write_text("decode:\n  framse: 8\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["stage", "decode"]) == 2
+    assert "decode.framse: unknown key (did you mean 'frames'?)" in capsys.readouterr().err

@@ -1,0 +1,75 @@
+import hashlib
+import json
+
+import pandas as pd
+import pytest
+
+from tasks import prepare as prepare_stage
+from tasks.params import load_params
+from tasks.synthetic import generate, iso_duration
+from tasks.video_io import probe_video
+from tasks.webvid import COLUMNS, CsvError, parse_iso_duration, read_webvid_csv
+
+
+def digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.mp4"))}
+
+
+def test_synthetic_set_is_deterministic_real_h264(tmp_path):
+    rows_a = generate(tmp_path / "a", num_videos=5, seconds=1.0, fps=12, height=48, width=64, seed=3)
+    rows_b = generate(tmp_path / "b", num_videos=5, seconds=1.0, fps=12, height=48, width=64, seed=3)
+    assert rows_a == rows_b and digest(tmp_path / "a") == digest(tmp_path / "b")
+    rows_c = generate(tmp_path / "c", num_videos=5, seconds=1.0, fps=12, height=48, width=64, seed=4)
+    assert digest(tmp_path / "c")["000/synth00000.mp4"] != digest(tmp_path / "a")["000/synth00000.mp4"]
+    assert [row["name"] for row in rows_c] != [row["name"] for row in rows_a]
+    probe = probe_video(tmp_path / "a" / "000" / "synth00000.mp4")
+    assert (probe.codec, probe.num_frames, probe.fps, probe.height, probe.width) == ("h264", 12, 12.0, 48, 64)
+    assert rows_a[0]["name"].startswith("a ") and " moves " in rows_a[0]["name"]
+
+
+@pytest.mark.parametrize("text, seconds", [("PT00H00M15S", 15), ("PT1H2M3S", 3723), ("PT12.5S", 12.5), ("P1DT0H0M1S", 86401)])
+def test_iso_durations(text, seconds):
+    assert parse_iso_duration(text) == seconds
+
+
+def test_iso_duration_round_trip_and_rejects_garbage():
+    assert parse_iso_duration(iso_duration(75.2)) == 75
+    with pytest.raises(ValueError, match="ISO-8601"):
+        parse_iso_duration("15 seconds")
+
+
+def test_prepare_webvid_keeps_the_last_caption_of_a_recrawled_videoid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame(
+        [
+            {"videoid": "0007", "contentUrl": "u", "duration": "PT00H00M10S", "page_dir": "p", "name": "old caption"},
+            {"videoid": "0008", "contentUrl": "u", "duration": "PT00H00M10S", "page_dir": "p", "name": "another video"},
+            {"videoid": "0007", "contentUrl": "u", "duration": "PT00H00M10S", "page_dir": "p", "name": "new caption"},
+        ]
+    ).to_csv("mine.csv", index=False)
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: webvid\n  webvid_csv: mine.csv\n")
+    summary = prepare_stage.prepare(load_params("params.yaml"))
+    written = read_webvid_csv("data/raw/webvid.csv")
+    assert written["videoid"].tolist() == ["0008", "0007"]  # ids stay strings with their zeros
+    assert written.set_index("videoid").loc["0007", "name"] == "new caption"
+    assert summary["duplicates"] == [{"videoid": "0007", "name": "old caption"}]
+    assert json.loads((tmp_path / prepare_stage.REPORT).read_text())["duplicate_videoid_rows"] == 1
+
+
+def test_prepare_synthetic_writes_csv_and_videos(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("prepare:\n  num_videos: 6\n  seconds: 1.0\n")
+    summary = prepare_stage.prepare(load_params("params.yaml"))
+    frame = read_webvid_csv("data/raw/webvid.csv")
+    assert list(frame.columns) == list(COLUMNS)
+    assert summary == {**summary, "input_rows": 8, "rows": 7, "duplicate_videoid_rows": 1}  # +copy, +re-crawl
+    assert all((tmp_path / "data/raw/videos" / r.page_dir / f"{r.videoid}.mp4").is_file() for r in frame.itertuples())
+    assert not list((tmp_path / "data").rglob(".tmp-*"))
+
+
+def test_malformed_csv_names_the_missing_column(tmp_path):
+    (tmp_path / "bad.csv").write_text("videoid,name\n1,a caption\n")
+    with pytest.raises(CsvError, match="missing column\\(s\\) contentUrl, duration, page_dir"):
+        read_webvid_csv(tmp_path / "bad.csv")
+    with pytest.raises(CsvError, match="run the prepare stage"):
+        read_webvid_csv(tmp_path / "absent.csv")
