@@ -56,7 +56,15 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str
 
 
 def load_clip(model_name: str, weights: str | Path, key: str = "filter.clip_weights"):
-    """(model in eval mode, tokenizer) for an open_clip architecture and local weights."""
+    """(model in eval mode, tokenizer) for an open_clip architecture and local weights.
+
+    model_name is one of open_clip's bundled configs (`ViT-B-32`) or a path to a config JSON
+    of the same format (registered here, so it also works inside Ray workers)."""
+    if model_name.endswith(".json"):
+        if not Path(model_name).is_file():
+            raise WeightsError(f"{model_name}: open_clip model config not found ({key.rsplit('.', 1)[0]}.clip_model)")
+        open_clip.add_model_config(model_name)
+        model_name = Path(model_name).stem
     if model_name not in open_clip.list_models():
         raise WeightsError(f"{key.rsplit('.', 1)[0]}.clip_model: unknown open_clip model {model_name!r}")
     model = open_clip.create_model(model_name, pretrained=None)

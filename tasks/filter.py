@@ -185,7 +185,7 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
     assessed.loc[copies, "reason"] = "duplicate_content"
     assessed.loc[copies, "detail"] = "same bytes as videoid " + assessed.loc[copies, "content_sha256"].map(first_row)
 
-    if cfg.clip_min_score > 0:
+    if cfg.clip_weights:  # scores are recorded; rows below clip_min_score are rejected
         assessed = _apply_clip_filter(assessed, cfg)
 
     kept = assessed[assessed["reason"] == ""].drop(columns=["reason", "detail"]).reset_index(drop=True)
@@ -210,12 +210,11 @@ def _apply_clip_filter(assessed: pd.DataFrame, cfg: FilterParams) -> pd.DataFram
         .to_pandas()
         .set_index("row_index")["clip_score"]
     )
-    assessed = assessed.set_index("row_index", drop=False)
-    assessed.loc[scored.index, "clip_score"] = scored
+    assessed = assessed.assign(clip_score=assessed["row_index"].map(scored).astype("float64"))
     low = (assessed["reason"] == "") & (assessed["clip_score"] < cfg.clip_min_score)
     assessed.loc[low, "reason"] = "low_clip_score"
     assessed.loc[low, "detail"] = assessed.loc[low, "clip_score"].map(lambda s: f"CLIP text-frame similarity {s:.3f} < {cfg.clip_min_score}")
-    return assessed.reset_index(drop=True)
+    return assessed
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:

@@ -71,9 +71,9 @@ class FilterParams:
     scene_cut_adaptive_ratio: float = 4.0  # also a cut: >= this times the local median distance...
     scene_cut_min_distance: float = 0.15  # ...and at least this large (0 ratio = off)
     scene_cut_policy: str = "longest_segment"  # reject | longest_segment
-    clip_min_score: float = 0.0  # > 0 enables the CLIP text-frame similarity filter
-    clip_model: str = "ViT-B-32"  # open_clip model name
-    clip_weights: str = ""  # local open_clip checkpoint (.safetensors or .pt state dict)
+    clip_min_score: float = 0.0  # with clip_weights set: reject below this CLIP text-frame similarity
+    clip_model: str = "ViT-B-32"  # open_clip model name, or a path to an open_clip config JSON
+    clip_weights: str = ""  # local open_clip checkpoint (.safetensors or .pt state dict); "" = no CLIP scoring
 
     def __post_init__(self) -> None:
         _check_choice("filter.scene_cut_policy", self.scene_cut_policy, ("reject", "longest_segment"))
