@@ -1,0 +1,71 @@
+"""Model presets as code: `smoke` (a CPU training step in seconds), `L` and `H` (paper Table 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from model.mec import MECPaths
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # KL-f8 latent channels
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2  # Table 4 "Depth"
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # attention resolutions 32, 16, 8 of a 32x32 latent
+    heads: int = 8
+    context_dim: int = 768  # CLIP ViT-L/14 token width; 77 tokens
+    spatial_experts: int = 32
+    temporal_experts: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.0
+    mec_paths: MECPaths = field(default_factory=MECPaths)
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Table 4 'Diffusion Setups' and 'Sampling'."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.0120
+    text_dropout: float = 0.1  # p_drop: the empty prompt, for classifier-free guidance
+    sampling_steps: int = 30
+    guidance_scale: float = 7.5
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    unet: UNetConfig
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    frames: int = 16
+    height: int = 256
+    width: int = 256
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(c, t, h, w) of one latent clip (VAE factor 8)."""
+        return (self.unet.in_channels, self.frames, self.height // 8, self.width // 8)
+
+
+PRESETS = {
+    "smoke": Preset(
+        "smoke",
+        UNetConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), heads=4, context_dim=64, spatial_experts=4, temporal_experts=2),
+        frames=8,
+        height=64,
+        width=64,
+    ),
+    "L": Preset("L", UNetConfig(base_channels=128), frames=16, height=256, width=256),
+    "H": Preset("H", UNetConfig(base_channels=320), frames=24, height=320, width=576),
+}
+
+
+def get_preset(name: str, **unet_overrides) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    return replace(preset, unet=replace(preset.unet, **unet_overrides)) if unet_overrides else preset
