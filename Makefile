@@ -32,6 +32,7 @@ test: setup
 
 bench: setup
 	$(RUN) versvideo bench decode --json
+	$(RUN) versvideo bench unet --json
 
 clean:
 	rm -rf data models metrics plots .dvc/tmp .pytest_cache

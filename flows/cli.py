@@ -1,6 +1,7 @@
 """The `versvideo` command line. It parses arguments and dispatches; no ML logic lives here.
 
     versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
+    versvideo model-summary --preset {smoke,L,H} [--json]     parameter counts
     versvideo bench NAME [--json]                              a benchmark; JSON figures on the last line
 """
 
@@ -22,6 +23,7 @@ STAGES = {
 # Benchmark name -> module with run(args) -> dict of figures.
 BENCHMARKS = {
     "decode": "tasks.bench_decode",
+    "unet": "tasks.bench_unet",
 }
 
 
@@ -34,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     stage.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. -S decode.frames=16 (repeatable)")
+
+    summary = commands.add_parser("model-summary", help="parameter counts of a preset's models")
+    summary.add_argument("--preset", choices=["smoke", "L", "H"], default="L")
+    summary.add_argument("--json", action="store_true", help="print JSON")
 
     bench = commands.add_parser("bench", help="run a benchmark against its baseline")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
@@ -49,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             params = load_params(args.params, args.overrides)
             importlib.import_module(STAGES[args.name]).main(params)
+        elif args.command == "model-summary":
+            from model.summary import model_summary
+
+            figures = model_summary(args.preset)
+            print(json.dumps(figures, indent=None if args.json else 2))
         elif args.command == "bench":
             figures = importlib.import_module(BENCHMARKS[args.name]).run(args)
             if args.json:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 
@@ -43,43 +42,45 @@ class MECPaths:
 
 
 class TemporalShift(nn.Module):
-    """TSM as a depthwise temporal conv (kernel 3) initialised to a shift, as ACTION-Net does.
+    """TSM as a learnable depthwise temporal kernel of size 3, initialised to a shift (ACTION-Net).
 
     Channels [0, c/8) take the next frame's value (shift back in time), [c/8, c/4) take the
     previous frame's (shift forward), the rest are copied; zero padding at the clip ends.
-    The kernel stays learnable.
+    Computed as three weighted, time-shifted views of z: no permute copies.
     """
 
     def __init__(self, channels: int, fold_div: int = 8) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, kernel_size=3, padding=1, groups=channels, bias=False)
         fold = channels // fold_div
-        weight = torch.zeros(channels, 1, 3)
-        weight[:fold, 0, 2] = 1.0  # out[t] = in[t + 1]
-        weight[fold : 2 * fold, 0, 0] = 1.0  # out[t] = in[t - 1]
-        weight[2 * fold :, 0, 1] = 1.0  # out[t] = in[t]
-        self.conv.weight.data.copy_(weight)
+        weight = torch.zeros(channels, 3)  # taps on frames t-1, t, t+1
+        weight[:fold, 2] = 1.0  # out[t] = in[t + 1]
+        weight[fold : 2 * fold, 0] = 1.0  # out[t] = in[t - 1]
+        weight[2 * fold :, 1] = 1.0  # out[t] = in[t]
+        self.weight = nn.Parameter(weight)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (b, c, t, h, w)
-        b, c, t, h, w = z.shape
-        series = rearrange(z, "b c t h w -> (b h w) c t")
-        return rearrange(self.conv(series), "(b h w) c t -> b c t h w", b=b, h=h, w=w)
+        padded = F.pad(z, (0, 0, 0, 0, 1, 1))
+        taps = self.weight.to(z.dtype)[None, :, :, None, None, None]  # (1, c, 3, 1, 1, 1)
+        return padded[:, :, :-2] * taps[:, :, 0] + padded[:, :, 1:-1] * taps[:, :, 1] + padded[:, :, 2:] * taps[:, :, 2]
+
+
+# Each excitation returns its mask M (eq. 3-5); MEC applies them together (see MEC.excite).
 
 
 class SpatialTemporalExcitation(nn.Module):
-    """Eq. 3: channel mean -> Conv3d 3x3x3 (1 -> 1) -> sigmoid mask M_S over (t, h, w)."""
+    """Eq. 3 mask: channel mean -> Conv3d 3x3x3 (1 -> 1) -> sigmoid, M_S of shape (b, 1, t, h, w)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv3d(1, 1, kernel_size=3, padding=1)
 
     def forward(self, z_hat: torch.Tensor) -> torch.Tensor:
-        mask = torch.sigmoid(self.conv(z_hat.mean(dim=1, keepdim=True)))  # (b, 1, t, h, w)
-        return z_hat + z_hat * mask
+        return torch.sigmoid(self.conv(z_hat.mean(dim=1, keepdim=True)))
 
 
 class ChannelExcitation(nn.Module):
-    """Eq. 4: spatial mean -> 1x1 squeeze (c -> c/r) -> temporal conv 3 -> 1x1 expand -> sigmoid M_C."""
+    """Eq. 4 mask: spatial mean -> 1x1 squeeze (c -> c/r) -> temporal conv 3 -> 1x1 expand ->
+    sigmoid, M_C of shape (b, c, t, 1, 1)."""
 
     def __init__(self, channels: int, reduced: int) -> None:
         super().__init__()
@@ -90,29 +91,25 @@ class ChannelExcitation(nn.Module):
     def forward(self, z_hat: torch.Tensor) -> torch.Tensor:
         pooled = z_hat.mean(dim=(3, 4))  # C_1: (b, c, t); channels on the conv axis, time as length
         excitation = self.expand(F.silu(self.temporal(self.squeeze(pooled))))  # C_3: (b, c, t)
-        return z_hat + z_hat * torch.sigmoid(excitation)[..., None, None]
+        return torch.sigmoid(excitation)[..., None, None]
 
 
 class MotionExcitation(nn.Module):
-    """Eq. 5: squeeze -> m_t = K_33 * s_{t+1} - s_t (last step zero) -> spatial mean -> expand -> sigmoid M_M."""
+    """Eq. 5 mask: squeeze -> m_t = K_33 * s_{t+1} - s_t (zero for the last frame) -> spatial
+    mean -> expand -> sigmoid, M_M of shape (b, c, t, 1, 1)."""
 
     def __init__(self, channels: int, reduced: int) -> None:
         super().__init__()
-        self.squeeze = nn.Conv2d(channels, reduced, kernel_size=1)
+        self.squeeze = nn.Conv3d(channels, reduced, kernel_size=1)
         self.norm = nn.GroupNorm(1, reduced)  # ACTION-Net: BatchNorm; small diffusion batches: GroupNorm
-        self.transform = nn.Conv2d(reduced, reduced, kernel_size=3, padding=1)  # K_2D of eq. 5
+        self.transform = nn.Conv3d(reduced, reduced, kernel_size=(1, 3, 3), padding=(0, 1, 1))  # K_2D, per frame
         self.expand = nn.Conv1d(reduced, channels, kernel_size=1)
 
     def forward(self, z_hat: torch.Tensor) -> torch.Tensor:
-        b, _, t, _, _ = z_hat.shape
-        frames = rearrange(z_hat, "b c t h w -> (b t) c h w")
-        squeezed = self.norm(self.squeeze(frames))  # (b t, r, h, w)
-        transformed = rearrange(self.transform(squeezed), "(b t) r h w -> b r t h w", b=b)
-        squeezed = rearrange(squeezed, "(b t) r h w -> b r t h w", b=b)
-        motion = transformed[:, :, 1:] - squeezed[:, :, :-1]  # m_{t-1} = K * s_t - s_{t-1}
-        motion = F.pad(motion, (0, 0, 0, 0, 0, 1))  # zero motion for the last frame: (b, r, t, h, w)
-        excitation = self.expand(motion.mean(dim=(3, 4)))  # (b, c, t)
-        return z_hat + z_hat * torch.sigmoid(excitation)[..., None, None]
+        squeezed = self.norm(self.squeeze(z_hat))  # s: (b, r, t, h, w)
+        motion = self.transform(squeezed[:, :, 1:]) - squeezed[:, :, :-1]  # m_{t-1} = K * s_t - s_{t-1}
+        pooled = F.pad(motion.mean(dim=(3, 4)), (0, 1))  # (b, r, t): zero motion for the last frame
+        return torch.sigmoid(self.expand(pooled))[..., None, None]
 
 
 class MEC(nn.Module):
@@ -126,22 +123,21 @@ class MEC(nn.Module):
         self.ste = SpatialTemporalExcitation() if paths.spatial_temporal else None
         self.ce = ChannelExcitation(in_channels, reduced) if paths.channel else None
         self.me = MotionExcitation(in_channels, reduced) if paths.motion else None
-        self.spatial = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.temporal = nn.Conv1d(out_channels, out_channels, kernel_size=3, padding=1) if paths.factorized_temporal else None
+        # Per-frame 3x3 and per-pixel 3-tap temporal convs, both on the 5-D tensor (no permutes).
+        self.spatial = nn.Conv3d(in_channels, out_channels, kernel_size=(1, 3, 3), padding=(0, 1, 1))
+        self.temporal = nn.Conv3d(out_channels, out_channels, kernel_size=(3, 1, 1), padding=(1, 0, 0)) if paths.factorized_temporal else None
 
     def excite(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean over the enabled paths of z_p = z_hat + z_hat * M_p (eq. 3-5), computed as
+        z_hat * (1 + mean_p M_p): the masks broadcast, so one full-size multiply suffices."""
         if self.shift is None or z.shape[2] == 1:
             return z
         z_hat = self.shift(z)
-        outputs = [path(z_hat) for path in (self.ste, self.ce, self.me) if path is not None]
-        return torch.stack(outputs).mean(dim=0)
+        masks = [path(z_hat) for path in (self.ste, self.ce, self.me) if path is not None]
+        return z_hat * (1 + sum(masks) / len(masks))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        b, _, t, h, w = z.shape
-        u = self.excite(z)
-        s = self.spatial(rearrange(u, "b c t h w -> (b t) c h w"))
-        if self.temporal is None or t == 1:
-            return rearrange(s, "(b t) c h w -> b c t h w", b=b)
-        series = rearrange(s, "(b t) c h w -> (b h w) c t", b=b)
-        series = series + self.temporal(series)  # the 1D temporal half of the 2D + 1D path
-        return rearrange(series, "(b h w) c t -> b c t h w", b=b, h=h, w=w)
+        s = self.spatial(self.excite(z))
+        if self.temporal is None or z.shape[2] == 1:
+            return s
+        return s + self.temporal(s)  # the 1D temporal half of the factorised 2D + 1D path

@@ -24,16 +24,22 @@ from einops import rearrange
 from torch import nn
 
 
+def geglu(projected: torch.Tensor) -> torch.Tensor:
+    """LDM's gated GELU: the projection's two halves are a value and its gate."""
+    value, gate = projected.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
 class FeedForward(nn.Module):
-    """Plain FFN d -> mult*d -> d (GELU): what a merged MoE layer becomes."""
+    """LDM's transformer FFN, d -> GEGLU(2 x mult*d) -> d: what a merged MoE layer becomes."""
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, dim * mult)
+        self.fc1 = nn.Linear(dim, 2 * dim * mult)
         self.fc2 = nn.Linear(dim * mult, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(geglu(self.fc1(x)))
 
 
 class MoEFeedForward(nn.Module):
@@ -50,8 +56,8 @@ class MoEFeedForward(nn.Module):
         def stacked(tensor: torch.Tensor) -> nn.Parameter:  # (n, ...) contiguous copies of one init
             return nn.Parameter(tensor.detach().unsqueeze(0).repeat(num_experts, *([1] * tensor.ndim)).contiguous())
 
-        self.w1 = stacked(template.fc1.weight.T)  # (n, d, hidden): x @ w1
-        self.b1 = stacked(template.fc1.bias)  # (n, hidden)
+        self.w1 = stacked(template.fc1.weight.T)  # (n, d, 2 hidden): x @ w1, then GEGLU
+        self.b1 = stacked(template.fc1.bias)  # (n, 2 hidden)
         self.w2 = stacked(template.fc2.weight.T)  # (n, hidden, d)
         self.b2 = stacked(template.fc2.bias)  # (n, d)
 
@@ -59,7 +65,7 @@ class MoEFeedForward(nn.Module):
         if not self.training:
             # Eval: the mean expert, i.e. exactly the FFN merge_experts() would build.
             w1, b1, w2, b2 = (p.mean(dim=0) for p in (self.w1, self.b1, self.w2, self.b2))
-            return F.gelu(x @ w1 + b1) @ w2 + b2
+            return geglu(x @ w1 + b1) @ w2 + b2
         batch, length, dim = x.shape
         n = self.num_experts
         group = math.ceil(length / n)
@@ -68,10 +74,11 @@ class MoEFeedForward(nn.Module):
         order = torch.argsort(torch.rand(batch, length, device=x.device), dim=1)  # (B, L)
         shuffled = torch.gather(x, 1, order[..., None].expand(-1, -1, dim))
         shuffled = F.pad(shuffled, (0, 0, 0, group * n - length))
-        groups = rearrange(shuffled, "b (n g) d -> b n g d", n=n)
-        hidden = F.gelu(torch.einsum("bngd,ndh->bngh", groups, self.w1) + self.b1[:, None])
-        out = torch.einsum("bngh,nhd->bngd", hidden, self.w2) + self.b2[:, None]
-        out = rearrange(out, "b n g d -> b (n g) d")[:, :length]
+        # Expert-major layout (n, b*g, d): one batched matmul per layer, expert i on its rows.
+        groups = rearrange(shuffled, "b (n g) d -> n (b g) d", n=n)
+        hidden = geglu(torch.baddbmm(self.b1[:, None], groups, self.w1))
+        out = torch.baddbmm(self.b2[:, None], hidden, self.w2)
+        out = rearrange(out, "n (b g) d -> b (n g) d", b=batch)[:, :length]
         return torch.empty_like(out).scatter_(1, order[..., None].expand(-1, -1, dim), out)  # un-shuffle
 
     @torch.no_grad()
@@ -87,7 +94,7 @@ class MoEFeedForward(nn.Module):
     @torch.no_grad()
     def merged(self) -> FeedForward:
         """FFN_S = (1/N) sum_i E_{S,i} (section 2.2, inference)."""
-        dim, hidden = self.w1.shape[1:]
+        dim, hidden = self.w2.shape[2], self.w2.shape[1]
         ffn = FeedForward(dim, hidden // dim).to(device=self.w1.device, dtype=self.w1.dtype)
         ffn.fc1.weight.copy_(self.w1.mean(dim=0).T)
         ffn.fc1.bias.copy_(self.b1.mean(dim=0))

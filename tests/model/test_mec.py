@@ -45,18 +45,29 @@ def test_each_path_changes_the_output_and_receives_gradient(path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in owner.parameters())
 
 
+def test_excite_is_the_mean_of_the_equations_outputs():
+    """z_hat * (1 + mean M) is the mean of eq. 3, 4, 5's z_hat + z_hat * M."""
+    torch.manual_seed(0)
+    mec, z = randomised(MEC(32, 32)), torch.randn(2, 32, 4, 5, 5)
+    z_hat = mec.shift(z)
+    outputs = [z_hat + z_hat * path(z_hat) for path in (mec.ste, mec.ce, mec.me)]
+    torch.testing.assert_close(mec.excite(z), torch.stack(outputs).mean(0), atol=1e-6, rtol=1e-5)
+
+
 def test_with_every_path_off_mec_is_a_per_frame_2d_conv():
     torch.manual_seed(0)
     off = MECPaths(factorized_temporal=False, spatial_temporal=False, channel=False, motion=False)
     mec, z = MEC(8, 12, off), torch.randn(2, 8, 4, 6, 6)
-    expected = torch.stack([mec.spatial(z[:, :, i]) for i in range(4)], dim=2)
-    torch.testing.assert_close(mec(z), expected)
+    conv2d = torch.nn.Conv2d(8, 12, 3, padding=1)
+    conv2d.load_state_dict({"weight": mec.spatial.weight[:, :, 0], "bias": mec.spatial.bias})
+    expected = torch.stack([conv2d(z[:, :, i]) for i in range(4)], dim=2)
+    torch.testing.assert_close(mec(z), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_single_frames_skip_every_temporal_path():
     torch.manual_seed(0)
     mec, z = randomised(MEC(8, 12)), torch.randn(3, 8, 1, 6, 6)
-    torch.testing.assert_close(mec(z)[:, :, 0], mec.spatial(z[:, :, 0]))
+    torch.testing.assert_close(mec(z), mec.spatial(z))
 
 
 def test_motion_excitation_sees_motion():
@@ -66,8 +77,8 @@ def test_motion_excitation_sees_motion():
     me = randomised(MEC(16, 16)).me
     frame = torch.randn(1, 16, 1, 8, 8)
     static = frame.expand(1, 16, 5, 8, 8).contiguous()
-    gate = me(static) / static - 1  # sigmoid(excitation) per (b, c, t)
+    gate = me(static)  # M_M: (b, c, t, 1, 1)
     torch.testing.assert_close(gate[:, :, 1:-1], gate[:, :, :-2], atol=1e-6, rtol=0)
     moving = torch.cat([frame.roll(shifts=step, dims=-1) for step in range(5)], dim=2)
-    moving_gate = me(moving) / moving - 1
+    moving_gate = me(moving)
     assert (moving_gate[:, :, 1] - moving_gate[:, :, 0]).abs().max() > 1e-3

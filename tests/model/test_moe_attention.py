@@ -7,14 +7,14 @@ from model.moe_attention import FeedForward, MoEFeedForward, SpatialTemporalTran
 
 
 def test_eq_7_8_on_known_weights():
-    moe = MoEFeedForward(dim=1, num_experts=3, mult=1)
+    moe = MoEFeedForward(dim=1, num_experts=3, mult=1)  # scalars per expert (GEGLU: w1 is 1 x 2)
     with torch.no_grad():
         for param in (moe.w1, moe.b1, moe.w2, moe.b2):
             param.copy_(torch.tensor([1.0, 2.0, 4.0]).view(3, *([1] * (param.ndim - 1))).expand_as(param))
     average_experts(moe, exchange_rate=0.1)
     # E_0 = 0.9 * 1 + 0.1 * (2 + 4) / 2 = 1.2;  E_1 = 0.9 * 2 + 0.1 * (1 + 4) / 2 = 2.05;  E_2 = 0.9 * 4 + 0.1 * 1.5 = 3.75
     for param in (moe.w1, moe.b1, moe.w2, moe.b2):
-        torch.testing.assert_close(param.flatten(), torch.tensor([1.2, 2.05, 3.75]))
+        torch.testing.assert_close(param.reshape(3, -1), torch.tensor([[1.2], [2.05], [3.75]]).expand(3, param[0].numel()))
 
 
 def test_averaging_keeps_the_mean_and_shrinks_the_spread():
