@@ -24,31 +24,43 @@ import ray
 from tasks.atomic import atomic_path, write_json, write_parquet
 from tasks.params import DecodeParams, Params
 from tasks.ray_runtime import ensure_ray
-from tasks.video_io import VideoError, center_crop, cover_size, decode_frames, window_length
+from tasks.video_io import VideoError, center_crop, cover_size, open_reader, read_frames, window_length
 
 KEPT = Path("data/filtered/kept.parquet")
 OUT_DIR = Path("data/clips")
 
 
-def clip_starts(segment_start: int, segment_end: int, stride: int, cfg: DecodeParams) -> list[int]:
+def clip_starts(segment_start: int, segment_end: int, stride: int, cfg: DecodeParams, keyframes: list[int] | None = None) -> list[int]:
     """First source frame of each clip: up to clips_per_video windows, non-overlapping when the
-    segment is long enough, spread evenly from its start to its end."""
+    segment is long enough, spread evenly from its start to its end.
+
+    With the video's keyframes, a start moves back to the latest keyframe that does not overlap
+    the previous clip: the decoder then seeks straight to it instead of decoding (and dropping)
+    every frame from the keyframe before the start up to the start.
+    """
     window = window_length(cfg.frames, stride)
     room = segment_end - segment_start - window  # the last start that still fits, relative
     if room < 0:
         return []
     count = max(1, min(cfg.clips_per_video, (segment_end - segment_start) // window))
-    return [segment_start + int(round(offset)) for offset in np.linspace(0, room, count)]
+    starts = [segment_start + int(round(offset)) for offset in np.linspace(0, room, count)]
+    for k in range(1, len(starts)):
+        free_from = starts[k - 1] + window  # first frame after the previous clip
+        candidates = [key for key in keyframes or () if free_from <= key <= starts[k]]
+        if candidates:
+            starts[k] = max(candidates)
+    return starts
 
 
 def decode_video_clips(path: str, height: int, width: int, segment_start: int, segment_end: int, stride: int, cfg: DecodeParams) -> tuple[list[int], np.ndarray]:
     """One video's clips: (starts, (n_clips, frames, cfg.height, cfg.width, 3) uint8)."""
-    starts = clip_starts(segment_start, segment_end, stride, cfg)
+    decoded_h, decoded_w = cover_size(height, width, cfg.height, cfg.width)
+    reader = open_reader(Path(path), decoded_h, decoded_w)
+    starts = clip_starts(segment_start, segment_end, stride, cfg, keyframes=list(reader.get_key_indices()))
     if not starts:
         raise VideoError("too_short", f"segment [{segment_start}, {segment_end}) is shorter than one clip")
     indices = np.concatenate([start + stride * np.arange(cfg.frames) for start in starts])
-    decoded_h, decoded_w = cover_size(height, width, cfg.height, cfg.width)
-    frames = center_crop(decode_frames(Path(path), indices, decoded_h, decoded_w), cfg.height, cfg.width)
+    frames = center_crop(read_frames(reader, Path(path), indices, decoded_h, decoded_w), cfg.height, cfg.width)
     return starts, np.ascontiguousarray(frames).reshape(len(starts), cfg.frames, cfg.height, cfg.width, 3)
 
 

@@ -101,18 +101,29 @@ def cover_size(height: int, width: int, out_height: int, out_width: int) -> tupl
     return max(out_height, math.ceil(height * scale - 1e-6)), max(out_width, math.ceil(width * scale - 1e-6))
 
 
-def decode_frames(path: Path, indices: list[int] | np.ndarray, height: int, width: int) -> np.ndarray:
-    """Frames at `indices`, decoded straight to (n, height, width, 3) uint8 by decord."""
+def open_reader(path: Path, height: int, width: int) -> decord.VideoReader:
+    """A decord reader that decodes straight to height x width (resizing inside the decoder)."""
     try:
-        reader = decord.VideoReader(str(path), width=width, height=height, num_threads=1)
+        return decord.VideoReader(str(path), width=width, height=height, num_threads=1)
+    except Exception as error:
+        raise VideoError("undecodable", f"{path}: {type(error).__name__}: {_first_line(error)}") from None
+
+
+def read_frames(reader: decord.VideoReader, path: Path, indices: list[int] | np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frames at `indices` as (n, height, width, 3) uint8, in one batched `get_batch`."""
+    try:
         frames = reader.get_batch(list(map(int, indices))).asnumpy()
         reader.seek(0)  # decord keeps decoded buffers alive until the reader moves (REFERENCE.md)
-        del reader
     except Exception as error:
         raise VideoError("undecodable", f"{path}: {type(error).__name__}: {_first_line(error)}") from None
     if frames.shape[1:3] != (height, width):  # e.g. rotated sources: decord sizes before rotating
         frames = resize_frames(frames, height, width)
     return frames
+
+
+def decode_frames(path: Path, indices: list[int] | np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frames at `indices`, decoded straight to (n, height, width, 3) uint8 by decord."""
+    return read_frames(open_reader(path, height, width), path, indices, height, width)
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:

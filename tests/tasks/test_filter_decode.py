@@ -103,6 +103,15 @@ def test_clip_starts_spread_over_the_segment():
     assert clip_starts(0, 40, 1, DecodeParams(frames=8, clips_per_video=2)) == [0, 32]
 
 
+def test_clip_starts_move_back_to_keyframes_without_overlapping():
+    cfg = DecodeParams(frames=16, clips_per_video=2)  # window 61 at stride 4
+    assert clip_starts(0, 309, 4, cfg) == [0, 248]
+    # The MKV fixture's keyframes: 248 moves back to 150 (decoding starts there, not at 150 -> 248)
+    assert clip_starts(0, 309, 4, cfg, keyframes=[0, 150, 300]) == [0, 150]
+    # 40 would overlap the first clip (frames 0-60) and 300 would not fit: nothing moves
+    assert clip_starts(0, 309, 4, cfg, keyframes=[0, 40, 300]) == [0, 248]
+
+
 def synthetic_video(folder: Path, name: str, *, static=False, cut_at=None, frames=48) -> dict:
     video, _ = render(80, 112, frames, np.random.default_rng(len(name)), static=static, cut_at=cut_at)
     write_mp4(video, folder / f"{name}.mp4", fps=24)
