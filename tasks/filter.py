@@ -16,7 +16,7 @@ import pandas as pd
 import ray
 
 from tasks import curation
-from tasks.atomic import write_json, write_parquet
+from tasks.atomic import remove_stale_temporaries, write_json, write_parquet
 from tasks.params import DecodeParams, FilterParams, Params
 from tasks.ray_runtime import ensure_ray
 from tasks.video_io import (
@@ -245,6 +245,7 @@ def report(kept: pd.DataFrame, rejected: pd.DataFrame) -> dict:
 
 
 def main(params: Params) -> None:
+    remove_stale_temporaries(OUT_DIR)  # leftovers of a run that was killed mid-write
     rows = read_webvid_csv(params.data.csv)
     kept, rejected = filter_videos(rows, params.data.videos_root, params.filter, params.decode)
     write_parquet(kept, OUT_DIR / "kept.parquet")

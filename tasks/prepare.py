@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks import synthetic
-from tasks.atomic import atomic_path, write_json
+from tasks.atomic import atomic_path, remove_stale_temporaries, write_json
 from tasks.params import Params
 from tasks.webvid import COLUMNS, dedupe_videoids, read_webvid_csv
 
@@ -23,6 +23,7 @@ REPORT = "data/raw/prepare_report.json"
 
 def prepare(params: Params) -> dict:
     cfg, data = params.prepare, params.data
+    remove_stale_temporaries(Path(data.csv).parent)  # leftovers of a run that was killed mid-write
     if cfg.source == "synthetic":
         raw = _write_synthetic_videos(params)
     else:

@@ -10,7 +10,7 @@ empty caption and a re-crawled (duplicate) videoid.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -31,14 +31,6 @@ TEXTURES = ("striped", "checkered", "dotted", "gradient")
 # Which rows are deliberately bad (index modulo the period).
 STATIC_EVERY, CUT_EVERY = 16, 16
 CUT_OFFSET = 8
-
-
-@dataclass(frozen=True)
-class SyntheticVideo:
-    videoid: str
-    page_dir: str
-    caption: str
-    num_frames: int
 
 
 def texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -104,7 +96,7 @@ def render(
     return frames, f"a {s['color']} {s['shape']} {motion} on a {s['texture']} background"
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
+def write_mp4(frames: np.ndarray, path: Path, fps: int | Fraction) -> None:
     """H.264 (yuv420p) MP4; one encoder thread so the bytes are reproducible."""
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "veryfast"})

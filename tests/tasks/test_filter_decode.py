@@ -3,14 +3,15 @@
 import json
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.decode import clip_starts, decode_clips
-from tasks.filter import filter_videos, report
+from tasks.decode import clip_starts, decode_clips, decode_video_clips
+from tasks.filter import assess_video, filter_videos, report
 from tasks.params import DecodeParams, FilterParams
 from tasks.synthetic import render, write_mp4
 from tasks.video_io import center_crop, cover_size, resize_frames
@@ -159,3 +160,23 @@ def test_stage_commands_exit_0_on_the_fixtures(fixture_videos, tmp_path):
     clips = json.loads((tmp_path / "data/clips/report.json").read_text())
     assert clips["clip_shape"] == [8, 64, 64, 3] and clips["videos_decoded"] == 3
     assert not list((tmp_path / "data").rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("rate, frames, stride", [(Fraction(30000, 1001), 72, 4), (Fraction(6), 30, 1)])
+def test_odd_frame_rates_get_the_right_stride_and_the_right_frames(tmp_path, rate, frames, stride):
+    """29.97 fps (NTSC) and 6 fps sources, 8 fps target: strides round(3.75) = 4 and 1."""
+    import decord
+
+    video, _ = render(80, 112, frames, np.random.default_rng(1), static=False, cut_at=None)
+    write_mp4(video, tmp_path / "clip.mp4", fps=rate)
+    row = {"videoid": "clip", "contentUrl": "", "duration": "", "page_dir": ".", "name": "a moving shape video"}
+    decode = DecodeParams(frames=8, fps=8.0, height=64, width=64)
+    assessed = assess_video(row, str(tmp_path), FilterParams(), decode)
+    assert assessed["reason"] == "" and assessed["stride"] == stride
+    assert assessed["fps"] == pytest.approx(float(rate), rel=1e-3)
+    starts, clips = decode_video_clips(assessed["path"], 80, 112, assessed["segment_start"], assessed["segment_end"], stride, decode)
+    full = decord.VideoReader(str(tmp_path / "clip.mp4")).get_batch(list(range(frames))).asnumpy()
+    for start, clip in zip(starts, clips):
+        expected = center_crop(resize_frames(full[start + stride * np.arange(8)], 64, 90), 64, 64)
+        assert np.abs(clip.astype(np.int16) - expected).mean() < 4.0
+        assert np.abs(clip.astype(np.int16) - np.roll(expected, 1, axis=0)).mean() > 2 * np.abs(clip.astype(np.int16) - expected).mean()

@@ -73,3 +73,13 @@ def test_malformed_csv_names_the_missing_column(tmp_path):
         read_webvid_csv(tmp_path / "bad.csv")
     with pytest.raises(CsvError, match="run the prepare stage"):
         read_webvid_csv(tmp_path / "absent.csv")
+
+
+def test_prepare_clears_leftovers_of_a_killed_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/.tmp-999-webvid.csv").write_text("half a csv")
+    (tmp_path / "data/raw/.tmp-999-videos").mkdir()
+    (tmp_path / "params.yaml").write_text("prepare:\n  num_videos: 2\n  seconds: 1.0\n")
+    prepare_stage.prepare(load_params("params.yaml"))
+    assert not list((tmp_path / "data").rglob(".tmp-*"))
