@@ -74,7 +74,7 @@ def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str) -> pd.Dat
             try:
                 starts, video_clips = decode_video_clips(row.path, row.height, row.width, row.segment_start, row.segment_end, row.stride, cfg)
             except VideoError as error:
-                rows.append({"kind": "rejected", "video_id": row.videoid, "shard": shard, "reason": "decode_error", "detail": error.detail})
+                rows.append({"kind": "rejected", "video_id": row.videoid, "shard": shard, "reason": error.reason, "detail": error.detail})
                 continue
             for start, clip in zip(starts, video_clips):
                 rows.append(

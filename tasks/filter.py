@@ -152,17 +152,14 @@ def assess_batch(batch: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
     return pd.DataFrame.from_records(records)
 
 
-def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """rows: a WebVid CSV as strings. Returns (kept, rejected); together they hold every row once."""
-    rows = rows.reset_index(drop=True).assign(row_index=lambda frame: np.arange(len(frame)))
-    # Re-crawled videoids: the last row wins, as in prepare (the newest caption).
-    repeated = rows.duplicated(subset="videoid", keep="last")
-    unique = rows[~repeated]
-
+def _assess_on_ray(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> pd.DataFrame:
+    """assess_video for every row, one row per task, `num_workers` tasks at a time."""
+    if rows.empty:
+        return pd.DataFrame(columns=[*rows.columns, *NUMERIC_FIELDS, *TEXT_FIELDS])
     ensure_ray()
-    assessed = (
-        ray.data.from_pandas(unique)
-        .repartition(max(1, min(len(unique), 4 * cfg.num_workers)))
+    return (
+        ray.data.from_pandas(rows)
+        .repartition(max(1, min(len(rows), 4 * cfg.num_workers)))
         .map_batches(
             assess_batch,
             batch_format="pandas",
@@ -172,8 +169,17 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
             fn_kwargs={"videos_root": videos_root, "cfg": cfg, "decode": decode},
         )
         .to_pandas()
-    ) if len(unique) else pd.DataFrame(columns=[*rows.columns, *NUMERIC_FIELDS, *TEXT_FIELDS])
+    )
 
+
+def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rows: a WebVid CSV as strings. Returns (kept, rejected); together they hold every row once."""
+    rows = rows.reset_index(drop=True).assign(row_index=lambda frame: np.arange(len(frame)))
+    # Re-crawled videoids: the last row wins, as in prepare (the newest caption).
+    repeated = rows.duplicated(subset="videoid", keep="last")
+    unique = rows[~repeated]
+
+    assessed = _assess_on_ray(unique, videos_root, cfg, decode)
     duplicates = rows[repeated].assign(**NUMERIC_FIELDS, **dict.fromkeys(TEXT_FIELDS, "")).assign(
         reason="duplicate_videoid", detail="a later row has the same videoid (its caption is kept)"
     )
@@ -181,9 +187,10 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
     # Identical files under different ids: keep the first, reject the copies.
     hashed = (assessed["reason"] == "") & (assessed["content_sha256"] != "")
     copies = hashed & assessed["content_sha256"].where(hashed).duplicated(keep="first")
-    first_row = assessed[hashed].drop_duplicates("content_sha256").set_index("content_sha256")["videoid"]
-    assessed.loc[copies, "reason"] = "duplicate_content"
-    assessed.loc[copies, "detail"] = "same bytes as videoid " + assessed.loc[copies, "content_sha256"].map(first_row)
+    if copies.any():
+        first_row = assessed[hashed].drop_duplicates("content_sha256").set_index("content_sha256")["videoid"]
+        assessed.loc[copies, "reason"] = "duplicate_content"
+        assessed.loc[copies, "detail"] = "same bytes as videoid " + assessed.loc[copies, "content_sha256"].map(first_row)
 
     if cfg.clip_weights:  # scores are recorded; rows below clip_min_score are rejected
         assessed = _apply_clip_filter(assessed, cfg)
@@ -198,6 +205,8 @@ def _apply_clip_filter(assessed: pd.DataFrame, cfg: FilterParams) -> pd.DataFram
     from tasks.clip_score import ClipFrameScorer  # imports open_clip only when enabled
 
     candidates = assessed[assessed["reason"] == ""]
+    if candidates.empty:
+        return assessed
     scored = (
         ray.data.from_pandas(candidates.loc[:, ["row_index", "path", "name", "segment_start", "segment_end", "height", "width"]])
         .map_batches(

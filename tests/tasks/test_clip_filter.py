@@ -75,3 +75,10 @@ def test_bad_clip_checkpoints_name_the_file_and_key(tiny_clip, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(WeightsError, match=r"wrong.safetensors: key 'text_projection' has shape \(3, 3\)"):
         load_clip(config, tmp_path / "wrong.safetensors")
+
+
+def test_clip_filter_with_every_row_already_rejected(tiny_clip, fixture_videos, ray_session):
+    config, weights = tiny_clip
+    rows = pd.DataFrame([{"videoid": "empty.mp4", "contentUrl": "", "duration": "", "page_dir": ".", "name": "a short video clip"}])
+    kept, rejected = filter_videos(rows, str(fixture_videos), FilterParams(clip_model=config, clip_weights=weights), DecodeParams())
+    assert kept.empty and rejected["reason"].tolist() == ["unreadable"]

@@ -180,3 +180,24 @@ def test_odd_frame_rates_get_the_right_stride_and_the_right_frames(tmp_path, rat
         expected = center_crop(resize_frames(full[start + stride * np.arange(8)], 64, 90), 64, 64)
         assert np.abs(clip.astype(np.int16) - expected).mean() < 4.0
         assert np.abs(clip.astype(np.int16) - np.roll(expected, 1, axis=0)).mean() > 2 * np.abs(clip.astype(np.int16) - expected).mean()
+
+
+def test_a_csv_whose_videos_are_all_missing_is_rejected_row_by_row(tmp_path, ray_session):
+    rows = pd.DataFrame([{"videoid": f"gone{i}", "contentUrl": "", "duration": "", "page_dir": ".", "name": CAPTION} for i in range(3)])
+    kept, rejected = filter_videos(rows, str(tmp_path), FilterParams(), DecodeParams())
+    assert kept.empty and rejected["reason"].tolist() == ["missing_file"] * 3
+    index, decode_rejected = decode_clips(kept, DecodeParams(), tmp_path / "clips")
+    assert index.empty and decode_rejected.empty
+
+
+def test_decode_rejects_a_video_that_fails_and_keeps_the_rest(fixture_run, fixture_videos, tmp_path):
+    """A kept video that no longer decodes (say, corrupted since the filter ran) is listed with its
+    reason; the shard still holds the other video's clips."""
+    _, kept, *_ = fixture_run
+    good = kept[kept["videoid"] == "mpeg4_320x240_25fps.avi"]
+    broken = good.assign(videoid="corrupt", path=str(fixture_videos / "corrupt_frames_1280x720.mp4"), height=720, width=1280, fps=10.0, stride=1, segment_start=0, segment_end=50)
+    cfg = DecodeParams(clips_per_shard=8)
+    index, rejected = decode_clips(pd.concat([broken, good], ignore_index=True), cfg, tmp_path / "clips")
+    assert rejected[["video_id", "reason"]].values.tolist() == [["corrupt", "undecodable"]]
+    assert set(index["video_id"]) == {"mpeg4_320x240_25fps.avi"}
+    assert np.load(tmp_path / "clips" / "clips-00000.npy").shape[0] == len(index)
