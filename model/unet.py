@@ -173,4 +173,4 @@ class VersVideoUNet(nn.Module):
             if isinstance(block, Stage):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(block, h, emb, context)
-        return per_frame(self.conv_out, F.silu(per_frame(self.norm_out, h)))
+        return per_frame(self.conv_out, F.silu(self.norm_out(h)))  # GroupNorm over (c/g, t, h, w), as in the ResBlocks
