@@ -2,20 +2,21 @@
 
 Baseline, same run, same clips: PyAV decodes every frame at full size to RGB, then the clip
 frames are picked and resized/cropped with the same resize as ours (so only the decoding
-strategy differs). Both decode with one thread, as each Ray worker does. Then the stage itself (Ray Data, one shard per video) with 1 and 2 workers.
-Clip size is the L preset's (16 x 256 x 256), where decode cost matters.
+strategy differs). Both decode with one thread, as each Ray worker does. Then the stage itself
+(Ray Data, a few videos per shard) with 1 and 2 workers. Clip size is the L preset's (16 x 256 x 256), where decode cost matters.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 from pathlib import Path
 
 import av
 import numpy as np
 import pandas as pd
 
+from tasks.benchmarking import best_seconds
 from tasks.decode import decode_clips, decode_video_clips
 from tasks.filter import assess_video
 from tasks.params import PRESET_DEFAULTS, DecodeParams, FilterParams
@@ -43,18 +44,6 @@ def ours_video_clips(row: dict, cfg: DecodeParams) -> np.ndarray:
     return decode_video_clips(row["path"], row["height"], row["width"], row["segment_start"], row["segment_end"], row["stride"], cfg)[1]
 
 
-def _clips_per_second(paths: dict, rows: list[dict], cfg: DecodeParams, repeats: int) -> dict[str, float]:
-    """Best clips/s of each decode path over `repeats` passes, run round-robin so that a noisy
-    moment on a shared machine hits every path alike."""
-    best = dict.fromkeys(paths, float("inf"))
-    for _ in range(repeats):
-        for name, decode_one in paths.items():
-            start = time.perf_counter()
-            clips = sum(len(decode_one(row, cfg)) for row in rows)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: clips / seconds for name, seconds in best.items()}
-
-
 def run(args: argparse.Namespace) -> dict:
     videos = Path(getattr(args, "videos", None) or DEFAULT_VIDEOS)
     cfg = DecodeParams(**{**PRESET_DEFAULTS["L"]["decode"], "clips_per_shard": VIDEOS_PER_SHARD * DecodeParams.clips_per_video})
@@ -71,27 +60,26 @@ def run(args: argparse.Namespace) -> dict:
     for row in rows:  # the baseline decodes the very clips the stage chooses
         row["starts"] = decode_video_clips(row["path"], row["height"], row["width"], row["segment_start"], row["segment_end"], row["stride"], cfg)[0]
 
-    speeds = _clips_per_second({"ours": ours_video_clips, "naive": naive_video_clips}, rows, cfg, args.repeats)
-    ours, naive = speeds["ours"], speeds["naive"]
+    clips_per_pass = sum(len(row["starts"]) for row in rows)
+    seconds = best_seconds(
+        {name: functools.partial(lambda decode_one: [decode_one(row, cfg) for row in rows], decode_one)
+         for name, decode_one in (("ours", ours_video_clips), ("naive", naive_video_clips))},
+        args.repeats,
+    )
+    ours, naive = clips_per_pass / seconds["ours"], clips_per_pass / seconds["naive"]
     parity = float(np.abs(ours_video_clips(rows[0], cfg).astype(np.int16) - naive_video_clips(rows[0], cfg)).mean())
 
     ensure_ray()
     kept = pd.DataFrame([{**row, "videoid": f"{row['videoid']}-{copy}"} for copy in range(RAY_COPIES) for row in rows])
     out = Path("/tmp/versvideo-bench-decode")
-    stage = {}
-    for workers in (1, 2):
-        worker_cfg = DecodeParams(**{**cfg.__dict__, "num_workers": workers})
-        decode_clips(kept.head(2), worker_cfg, out)  # warm the worker processes
-        best = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            index, _ = decode_clips(kept, worker_cfg, out)
-            best = min(best, time.perf_counter() - start)
-        stage[workers] = len(index) / best
+    stage_clips = RAY_COPIES * clips_per_pass
+    worker_configs = {workers: DecodeParams(**{**cfg.__dict__, "num_workers": workers}) for workers in (1, 2)}
+    seconds = best_seconds({workers: functools.partial(decode_clips, kept, worker_cfg, out) for workers, worker_cfg in worker_configs.items()}, args.repeats)
+    stage = {workers: stage_clips / value for workers, value in seconds.items()}
     return {
         "clip_shape": [cfg.frames, cfg.height, cfg.width, 3],
         "videos": [row["videoid"] for row in rows],
-        "clips_per_pass": int(sum(len(row["starts"]) for row in rows)),
+        "clips_per_pass": int(clips_per_pass),
         "ours_clips_per_s": round(ours, 2),
         "naive_pyav_clips_per_s": round(naive, 2),
         "speedup_vs_naive": round(ours / naive, 2),

@@ -12,6 +12,7 @@ preset itself runs in bf16 and the report adds samples/s and model FLOPs utilisa
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import multiprocessing
 import os
@@ -27,6 +28,7 @@ from model.mec import MECPaths
 from model.moe_attention import merge_experts
 from model.presets import UNetConfig
 from model.unet import VersVideoUNet
+from tasks.benchmarking import best_seconds
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, per GPU
 
@@ -56,7 +58,7 @@ def _cpu_memory_child(build: Callable[[], torch.nn.Module], shapes: tuple, queue
     sampler.start()
     out = model(x, timesteps, context)
     activations = _rss_bytes() - before
-    (out.sample if hasattr(out, "sample") else out).square().mean().backward()
+    _prediction(out).square().mean().backward()
     done.set()
     sampler.join()
     queue.put((activations, max(peak[0], _rss_bytes()) - before))
@@ -81,22 +83,14 @@ def step_memory(build: Callable[[], torch.nn.Module], device: torch.device, step
     return {"activation_mem_mb": round(activations / 2**20, 1), "peak_mem_mb": round(peak / 2**20, 1)}
 
 
-def _time_interleaved(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Best seconds per step for each entry, measured round-robin so that a noisy moment on a
-    shared machine hits every entry alike."""
-    best = dict.fromkeys(steps, float("inf"))
-    for step in steps.values():
-        step()  # warm-up (allocations, kernel selection)
-    for _ in range(repeats):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: round(seconds, 4) for name, seconds in best.items()}
+def _time(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, float]:
+    seconds = best_seconds(steps, repeats, torch.cuda.synchronize if device.type == "cuda" else None)
+    return {name: round(value, 4) for name, value in seconds.items()}
+
+
+def _prediction(out) -> torch.Tensor:
+    """Our UNet returns a tensor; diffusers' returns an output object with `.sample`."""
+    return out.sample if hasattr(out, "sample") else out
 
 
 def _training_step(model: torch.nn.Module, call: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[], None]:
@@ -143,8 +137,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def call(model: torch.nn.Module) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(x, timesteps, context)
-        return out.sample if hasattr(out, "sample") else out
+            return _prediction(model(x, timesteps, context))
 
     shapes = (tuple(x.shape), tuple(context.shape))
     report: dict = {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "frames": frames, "latent_size": size, "base_channels": config.base_channels}
@@ -157,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     models = {name: build().to(device) for name, build in builds.items()}
     report["params"] = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    seconds = _time_interleaved({name: _training_step(model, call) for name, model in models.items()}, device, args.repeats)
+    seconds = _time({name: _training_step(model, call) for name, model in models.items()}, device, args.repeats)
     for name, build in builds.items():
         report[f"{name}_train"] = {"step_s": seconds[name], **step_memory(build, device, _training_step(models[name], call), shapes)}
     report["train_step_ratio_vs_diffusers"] = round(seconds["ours"] / seconds["diffusers_unet3d"], 3)
@@ -165,24 +158,22 @@ def run(args: argparse.Namespace) -> dict:
     report["checkpointing_memory_ratio"] = round(report["ours_checkpointing_train"][memory_key] / report["ours_train"][memory_key], 3)
 
     # Inference: MoE UNet unmerged (eval) and merged, against a UNet built with plain FFNs.
-    ours = models.pop("ours").eval()
+    unmerged = models.pop("ours").eval()
     del models
-    merged = merge_experts(VersVideoUNet(config).to(device)).eval()
-    merged.load_state_dict(merge_experts(ours).state_dict())
+    merged = merge_experts(copy.deepcopy(unmerged))  # merge_experts works in place
     plain = VersVideoUNet(replace(config, spatial_experts=1, temporal_experts=1)).to(device).eval()
-    unmerged = VersVideoUNet(config).to(device).eval()
-    with torch.no_grad():  # cheap, so more repeats: the merged-vs-plain gap is a few percent
-        inference = _time_interleaved({name: functools.partial(call, model) for name, model in (("unmerged", unmerged), ("merged", merged), ("plain_ffn", plain))}, device, 2 * args.repeats)
+    with torch.no_grad():  # cheap, so 4x the repeats: a 5% comparison needs them on a noisy VM
+        inference = _time({name: functools.partial(call, model) for name, model in (("unmerged", unmerged), ("merged", merged), ("plain_ffn", plain))}, device, 4 * args.repeats)
     report["inference_s"] = inference
     report["merged_vs_plain_ffn_ratio"] = round(inference["merged"] / inference["plain_ffn"], 3)
-    del ours, merged, plain, unmerged
+    del merged, plain, unmerged
 
     # Table 5 as a cost table: the training step with each MEC path off (plain-FFN UNets, so
     # only the MEC paths differ).
     plain_config = replace(config, spatial_experts=1, temporal_experts=1)
     variants = {"all_paths": MECPaths(), **{f"without_{path}": replace(MECPaths(), **{path: False}) for path in ("factorized_temporal", "spatial_temporal", "channel", "motion")}, "plain_2d_conv": MECPaths(False, False, False, False)}
     steps = {name: _training_step(VersVideoUNet(replace(plain_config, mec_paths=paths)).to(device), call) for name, paths in variants.items()}
-    report["mec_ablation_train_step_s"] = _time_interleaved(steps, device, args.repeats)
+    report["mec_ablation_train_step_s"] = _time(steps, device, args.repeats)
 
     if device.type == "cuda":
         model = VersVideoUNet(config).to(device).train()
