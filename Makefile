@@ -33,6 +33,7 @@ test: setup
 bench: setup
 	$(RUN) versvideo bench decode --json
 	$(RUN) versvideo bench unet --json
+	$(RUN) versvideo bench cache --json
 
 clean:
 	rm -rf data models metrics plots .dvc/tmp .pytest_cache

@@ -19,11 +19,13 @@ STAGES = {
     "prepare": "tasks.prepare",
     "filter": "tasks.filter",
     "decode": "tasks.decode",
+    "cache_latents": "tasks.cache_latents",
 }
 # Benchmark name -> module with run(args) -> dict of figures.
 BENCHMARKS = {
     "decode": "tasks.bench_decode",
     "unet": "tasks.bench_unet",
+    "cache": "tasks.bench_cache",
 }
 
 

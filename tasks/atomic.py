@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 TMP_MARK = ".tmp-"
@@ -36,6 +37,12 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 def write_parquet(frame: pd.DataFrame, final: str | Path) -> None:
     with atomic_path(final) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_npy(array: np.ndarray, final: str | Path) -> None:
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as handle:  # np.save on a handle keeps the temporary name as is (no .npy added)
+            np.save(handle, array)
 
 
 def write_json(payload: Any, final: str | Path) -> None:

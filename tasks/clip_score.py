@@ -16,43 +16,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from model.text_encoder import clip_config
+from model.weights import WeightsError, load_into, load_state_dict
 from tasks.video_io import center_crop, cover_size, decode_frames
 
-
-class WeightsError(ValueError):
-    pass
-
-
-def load_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
-    """A tensor state dict from a local file; `key` is the params key to name when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weight file not found; set {key} to a local file (nothing is downloaded)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return {name.removeprefix("module."): tensor for name, tensor in state.items()}
-
-
-def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """load_state_dict(strict) with an error that names the file and the first bad key."""
-    expected = module.state_dict()
-    for name, tensor in expected.items():
-        if name not in state:
-            raise WeightsError(f"{path}: missing key {name!r} (is this a checkpoint for this architecture?)")
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise WeightsError(f"{path}: key {name!r} has shape {tuple(state[name].shape)}, the model expects {tuple(tensor.shape)}")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise WeightsError(f"{path}: unexpected key {unexpected[0]!r} (is this a checkpoint for this architecture?)")
-    module.load_state_dict(state, strict=True)
+__all__ = ["ClipFrameScorer", "WeightsError", "clip_pixels", "load_clip"]
 
 
 def load_clip(model_name: str, weights: str | Path, key: str = "filter.clip_weights"):
@@ -60,13 +28,7 @@ def load_clip(model_name: str, weights: str | Path, key: str = "filter.clip_weig
 
     model_name is one of open_clip's bundled configs (`ViT-B-32`) or a path to a config JSON
     of the same format (registered here, so it also works inside Ray workers)."""
-    if model_name.endswith(".json"):
-        if not Path(model_name).is_file():
-            raise WeightsError(f"{model_name}: open_clip model config not found ({key.rsplit('.', 1)[0]}.clip_model)")
-        open_clip.add_model_config(model_name)
-        model_name = Path(model_name).stem
-    if model_name not in open_clip.list_models():
-        raise WeightsError(f"{key.rsplit('.', 1)[0]}.clip_model: unknown open_clip model {model_name!r}")
+    model_name, _ = clip_config(model_name, f"{key.rsplit('.', 1)[0]}.clip_model")
     model = open_clip.create_model(model_name, pretrained=None)
     load_into(model, load_state_dict(weights, key), weights)
     return model.eval(), open_clip.get_tokenizer(model_name)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from tasks.atomic import atomic_path, write_json, write_parquet
+from tasks.atomic import write_json, write_npy, write_parquet
 from tasks.params import DecodeParams, Params
 from tasks.ray_runtime import ensure_ray
 from tasks.video_io import VideoError, center_crop, cover_size, open_reader, read_frames, window_length
@@ -92,9 +92,7 @@ def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str) -> pd.Dat
                 )
                 clips.append(clip)
         if clips:
-            with atomic_path(Path(out_dir) / shard_name(int(shard))) as tmp:
-                with open(tmp, "wb") as handle:  # np.save on a handle keeps the temporary name as is
-                    np.save(handle, np.stack(clips))
+            write_npy(np.stack(clips), Path(out_dir) / shard_name(int(shard)))
     return pd.DataFrame.from_records(rows, columns=INDEX_COLUMNS)
 
 
@@ -123,7 +121,7 @@ def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path) -> tuple[
                 batch_size=None,  # one block = one shard
                 num_cpus=1,
                 compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
-                fn_kwargs={"cfg": cfg, "out_dir": str(out_dir)},
+                fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve())},  # Ray workers do not share our cwd
             )
             .to_pandas()
         )

@@ -108,12 +108,32 @@ class DecodeParams:
 
 
 @dataclass(frozen=True)
+class CacheLatentsParams:
+    vae_weights: str = ""  # SD VAE: diffusers folder or original .ckpt/.safetensors; "" = tiny random VAE (smoke only)
+    text_model: str = "ViT-L-14"  # open_clip text tower (name or config JSON); ViT-L-14-quickgelu for OpenAI weights
+    text_weights: str = ""  # local open_clip checkpoint; "" = tiny random text tower (smoke only)
+    sample_posterior: bool = True  # cache z ~ q(z|x) with seeded per-clip noise (LDM's training input) or its mean
+    seed: int = 0
+    micro_batch_frames: int = 32  # frames per VAE forward: bounds activation memory
+    num_workers: int = 2  # CPU encoder actors; with GPUs in the cluster, one actor per GPU instead
+
+    def __post_init__(self) -> None:
+        _check_positive("cache_latents.micro_batch_frames", self.micro_batch_frames)
+        _check_positive("cache_latents.num_workers", self.num_workers)
+
+    @property
+    def random_init(self) -> bool:
+        return not (self.vae_weights and self.text_weights)
+
+
+@dataclass(frozen=True)
 class Params:
     preset: str = "smoke"
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     filter: FilterParams = field(default_factory=FilterParams)
     decode: DecodeParams = field(default_factory=DecodeParams)
+    cache_latents: CacheLatentsParams = field(default_factory=CacheLatentsParams)
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)

@@ -1,0 +1,175 @@
+"""cache_latents on clips decoded from the real fixture videos: values, resume after a kill, reader."""
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+
+from model.image_vae import build_tiny_image_vae, decode_latents, encode_posterior, frames_to_pixels
+from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, tokenizer_for
+from tasks.cache_latents import cache_latents, check_random_init_allowed, clip_noise_seed, encoder_info
+from tasks.cache_latents import main as cache_latents_stage
+from tasks.decode import decode_clips
+from tasks.decode import shard_name as clip_shard_name
+from tasks.filter import filter_videos
+from tasks.latent_shards import latent_dataset, read_latent_shard, shard_name
+from tasks.params import CacheLatentsParams, DecodeParams, FilterParams, Params, load_params
+from tests.tasks.test_filter_decode import fixture_csv
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def clips_dir(fixture_videos, ray_session, tmp_path_factory):
+    """filter + decode on the fixture videos: 3 kept videos, 2 clips each, 2 clips per shard."""
+    decode_cfg = DecodeParams(clips_per_shard=2)
+    kept, _ = filter_videos(fixture_csv(fixture_videos), str(fixture_videos), FilterParams(), decode_cfg)
+    out = tmp_path_factory.mktemp("ws") / "data" / "clips"
+    index, _ = decode_clips(kept, decode_cfg, out)
+    index.to_parquet(out / "index.parquet", index=False)
+    assert len(index) == 6 and index["shard"].nunique() == 3
+    return out
+
+
+@pytest.fixture(scope="module")
+def cached(clips_dir, tmp_path_factory):
+    """One cache_latents run (in this process's Ray) with seeded posterior samples."""
+    cfg = CacheLatentsParams(sample_posterior=True, seed=5, num_workers=2)
+    out = tmp_path_factory.mktemp("latents")
+    index = pd.read_parquet(clips_dir / "index.parquet")
+    status = cache_latents(index, cfg, encoder_info(cfg), clips_dir, out)
+    index.to_parquet(out / "index.parquet", index=False)  # main() writes it last; here the test does
+    return index, status, out, cfg
+
+
+def test_cached_latents_are_the_vaes_encoding_of_each_clip(clips_dir, cached):
+    index, status, out, cfg = cached
+    assert list(status["status"]) == ["encoded"] * 3 and status["clips"].sum() == len(index)
+
+    vae = build_tiny_image_vae(seed=cfg.seed)
+    text = build_text_encoder(TINY_TEXT_CONFIG, seed=cfg.seed)
+    tokenizer = tokenizer_for("ViT-L-14")
+    for shard, rows in index.groupby("shard"):
+        rows = rows.sort_values("shard_row")
+        cache = read_latent_shard(out / shard_name(shard), ("clip_id", "latents", "context"))
+        assert list(cache["clip_id"]) == list(rows["clip_id"])  # one row per clip, in order
+        assert cache["latents"].shape == (len(rows), 8, 4, 64 // 8, 64 // 8) and cache["latents"].dtype == np.float16
+        clips = np.load(clips_dir / clip_shard_name(shard))
+        for k, (clip, clip_id) in enumerate(zip(clips, rows["clip_id"])):
+            # encode directly: z = mean + std * eps, eps from the clip's own seed (LDM's posterior sample)
+            mean, std = encode_posterior(vae, frames_to_pixels(clip), micro_batch=8)
+            eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(clip_noise_seed(cfg.seed, clip_id)))
+            direct = mean + std * eps
+            latents = torch.from_numpy(cache["latents"][k].astype(np.float32))
+            torch.testing.assert_close(latents, direct, rtol=2e-3, atol=2e-3)  # fp16 storage
+            assert not torch.allclose(latents, mean, atol=1e-2)  # a sample, not the mean
+            # decoding the cached latent gives what decode(encode(clip)) gives, to a grey level
+            from_cache = decode_latents(vae, latents, micro_batch=8)
+            from_direct = decode_latents(vae, direct, micro_batch=8)
+            assert (from_cache - from_direct).abs().max() * 127.5 < 1.0
+        with torch.no_grad():
+            expected_context = text(tokenizer(list(rows["caption"])))
+        torch.testing.assert_close(torch.from_numpy(cache["context"].astype(np.float32)), expected_context, rtol=2e-3, atol=2e-3)
+
+
+def test_reader_streams_every_cached_clip_once_per_epoch_in_shuffled_order(cached):
+    _, _, out, _ = cached
+    expected = np.concatenate([read_latent_shard(out / shard_name(s))["latents"] for s in range(3)])
+    batches = list(latent_dataset(out, seed=1).iter_torch_batches(batch_size=4, local_shuffle_buffer_size=4, local_shuffle_seed=0))
+    latents = torch.cat([b["latents"] for b in batches])
+    assert latents.shape == (6, 8, 4, 8, 8) and latents.dtype == torch.float16
+    assert [tuple(b["context"].shape[1:]) for b in batches] == [(77, 64)] * len(batches)
+    assert sorted(latents.float().flatten(1).sum(1).tolist()) == pytest.approx(sorted(expected.astype(np.float32).reshape(6, -1).sum(1).tolist()), rel=1e-4)
+
+
+def test_random_init_is_smoke_only():
+    check_random_init_allowed(Params(preset="smoke"))
+    with pytest.raises(FileNotFoundError, match="cache_latents.vae_weights: required for preset L"):
+        check_random_init_allowed(Params(preset="L"))
+    with pytest.raises(FileNotFoundError, match="cache_latents.text_weights: required for preset H"):
+        check_random_init_allowed(Params(preset="H", cache_latents=replace(CacheLatentsParams(), vae_weights="vae.ckpt")))
+
+
+@pytest.fixture(scope="module")
+def slow_vae_folder(tmp_path_factory):
+    """A KL-f8 VAE at half SD's width (random weights) in the diffusers folder layout: the real
+    loading code, and slow enough on one CPU core (~0.4 s a clip) that a kill lands between shards."""
+    folder = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(64, 128, 256, 256), layers_per_block=2, latent_channels=4)
+    (folder / "config.json").write_text(json.dumps(dict(vae.config)))
+    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+def workspace(root: Path, clips_dir: Path, vae: Path) -> Path:
+    shutil.copytree(clips_dir, root / "data" / "clips")
+    params = {"preset": "smoke", "cache_latents": {"vae_weights": str(vae), "num_workers": 1}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def stage_command():
+    return [sys.executable, "-m", "flows.cli", "stage", "cache_latents"]
+
+
+def stage_env():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PYTHONPATH": str(REPO)}
+
+
+def test_killed_stage_resumes_without_recomputing_finished_shards(clips_dir, slow_vae_folder, tmp_path, monkeypatch, capsys, ray_session):
+    killed = workspace(tmp_path / "killed", clips_dir, slow_vae_folder)
+    log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the stage
+    process = subprocess.Popen(stage_command(), cwd=killed, env=stage_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    latents = killed / "data" / "latents"
+    deadline = time.monotonic() + 240
+    while not list(latents.glob("latents-*.parquet")):
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no shard finished within 240 s"
+        time.sleep(0.05)
+    # a crash: the driver and everything it started (Ray's head processes and the encoder actor,
+    # which Ray puts in sessions of their own) die at once
+    driver = psutil.Process(process.pid)
+    tree = [driver, *driver.children(recursive=True)]
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(tree, timeout=30)
+    process.wait()
+    finished = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in latents.glob("latents-*.parquet")}
+    assert 1 <= len(finished) < 3, f"kill landed {'after' if finished else 'before'} the work: {sorted(finished)}"
+    assert not (latents / "index.parquet").exists()  # nothing marks the cache readable yet
+
+    monkeypatch.chdir(killed)  # the rerun: the same stage again (in this process's Ray, to save a Ray start)
+    cache_latents_stage(load_params("params.yaml"))
+    rerun = capsys.readouterr().out
+    for name, identity in finished.items():  # finished shards were kept, not rewritten
+        path = latents / name
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == identity
+    assert rerun.count(" skipped (") == len(finished) and rerun.count(" encoded (") == 3 - len(finished)
+    assert not list(latents.glob(".tmp-*"))
+
+    clean = workspace(tmp_path / "clean", clips_dir, slow_vae_folder)
+    monkeypatch.chdir(clean)  # the uninterrupted run: the same stage, in this process's Ray
+    cache_latents_stage(load_params("params.yaml"))
+    names = sorted(path.name for path in (clean / "data" / "latents").iterdir())
+    assert names == ["encoders.json", "index.parquet", "latents-00000.parquet", "latents-00001.parquet", "latents-00002.parquet", "null_context.npy"]
+    for name in names:  # byte for byte
+        assert (latents / name).read_bytes() == (clean / "data" / "latents" / name).read_bytes(), name
+    report = json.loads((clean / "metrics" / "cache_latents.json").read_text())
+    assert report["random_init"] is True and report["comparable"] is False and report["latent_shape"] == [8, 4, 8, 8]
