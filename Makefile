@@ -25,7 +25,9 @@ demo: setup
 	@echo
 	@$(RUN) dvc metrics show
 	@echo
-	@echo "Outputs: data/raw (videos + CSV), data/filtered (kept/rejected.parquet, report.json), data/clips (clip shards + index.parquet)"
+	@echo "Outputs: data/raw (videos + CSV), data/filtered (kept/rejected.parquet), data/clips (clip shards),"
+	@echo "         data/latents (latent shards), models/unet (merged-expert UNet weights + config.json + metrics.json)"
+	@echo "MLflow:  $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'versvideo': loss curves, sampled MP4/GIF videos)"
 
 test: setup
 	$(RUN) pytest
@@ -34,6 +36,7 @@ bench: setup
 	$(RUN) versvideo bench decode --json
 	$(RUN) versvideo bench unet --json
 	$(RUN) versvideo bench cache --json
+	$(RUN) versvideo bench train --json
 
 clean:
-	rm -rf data models metrics plots .dvc/tmp .pytest_cache
+	rm -rf data models metrics plots mlruns mlflow.db .dvc/tmp .pytest_cache

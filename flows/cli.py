@@ -20,12 +20,14 @@ STAGES = {
     "filter": "tasks.filter",
     "decode": "tasks.decode",
     "cache_latents": "tasks.cache_latents",
+    "train_unet": "tasks.train_unet",
 }
 # Benchmark name -> module with run(args) -> dict of figures.
 BENCHMARKS = {
     "decode": "tasks.bench_decode",
     "unet": "tasks.bench_unet",
     "cache": "tasks.bench_cache",
+    "train": "tasks.bench_train",
 }
 
 

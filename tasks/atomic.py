@@ -45,6 +45,13 @@ def write_npy(array: np.ndarray, final: str | Path) -> None:
             np.save(handle, array)
 
 
+def save_safetensors(tensors: dict, final: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(final) as tmp:
+        save_file(tensors, str(tmp))
+
+
 def write_json(payload: Any, final: str | Path) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

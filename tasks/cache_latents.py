@@ -17,8 +17,11 @@ a generator seeded by (seed, clip_id), independent of which actor or batch encod
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,14 @@ import numpy as np
 import pandas as pd
 import ray
 import torch
+from safetensors.torch import save_file
 
 from model.image_vae import SCALE_FACTOR, build_tiny_image_vae, encode_posterior, frames_to_pixels, load_image_vae, scaling_factor, weights_digest
 from model.presets import get_preset
 from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, clip_config, load_text_encoder, tokenizer_for
 from model.weights import file_digest
-from tasks.atomic import remove_stale_temporaries, write_json, write_npy, write_parquet
+
+from tasks.atomic import atomic_path, remove_stale_temporaries, write_json, write_npy, write_parquet
 from tasks.decode import shard_name as clip_shard_name
 from tasks.latent_shards import shard_fingerprint, shard_name, write_latent_shard
 from tasks.params import CacheLatentsParams, Params
@@ -93,27 +98,87 @@ class Encoders:
         return (mean + std * eps).numpy().astype(np.float16)
 
 
+def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: CacheLatentsParams) -> Path:
+    """The smoke preset's VAE: the tiny seeded VAE fitted for `smoke_vae_fit_steps` on frames of
+    the clips (L1 reconstruction + 1e-6 KL, LDM's weighting without its perceptual and GAN terms),
+    so latents decode back to recognisable frames and samples can be looked at. One thread and a
+    seeded frame order make the weights, and so the cache, byte-identical run to run. Saved as a
+    diffusers folder; refitted only when the clips, steps or seed change."""
+    shards = [clips_dir / clip_shard_name(int(shard)) for shard in sorted(index["shard"].unique())]
+    stamp = {"clips": file_digest(*shards), "steps": cfg.smoke_vae_fit_steps, "seed": cfg.seed, "code": file_digest(Path(__file__))}
+    if (folder / "fit.json").exists() and json.loads((folder / "fit.json").read_text()) == stamp:
+        return folder
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        frames = np.concatenate([np.load(path, mmap_mode="r").reshape(-1, *np.load(path, mmap_mode="r").shape[2:]) for path in shards])
+        vae = build_tiny_image_vae(seed=cfg.seed).train().requires_grad_(True)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for _ in range(cfg.smoke_vae_fit_steps):
+            pixels = frames_to_pixels(frames[np.sort(torch.randint(0, len(frames), (8,), generator=generator).numpy())])
+            posterior = vae.encode(pixels).latent_dist
+            reconstruction = vae.decode(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)).sample
+            loss = (reconstruction - pixels).abs().mean() + 1e-6 * posterior.kl().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(dict(vae.config), sort_keys=True))
+        save_file({name: tensor.detach().contiguous() for name, tensor in vae.state_dict().items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
+        (tmp / "fit.json").write_text(json.dumps(stamp))
+        if folder.exists():
+            shutil.rmtree(folder)  # the old fit, replaced by the rename on the next line
+    print(f"cache_latents: fitted the smoke VAE for {cfg.smoke_vae_fit_steps} steps (final L1 {loss.item():.3f})", flush=True)
+    return folder
+
+
 def clip_noise_seed(seed: int, clip_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{clip_id}".encode()).digest()[:8], "little") >> 1
 
 
-def encoder_info(cfg: CacheLatentsParams) -> dict[str, Any]:
+def encoder_info(cfg: CacheLatentsParams, vae_stand_in: bool = False) -> dict[str, Any]:
     """What encoders.json records: enough for later stages to rebuild the same encoders and for
-    a reader to know whether numbers from this cache are comparable to published ones."""
-    vae = {"weights": cfg.vae_weights, "sha256": weights_digest(cfg.vae_weights)} if cfg.vae_weights else {"weights": "", "random_init": f"tiny, seed {cfg.seed}"}
+    a reader to know whether numbers from this cache are comparable to published ones.
+    vae_stand_in: vae_weights is the smoke preset's fitted tiny VAE, not a pretrained one."""
+    if cfg.vae_weights:
+        vae = {"weights": project_path(cfg.vae_weights), "sha256": weights_digest(cfg.vae_weights)}
+        if vae_stand_in:
+            vae["stand_in"] = f"tiny VAE (seed {cfg.seed}) fitted {cfg.smoke_vae_fit_steps} steps on the clips"
+    else:
+        vae = {"weights": "", "stand_in": f"tiny random-init VAE, seed {cfg.seed}"}
     if cfg.text_weights:
         _, config = clip_config(cfg.text_model, "cache_latents.text_model")
-        text = {"model": cfg.text_model, "weights": cfg.text_weights, "sha256": file_digest(cfg.text_weights), "width": config["text_cfg"]["width"]}
+        text = {"model": cfg.text_model, "weights": project_path(cfg.text_weights), "sha256": file_digest(cfg.text_weights), "width": config["text_cfg"]["width"]}
     else:
-        text = {"model": "tiny", "weights": "", "random_init": f"tiny, seed {cfg.seed}", "width": TINY_TEXT_CONFIG["text_cfg"]["width"]}
+        text = {"model": "tiny", "weights": "", "stand_in": f"tiny random-init text tower, seed {cfg.seed}", "width": TINY_TEXT_CONFIG["text_cfg"]["width"]}
+    random_init = "stand_in" in vae or "stand_in" in text
     return {
         "image_vae": {**vae, "scale_factor": scaling_factor(cfg.vae_weights) if cfg.vae_weights else SCALE_FACTOR, "latent_channels": 4, "downsample": 8},
         "text_encoder": {**text, "context_length": 77},
         "sample_posterior": cfg.sample_posterior,
         "seed": cfg.seed,
-        "random_init": cfg.random_init,
-        "comparable": not cfg.random_init,
+        "random_init": random_init,
+        "comparable": not random_init,
     }
+
+
+def project_path(path: str) -> str:
+    """A path as recorded in encoders.json: relative when inside the project, so the file is the
+    same in every checkout."""
+    absolute = os.path.abspath(path)
+    return os.path.relpath(absolute) if absolute.startswith(os.getcwd() + os.sep) else path
+
+
+def resolved_encoders(latents: Path, cfg: CacheLatentsParams) -> CacheLatentsParams:
+    """cache_latents params pointing at the weights the cache in `latents` was made with (the
+    smoke preset's fitted VAE included), with absolute paths for Ray workers."""
+    info = json.loads((latents / "encoders.json").read_text())
+    vae = info["image_vae"].get("weights") or ""
+    return dataclasses.replace(cfg, vae_weights=os.path.abspath(vae) if vae else "", text_weights=os.path.abspath(cfg.text_weights) if cfg.text_weights else "")
 
 
 def config_fingerprint(cfg: CacheLatentsParams, info: dict[str, Any], device: str) -> str:
@@ -201,7 +266,11 @@ def main(params: Params) -> None:
     if not index_path.exists():
         raise FileNotFoundError(f"{index_path} not found: run the decode stage first (versvideo stage decode)")
     index = pd.read_parquet(index_path)
-    info = encoder_info(cfg)
+    stand_in = not cfg.vae_weights and cfg.smoke_vae_fit_steps > 0
+    if stand_in:
+        OUT_DIR.mkdir(parents=True, exist_ok=True)
+        cfg = dataclasses.replace(cfg, vae_weights=str(fit_smoke_vae(index, CLIPS_DIR, OUT_DIR / "image_vae", cfg).resolve()))
+    info = encoder_info(cfg, vae_stand_in=stand_in)
     context_dim = get_preset(params.preset).unet.context_dim
     if info["text_encoder"]["width"] != context_dim:
         raise ValueError(f"cache_latents.text_model: token width {info['text_encoder']['width']} does not match the {params.preset} UNet's context_dim {context_dim}")
@@ -225,10 +294,10 @@ def main(params: Params) -> None:
         "seconds": round(seconds, 2),
         # per actor, encoding time only (the stage's wall time includes starting Ray and the actors)
         "actor_clips_per_s": round(float(encoded["clips"].sum() / encoded["seconds"].sum()), 2) if len(encoded) else None,
-        "random_init": cfg.random_init,
-        "comparable": not cfg.random_init,
+        "random_init": info["random_init"],
+        "comparable": info["comparable"],
     }
     write_json(summary, METRICS)
     print(f"cache_latents: {summary['clips']} clips -> latents {tuple(summary['latent_shape'])} in {summary['shards']} shard(s) "
           f"({summary['shards_encoded']} encoded, {summary['shards_skipped']} already complete) in {seconds:.1f} s"
-          + ("; random-init encoders (smoke): comparable=false" if cfg.random_init else ""))
+          + ("; stand-in encoders (smoke): comparable=false" if info["random_init"] else ""))

@@ -115,15 +115,51 @@ class CacheLatentsParams:
     sample_posterior: bool = True  # cache z ~ q(z|x) with seeded per-clip noise (LDM's training input) or its mean
     seed: int = 0
     micro_batch_frames: int = 32  # frames per VAE forward: bounds activation memory
+    smoke_vae_fit_steps: int = 400  # without vae_weights (smoke): fit the tiny VAE on the clips this long first; 0 = leave it random
     num_workers: int = 2  # CPU encoder actors; with GPUs in the cluster, one actor per GPU instead
 
     def __post_init__(self) -> None:
         _check_positive("cache_latents.micro_batch_frames", self.micro_batch_frames)
         _check_positive("cache_latents.num_workers", self.num_workers)
+        if self.smoke_vae_fit_steps < 0:
+            raise ParamsError(f"cache_latents.smoke_vae_fit_steps: {self.smoke_vae_fit_steps} must be >= 0")
 
     @property
     def random_init(self) -> bool:
         return not (self.vae_weights and self.text_weights)
+
+
+@dataclass(frozen=True)
+class TrainUnetParams:
+    steps: int = 300  # optimizer steps
+    batch_size: int = 4  # clips per worker per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 2e-4  # L/H: 5e-5 (the paper's)
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global grad norm
+    ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.9999 for long runs (the exported weights are then the EMA's)
+    text_dropout: float = 0.1  # the empty prompt instead of the caption (classifier-free guidance)
+    image_share: float = 0.25  # share of steps trained on single frames (joint image-video training)
+    expert_exchange_rate: float = 0.001  # lambda of eq. 7-8, applied after every optimizer step
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    sample_every: int = 150  # sampled videos (MP4 + GIF) logged to MLflow every this many steps; 0 = at the end only
+    sample_count: int = 2
+    sample_steps: int = 20  # DDIM steps for those samples
+    max_bad_steps: int = 5  # abort after this many non-finite losses in a row
+    shuffle_buffer: int = 64  # clips in each worker's local shuffle buffer
+    num_workers: int = 1
+    use_gpu: bool = False
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "lr", "checkpoint_every", "num_workers", "max_bad_steps", "sample_count", "sample_steps"):
+            _check_positive(f"train_unet.{key}", getattr(self, key))
+        for key in ("text_dropout", "image_share", "ema_decay", "expert_exchange_rate"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ParamsError(f"train_unet.{key}: {getattr(self, key)} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -134,6 +170,7 @@ class Params:
     filter: FilterParams = field(default_factory=FilterParams)
     decode: DecodeParams = field(default_factory=DecodeParams)
     cache_latents: CacheLatentsParams = field(default_factory=CacheLatentsParams)
+    train_unet: TrainUnetParams = field(default_factory=TrainUnetParams)
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
@@ -146,10 +183,12 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "L": {
         "filter": {"min_short_side": 256},
         "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
+        "train_unet": {"steps": 100_000, "batch_size": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
     },
     "H": {
         "filter": {"min_short_side": 320},
         "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
+        "train_unet": {"steps": 100_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True},
     },
 }
 
