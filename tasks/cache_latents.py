@@ -127,7 +127,9 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
         torch.set_num_threads(threads)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(dict(vae.config), sort_keys=True))
+        # diffusers' private "_..." keys hold a set-ordered list that changes from process to process
+        config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+        (tmp / "config.json").write_text(json.dumps(config, sort_keys=True))
         save_file({name: tensor.detach().contiguous() for name, tensor in vae.state_dict().items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
         (tmp / "fit.json").write_text(json.dumps(stamp))
         if folder.exists():

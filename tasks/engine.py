@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import mlflow
 import numpy as np
 import ray
 import ray.train
@@ -293,6 +292,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a local sqlite store (mlruns/ next to the .db), not under whatever the
+    current directory happens to be; a tracking server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    return None
+
+
 def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], tags: dict[str, str]) -> str:
     """The MLflow run of this training run: reused when `marker` holds its id (a resumed run)."""
     client = MlflowClient(uri)
@@ -300,9 +307,9 @@ def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], ta
         run_id = marker.read_text().strip()
         client.update_run(run_id, status="RUNNING")
         return run_id
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(EXPERIMENT)
-    run = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     items = sorted(params.items())
     for start in range(0, len(items), 100):  # MLflow's params-per-batch limit
         client.log_batch(run.info.run_id, params=[Param(key, str(value)[:6000]) for key, value in items[start:start + 100]])

@@ -19,9 +19,9 @@ import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from model.image_vae import build_tiny_image_vae, decode_latents, encode_posterior, frames_to_pixels
+from model.image_vae import build_tiny_image_vae, load_image_vae, decode_latents, encode_posterior, frames_to_pixels
 from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, tokenizer_for
-from tasks.cache_latents import cache_latents, check_random_init_allowed, clip_noise_seed, encoder_info
+from tasks.cache_latents import cache_latents, check_random_init_allowed, clip_noise_seed, encoder_info, fit_smoke_vae
 from tasks.cache_latents import main as cache_latents_stage
 from tasks.decode import decode_clips
 from tasks.decode import shard_name as clip_shard_name
@@ -173,3 +173,20 @@ def test_killed_stage_resumes_without_recomputing_finished_shards(clips_dir, slo
         assert (latents / name).read_bytes() == (clean / "data" / "latents" / name).read_bytes(), name
     report = json.loads((clean / "metrics" / "cache_latents.json").read_text())
     assert report["random_init"] is True and report["comparable"] is False and report["latent_shape"] == [8, 4, 8, 8]
+
+
+def test_smoke_vae_fit_is_byte_identical_run_to_run_and_loads(clips_dir, tmp_path):
+    """The smoke stand-in VAE: same clips, steps and seed give the same files (so the cache's
+    fingerprints and bytes repeat), and the folder loads as a diffusers VAE."""
+    cfg = CacheLatentsParams(smoke_vae_fit_steps=3)
+    index = pd.read_parquet(clips_dir / "index.parquet")
+    first = fit_smoke_vae(index, clips_dir, tmp_path / "a", cfg)
+    second = subprocess.run(
+        [sys.executable, "-c", f"import pandas as pd; from pathlib import Path; from tasks.cache_latents import fit_smoke_vae; from tasks.params import CacheLatentsParams; "
+         f"fit_smoke_vae(pd.read_parquet('{clips_dir / 'index.parquet'}'), Path('{clips_dir}'), Path('{tmp_path / 'b'}'), CacheLatentsParams(smoke_vae_fit_steps=3))"],
+        env={**stage_env(), "PYTHONHASHSEED": "7"}, capture_output=True, text=True,
+    )  # another process, another hash seed
+    assert second.returncode == 0, second.stderr[-2000:]
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "fit.json"):
+        assert (first / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert not torch.equal(load_image_vae(first, "x").encoder.conv_in.weight, build_tiny_image_vae(seed=0).encoder.conv_in.weight)  # it trained
