@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import mlflow.exceptions
 import numpy as np
 import ray
 import ray.train
@@ -102,7 +103,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # linear warmup, then constant (the paper's schedule); stepped by us once per optimizer step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("resume_from"))
     if checkpoint:
         with checkpoint.as_directory() as folder:
             restored = load_checkpoint(Path(folder), model, ema, state)
@@ -167,6 +168,33 @@ def train_loop(config: dict[str, Any]) -> None:
                             logger.client.log_artifact(setup.mlflow_run_id, str(path), artifact_path=f"samples/step_{state.step:07d}")
     if accelerator.is_main_process:
         recipe.export(inference_model(accelerator, model, ema), Path(setup.output_dir))
+
+
+def newest_checkpoint(reported: Checkpoint | None, found: str | None) -> Checkpoint | None:
+    """Ray Train's latest checkpoint, or the one the driver found on disk when that is newer: a
+    driver killed right after a checkpoint was written never recorded it in Ray's snapshot."""
+    if not found:
+        return reported
+    if reported:
+        with reported.as_directory() as folder:
+            if json.loads(Path(folder, "state.json").read_text())["step"] >= json.loads(Path(found, "state.json").read_text())["step"]:
+                return reported
+    return Checkpoint.from_directory(found)
+
+
+def latest_complete_checkpoint(run_folder: Path) -> str | None:
+    """The checkpoint folder with the highest step whose files are all present and readable."""
+    best, best_step = None, -1
+    for folder in run_folder.glob("checkpoint_*"):
+        try:
+            step = json.loads((folder / "state.json").read_text())["step"]
+            load_file(str(folder / "model.safetensors"), device="cpu")
+            torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a copy cut short by a crash: not a checkpoint
+            continue
+        if step > best_step:
+            best, best_step = str(folder), step
+    return best
 
 
 def inference_model(accelerator, model: nn.Module, ema: AveragedModel | None) -> nn.Module:
@@ -305,8 +333,11 @@ def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], ta
     client = MlflowClient(uri)
     if marker.exists():
         run_id = marker.read_text().strip()
-        client.update_run(run_id, status="RUNNING")
-        return run_id
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except mlflow.exceptions.MlflowException:  # the run lived in another tracking store: start a new one
+            pass
     experiment = client.get_experiment_by_name(EXPERIMENT)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -334,6 +365,7 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
             "recipe": recipe,
             "setup": Setup(train=cfg, output_dir=str(output_dir.resolve()), tracking_uri=uri, mlflow_run_id=run_id),
             "threads_per_worker": max(1, int(cpus_per_worker)),
+            "resume_from": latest_complete_checkpoint(storage / run_name),
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not cfg.use_gpu else None),
         run_config=RunConfig(name=run_name, storage_path=str(storage), failure_config=FailureConfig(max_failures=cfg.max_failures)),
