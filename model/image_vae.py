@@ -34,38 +34,35 @@ LDM_PREFIXES = ("first_stage_model.", "vae.")  # where a whole SD checkpoint kee
 LDM_TRAINING_ONLY = ("loss.", "model_ema.")  # LPIPS/discriminator and EMA copies in LDM files
 
 
-def build_image_vae() -> AutoencoderKL:
-    """SD v1/v2 VAE architecture (83.7 M parameters), randomly initialised."""
+def kl_f8(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int, sample_size: int) -> AutoencoderKL:
+    """SD's VAE layout (4 down/up blocks: 8x downsampling, 4 latent channels, mid attention) at a
+    given width and depth, randomly initialised."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=32,
-        sample_size=512,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
         scaling_factor=SCALE_FACTOR,
     )
 
 
+def build_image_vae() -> AutoencoderKL:
+    """SD v1/v2 VAE architecture (83.7 M parameters), randomly initialised."""
+    return kl_f8((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
+
+
 def build_tiny_image_vae(seed: int = 0) -> AutoencoderKL:
-    """The smoke preset's stand-in: SD's layout (KL-f8, 4 channels, mid attention) at 1/8 width,
-    one ResNet per block (0.9 M parameters). Seeded, so every stage rebuilds the same VAE."""
+    """The smoke preset's stand-in: SD's layout at 1/8 width, one ResNet per block (0.9 M
+    parameters). Seeded, so every stage rebuilds the same VAE."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 32, 64, 64),
-            layers_per_block=1,
-            latent_channels=LATENT_CHANNELS,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=SCALE_FACTOR,
-        )
+        vae = kl_f8((16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
     finally:
         torch.random.set_rng_state(generator_state)
     return freeze(vae)
