@@ -272,6 +272,11 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 def _coerce(kind: Any, value: Any, key: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ParamsError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value

@@ -26,9 +26,10 @@ def test_presets_set_the_paper_clip_shapes_where_params_yaml_says_null(preset, s
 def test_explicit_values_and_overrides_beat_the_preset(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("preset: L\ndecode:\n  frames: 12\n")
-    params = load_params(path, ["decode.width=128", "filter.min_motion=0.01"])
+    params = load_params(path, ["decode.width=128", "filter.min_motion=0.01", "train_unet.lr=1e-3"])
     assert (params.decode.frames, params.decode.height, params.decode.width) == (12, 256, 128)
     assert params.filter.min_motion == 0.01  # an int-looking override of a float is accepted as float
+    assert params.train_unet.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; a float key takes it
     assert flatten(params_to_dict(params))["decode.width"] == 128
 
 
@@ -39,6 +40,7 @@ def test_explicit_values_and_overrides_beat_the_preset(tmp_path):
         ("decod:\n  frames: 8\n", "decod: unknown key (did you mean 'decode'?)"),
         ("decode:\n  frames: eight\n", "decode.frames: expected int, got 'eight'"),
         ("decode:\n  frames: true\n", "decode.frames: expected int, got True"),
+        ("train_unet:\n  lr: fast\n", "train_unet.lr: expected float, got 'fast'"),
         ("preset: XL\n", "preset: 'XL' is not one of smoke, L, H"),
         ("filter:\n  scene_cut_policy: ignore\n", "filter.scene_cut_policy: 'ignore' is not one of"),
         ("decode:\n  height: 60\n", "must be multiples of 8"),
