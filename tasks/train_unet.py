@@ -74,6 +74,9 @@ class UNetRecipe:
         """Seeded by (seed, step) alone, so every worker trains the same kind of step."""
         return random.Random(f"{self.cfg.seed}/image/{step}").random() < self.cfg.image_share
 
+    def parameter_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return {"unet": list(model.parameters())}
+
     def after_optimizer_step(self, model: nn.Module) -> None:
         average_experts(model, self.cfg.expert_exchange_rate)  # eq. 7-8
 
