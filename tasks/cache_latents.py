@@ -123,18 +123,25 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        # LDM's rule for a new autoencoder: scale latents to unit variance (SD's 0.18215 is this
+        # figure for SD's VAE; with it, the tiny VAE's latents had std ~0.34 and the diffusion
+        # model saw mostly noise)
+        with torch.no_grad():
+            sample = frames_to_pixels(frames[np.sort(torch.randint(0, len(frames), (256,), generator=generator).numpy())])
+            latent_std = float(torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(32)]).std())
     finally:
         torch.set_num_threads(threads)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         # diffusers' private "_..." keys hold a set-ordered list that changes from process to process
         config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+        config["scaling_factor"] = round(1.0 / latent_std, 5)
         (tmp / "config.json").write_text(json.dumps(config, sort_keys=True))
         save_file({name: tensor.detach().contiguous() for name, tensor in vae.state_dict().items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
         (tmp / "fit.json").write_text(json.dumps(stamp))
         if folder.exists():
             shutil.rmtree(folder)  # the old fit, replaced by the rename on the next line
-    print(f"cache_latents: fitted the smoke VAE for {cfg.smoke_vae_fit_steps} steps (final L1 {loss.item():.3f})", flush=True)
+    print(f"cache_latents: fitted the smoke VAE for {cfg.smoke_vae_fit_steps} steps (final L1 {loss.item():.3f}, latent scale {config['scaling_factor']})", flush=True)
     return folder
 
 

@@ -15,7 +15,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -130,23 +130,21 @@ class CacheLatentsParams:
 
 
 @dataclass(frozen=True)
-class TrainUnetParams:
+class TrainingParams:
+    """What the training engine (tasks/engine.py) reads; each training stage's section extends it.
+    Defaults are the smoke preset's."""
+
+    SECTION: ClassVar[str] = "training"
     steps: int = 300  # optimizer steps
     batch_size: int = 4  # clips per worker per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 2e-4  # L/H: 5e-5 (the paper's)
+    lr: float = 2e-4
     warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global grad norm
     ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.9999 for long runs (the exported weights are then the EMA's)
-    text_dropout: float = 0.1  # the empty prompt instead of the caption (classifier-free guidance)
-    image_share: float = 0.25  # share of steps trained on single frames (joint image-video training)
-    expert_exchange_rate: float = 0.001  # lambda of eq. 7-8, applied after every optimizer step
-    gradient_checkpointing: bool = False
     checkpoint_every: int = 100
-    sample_every: int = 150  # sampled videos (MP4 + GIF) logged to MLflow every this many steps; 0 = at the end only
-    sample_count: int = 2
-    sample_steps: int = 20  # DDIM steps for those samples
+    sample_every: int = 150  # samples (MP4 + GIF) logged to MLflow every this many steps; 0 = at the end only
     max_bad_steps: int = 5  # abort after this many non-finite losses in a row
     shuffle_buffer: int = 64  # clips in each worker's local shuffle buffer
     num_workers: int = 1
@@ -155,11 +153,70 @@ class TrainUnetParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "lr", "checkpoint_every", "num_workers", "max_bad_steps", "sample_count", "sample_steps"):
+        for key in ("steps", "batch_size", "grad_accum", "lr", "checkpoint_every", "num_workers", "max_bad_steps"):
+            _check_positive(f"{self.SECTION}.{key}", getattr(self, key))
+        if not 0 <= self.ema_decay < 1:
+            raise ParamsError(f"{self.SECTION}.ema_decay: {self.ema_decay} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainUnetParams(TrainingParams):
+    SECTION: ClassVar[str] = "train_unet"
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 1e-3  # L/H: 5e-5 (the paper's); the smoke UNet is tiny and trains for minutes
+    sample_every: int = 250
+    text_dropout: float = 0.1  # the empty prompt instead of the caption (classifier-free guidance)
+    image_share: float = 0.25  # share of steps trained on single frames (joint image-video training)
+    expert_exchange_rate: float = 0.001  # lambda of eq. 7-8, applied after every optimizer step
+    gradient_checkpointing: bool = False
+    sample_count: int = 2
+    sample_steps: int = 20  # DDIM steps for those samples
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("sample_count", "sample_steps"):
             _check_positive(f"train_unet.{key}", getattr(self, key))
-        for key in ("text_dropout", "image_share", "ema_decay", "expert_exchange_rate"):
+        for key in ("text_dropout", "image_share", "expert_exchange_rate"):
             if not 0 <= getattr(self, key) < 1:
                 raise ParamsError(f"train_unet.{key}: {getattr(self, key)} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainDecoderParams(TrainingParams):
+    SECTION: ClassVar[str] = "train_decoder"
+    steps: int = 150
+    batch_size: int = 2
+    lr: float = 1e-4
+    sample_every: int = 0
+    temporal_compensation: bool = True  # the TCMs (eq. 13)
+    refinement: bool = True  # the refinement UNet (eq. 12, Figure 10)
+    refine_channels: int = 16  # L/H: 64
+    perceptual_weight: float = 1.0
+    lpips_vgg_weights: str = ""  # torchvision's vgg16-397923af.pth; "" = random VGG16 without linear layers (smoke only)
+    lpips_linear_weights: str = ""  # the lpips package's weights/v0.1/vgg.pth
+    perceptual_frames: int = 2  # frames per clip given to LPIPS (a seeded draw); 0 = all
+    disc_start: int = 50  # optimizer step at which the adversarial loss switches on
+    disc_weight: float = 0.5
+    disc_channels: int = 16  # L/H: 64
+    disc_layers: int = 3
+    consistency_weight: float = 1e-4  # lambda of eq. 9
+    compare_image_decoder: bool = True  # also fine-tune the plain image decoder as long, for a fair Table 3
+    held_out_share: float = 0.1  # share of videos (seeded by video id) kept out of training for the comparison
+    eval_clips: int = 64  # at most this many held-out clips in the comparison
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("refine_channels", "disc_channels", "disc_layers", "eval_clips"):
+            _check_positive(f"train_decoder.{key}", getattr(self, key))
+        if not 0 < self.held_out_share < 1:
+            raise ParamsError(f"train_decoder.held_out_share: {self.held_out_share} must be in (0, 1)")
+        if self.perceptual_frames < 0 or self.disc_start < 0:
+            raise ParamsError("train_decoder.perceptual_frames and disc_start must be >= 0")
+
+    @property
+    def random_lpips(self) -> bool:
+        return not (self.lpips_vgg_weights and self.lpips_linear_weights)
 
 
 @dataclass(frozen=True)
@@ -171,10 +228,17 @@ class Params:
     decode: DecodeParams = field(default_factory=DecodeParams)
     cache_latents: CacheLatentsParams = field(default_factory=CacheLatentsParams)
     train_unet: TrainUnetParams = field(default_factory=TrainUnetParams)
+    train_decoder: TrainDecoderParams = field(default_factory=TrainDecoderParams)
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
 
+
+# TCM-VAE decoder fine-tuning at scale (the paper trains it on 100k videos; LDM's KL-f8 recipe for the GAN).
+DECODER_AT_SCALE = {
+    "steps": 50_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 500, "checkpoint_every": 1000, "sample_every": 5000,
+    "refine_channels": 64, "perceptual_frames": 0, "disc_start": 10_000, "disc_channels": 64, "use_gpu": True, "num_workers": 8,
+}
 
 # What each preset changes from the dataclass defaults (the defaults are the smoke preset).
 # L and H follow the paper's Table 4: 16x256x256 and 24x320x576 (h x w) clips.
@@ -184,11 +248,13 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "filter": {"min_short_side": 256},
         "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
         "train_unet": {"steps": 100_000, "batch_size": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
+        "train_decoder": DECODER_AT_SCALE,
     },
     "H": {
         "filter": {"min_short_side": 320},
         "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
         "train_unet": {"steps": 100_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True},
+        "train_decoder": DECODER_AT_SCALE,
     },
 }
 

@@ -189,4 +189,9 @@ def test_smoke_vae_fit_is_byte_identical_run_to_run_and_loads(clips_dir, tmp_pat
     assert second.returncode == 0, second.stderr[-2000:]
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "fit.json"):
         assert (first / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert not torch.equal(load_image_vae(first, "x").encoder.conv_in.weight, build_tiny_image_vae(seed=0).encoder.conv_in.weight)  # it trained
+    fitted = load_image_vae(first, "x")
+    assert not torch.equal(fitted.encoder.conv_in.weight, build_tiny_image_vae(seed=0).encoder.conv_in.weight)  # it trained
+    # LDM's rule: the scale factor makes the cached latents unit-variance (SD's 0.18215 is SD's own)
+    frames = np.concatenate([np.load(path) for path in sorted(clips_dir.glob("clips-*.npy"))]).reshape(-1, 64, 64, 3)
+    mean, _ = encode_posterior(fitted, frames_to_pixels(frames), micro_batch=16)
+    assert float(mean.std()) == pytest.approx(1.0, abs=0.15)
