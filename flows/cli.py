@@ -21,6 +21,7 @@ STAGES = {
     "decode": "tasks.decode",
     "cache_latents": "tasks.cache_latents",
     "train_unet": "tasks.train_unet",
+    "train_decoder": "tasks.train_decoder",
 }
 # Benchmark name -> module with run(args) -> dict of figures.
 BENCHMARKS = {

@@ -13,8 +13,9 @@ the same resolution (lambda = 1e-4).
 `DecoderTraining` computes everything in one forward and one backward: the generator's adversarial
 term calls the discriminator through detached copies of its weights, and the discriminator's hinge
 loss sees the reconstruction detached, so each network gets exactly the gradient of its own loss.
-One AdamW over both then equals VQ-GAN's two alternating Adam optimizers (Adam is per-parameter),
-and the training engine's single loop trains a GAN without a special case.
+One AdamW over both, with each network's gradient clipped on its own (the recipe's two parameter
+groups), then equals VQ-GAN's two alternating Adam optimizers (Adam is per-parameter), and the
+training engine's single loop trains a GAN without a special case.
 """
 
 from __future__ import annotations
