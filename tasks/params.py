@@ -185,7 +185,7 @@ class TrainUnetParams(TrainingParams):
 @dataclass(frozen=True)
 class TrainDecoderParams(TrainingParams):
     SECTION: ClassVar[str] = "train_decoder"
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 2
     lr: float = 1e-4
     sample_every: int = 0
@@ -196,7 +196,7 @@ class TrainDecoderParams(TrainingParams):
     lpips_vgg_weights: str = ""  # torchvision's vgg16-397923af.pth; "" = random VGG16 without linear layers (smoke only)
     lpips_linear_weights: str = ""  # the lpips package's weights/v0.1/vgg.pth
     perceptual_frames: int = 2  # frames per clip given to LPIPS (a seeded draw); 0 = all
-    disc_start: int = 50  # optimizer step at which the adversarial loss switches on
+    disc_start: int = 40  # optimizer step at which the adversarial loss switches on
     disc_weight: float = 0.5
     disc_channels: int = 16  # L/H: 64
     disc_layers: int = 3
