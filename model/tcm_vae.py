@@ -119,6 +119,7 @@ class TCMDecoder(nn.Module):
     def __init__(self, vae: AutoencoderKL, config: TCMVAEConfig = TCMVAEConfig()) -> None:
         super().__init__()
         self.config = config
+        self.image_vae_config = {key: value for key, value in vae.config.items() if not key.startswith("_")}  # rebuilds the architecture
         self.scaling_factor = float(vae.config.scaling_factor)
         self.post_quant_conv = copy.deepcopy(vae.post_quant_conv).requires_grad_(True)
         self.decoder = copy.deepcopy(vae.decoder).requires_grad_(True).train()

@@ -18,9 +18,13 @@ import ray
 from tasks.decode import shard_name
 
 
+def video_fraction(video_id: str, seed: int) -> float:
+    """A seeded, uniform-looking number in [0, 1) per video."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{video_id}".encode()).digest()[:8], "big") / 2**64
+
+
 def is_held_out(video_id: str, share: float, seed: int) -> bool:
-    digest = hashlib.sha256(f"{seed}/{video_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share
+    return video_fraction(video_id, seed) < share
 
 
 def split_clips(index: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -29,10 +33,10 @@ def split_clips(index: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFr
     if len(videos) < 2:
         raise ValueError(f"{len(videos)} video(s) in the clip index: a held-out split needs at least 2; add videos")
     held = {video for video in videos if is_held_out(video, share, seed)}
-    if not held:  # tiny datasets: hold out the video with the lowest hash
-        held = {min(videos, key=lambda video: hashlib.sha256(f"{seed}/{video}".encode()).digest())}
+    if not held:  # tiny datasets: hold out the video with the lowest fraction
+        held = {min(videos, key=lambda video: video_fraction(video, seed))}
     if len(held) == len(videos):
-        held.discard(max(videos, key=lambda video: hashlib.sha256(f"{seed}/{video}".encode()).digest()))
+        held.discard(max(videos, key=lambda video: video_fraction(video, seed)))
     mask = index["video_id"].astype(str).isin(held)
     return index[~mask].reset_index(drop=True), index[mask].reset_index(drop=True)
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from eval.reconstruction import reconstruction_metrics
 from model.decoder_loss import DecoderLossConfig, DecoderTraining, PatchDiscriminator3D, load_lpips, random_lpips
+from model.image_vae import frames_to_pixels, pixels_to_frames
 from model.mec import MECPaths
 from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
 from model.weights import file_digest, load_into, load_state_dict
@@ -54,12 +55,13 @@ SAMPLE_FPS = 8
 
 def to_video(frames: torch.Tensor) -> torch.Tensor:
     """(b, t, h, w, 3) uint8 -> (b, 3, t, h, w) float in [-1, 1]."""
-    return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+    return rearrange(frames_to_pixels(frames.flatten(0, 1)), "(b t) c h w -> b c t h w", b=frames.shape[0])
 
 
 def to_frames(video: torch.Tensor) -> torch.Tensor:
     """(b, 3, t, h, w) in [-1, 1] -> (b, t, h, w, 3) uint8 (as a decoder's output is saved)."""
-    return video.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+    frames = pixels_to_frames(rearrange(video, "b c t h w -> (b t) c h w"))
+    return torch.from_numpy(frames).unflatten(0, (video.shape[0], video.shape[2]))
 
 
 @dataclass
@@ -91,7 +93,7 @@ class DecoderRecipe:
         pass
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        save_decoder(model.decoder, load_vae(self.encoders), folder)
+        save_decoder(model.decoder, folder)
 
     @torch.no_grad()
     def samples(self, model: nn.Module, step: int, folder: Path) -> list[Path]:
@@ -109,12 +111,11 @@ class DecoderRecipe:
         return [folder / "heldout_source_vs_reconstruction.mp4", folder / "heldout_source_vs_reconstruction.gif"]
 
 
-def save_decoder(decoder: TCMDecoder, vae: AutoencoderKL, folder: Path) -> None:
+def save_decoder(decoder: TCMDecoder, folder: Path) -> None:
     """models/decoder/: the decoder's weights + what rebuilds it (the image VAE's architecture)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors({name: tensor.detach().cpu().contiguous() for name, tensor in decoder.state_dict().items()}, folder / "model.safetensors")
-    vae_config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
-    write_json({"tcm_vae": dataclasses.asdict(decoder.config), "image_vae": vae_config}, folder / "config.json")
+    write_json({"tcm_vae": dataclasses.asdict(decoder.config), "image_vae": decoder.image_vae_config}, folder / "config.json")
 
 
 def load_decoder(folder: str | Path) -> TCMDecoder:
