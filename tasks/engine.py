@@ -109,7 +109,10 @@ def train_loop(config: dict[str, Any]) -> None:
     # linear warmup, then constant (the paper's schedule); stepped by us once per optimizer step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
     state = TrainState()
-    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("resume_from"))
+    # Ray's latest checkpoint, or a newer complete one on disk: a checkpoint persisted just before a
+    # crash (of the driver, or of this worker group) may never have reached Ray's records, while its
+    # metrics were already flushed to MLflow; checked on every (re)start of the group
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), latest_complete_checkpoint(Path(config["run_folder"])))
     if checkpoint:
         with checkpoint.as_directory() as folder:
             restored = load_checkpoint(Path(folder), model, ema, state)
@@ -188,8 +191,7 @@ def group_metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
 
 
 def newest_checkpoint(reported: Checkpoint | None, found: str | None) -> Checkpoint | None:
-    """Ray Train's latest checkpoint, or the one the driver found on disk when that is newer: a
-    driver killed right after a checkpoint was written never recorded it in Ray's snapshot."""
+    """Ray Train's latest checkpoint, or the newest complete one on disk when that is newer."""
     if not found:
         return reported
     if reported:
@@ -385,7 +387,7 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
             "recipe": recipe,
             "setup": Setup(train=cfg, output_dir=str(output_dir.resolve()), tracking_uri=uri, mlflow_run_id=run_id),
             "threads_per_worker": threads_per_worker,
-            "resume_from": latest_complete_checkpoint(storage / run_name),
+            "run_folder": str(storage / run_name),
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not cfg.use_gpu else None),
         run_config=RunConfig(name=run_name, storage_path=str(storage), failure_config=FailureConfig(max_failures=cfg.max_failures)),
