@@ -126,6 +126,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     batches = iterate_batches(ray.train.get_dataset_shard("train"), cfg, state, rank, accelerator.device)
     logger = MetricBuffer(setup) if accelerator.is_main_process else None
+    if logger and checkpoint:  # the resumed checkpoint's steps, if the crash came before their flush
+        logger.recover(restored["metrics"])
     while state.step < cfg.steps:
         started = time.perf_counter()
         waited, losses, parts = 0.0, [], {}
@@ -173,7 +175,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "data_wait_share": waited / seconds, "skipped_steps": state.skipped_steps, **parts,
             })
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            report_checkpoint(accelerator, model, ema, optimizer, scheduler, state, world, {"loss": loss_mean})
+            report_checkpoint(accelerator, model, ema, optimizer, scheduler, state, world, {"loss": loss_mean}, logger.pending if logger else [])
             if logger:
                 logger.flush()
         if logger and ((cfg.sample_every and state.step % cfg.sample_every == 0) or state.step == cfg.steps):
@@ -250,7 +252,7 @@ def all_finite(accelerator, loss: torch.Tensor) -> bool:
     return bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
 
 
-def report_checkpoint(accelerator, model, ema, optimizer, scheduler, state: TrainState, world: int, metrics: dict[str, float]) -> None:
+def report_checkpoint(accelerator, model, ema, optimizer, scheduler, state: TrainState, world: int, metrics: dict[str, float], pending: list[Metric]) -> None:
     """Rank 0 writes the checkpoint folder; every rank reports (Ray Train needs all of them)."""
     rng = [rng_state()]
     if world > 1:  # every rank's RNG state, so each resumes its own stream
@@ -265,6 +267,8 @@ def report_checkpoint(accelerator, model, ema, optimizer, scheduler, state: Trai
                 save_file({name: tensor.detach().cpu().contiguous() for name, tensor in ema.module.state_dict().items()}, os.path.join(folder, "ema.safetensors"))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, os.path.join(folder, "trainer.pt"))
             Path(folder, "state.json").write_text(json.dumps(state.__dict__))
+            # the per-step metrics this checkpoint covers and MLflow may not have yet (flushed next)
+            Path(folder, "metrics.json").write_text(json.dumps([[m.key, m.value, m.timestamp, m.step] for m in pending]))
             checkpoint = Checkpoint.from_directory(folder)
         ray.train.report({**metrics, "step": state.step}, checkpoint=checkpoint)
 
@@ -274,7 +278,9 @@ def load_checkpoint(folder: Path, model: nn.Module, ema: AveragedModel | None, s
     if ema is not None and (folder / "ema.safetensors").exists():
         ema.module.load_state_dict(load_file(str(folder / "ema.safetensors")))
     state.__dict__.update(json.loads((folder / "state.json").read_text()))
-    return torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+    restored = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+    restored["metrics"] = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else []
+    return restored
 
 
 def rng_state() -> dict[str, Any]:
@@ -306,6 +312,13 @@ class MetricBuffer:
         now = int(time.time() * 1000)
         for key, value in values.items():
             self.pending.append(Metric(key, float(value), now, step))
+
+    def recover(self, saved: list[list]) -> None:
+        """Log a resumed checkpoint's metrics that MLflow lacks: the crash may have come after the
+        checkpoint was persisted but before its flush. Exactly once either way."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
+        self.pending = [Metric(key, value, timestamp, step) for key, value, timestamp, step in saved if step not in logged]
+        self.flush()
 
     def flush(self) -> None:
         for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
