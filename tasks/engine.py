@@ -110,8 +110,8 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
     state = TrainState()
     # Ray's latest checkpoint, or a newer complete one on disk: a checkpoint persisted just before a
-    # crash (of the driver, or of this worker group) may never have reached Ray's records, while its
-    # metrics were already flushed to MLflow; checked on every (re)start of the group
+    # crash (of the driver, or of this worker group) may never have reached Ray's records; checked
+    # on every (re)start of the group (its metrics are recovered below, whether flushed or not)
     checkpoint = newest_checkpoint(ray.train.get_checkpoint(), latest_complete_checkpoint(Path(config["run_folder"])))
     if checkpoint:
         with checkpoint.as_directory() as folder:
