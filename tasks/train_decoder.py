@@ -27,7 +27,6 @@ from diffusers import AutoencoderKL
 from einops import rearrange
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from PIL import Image
 from torch import nn
 
 from eval.reconstruction import reconstruction_metrics
@@ -42,7 +41,7 @@ from tasks.clip_shards import clip_dataset, read_clips, split_clips
 from tasks.engine import fit, history_summary, tracking_uri
 from tasks.lineage import lineage_tags
 from tasks.params import CacheLatentsParams, Params, TrainDecoderParams, flatten, params_to_dict
-from tasks.synthetic import write_mp4
+from tasks.previews import write_preview
 
 CLIPS = Path("data/clips")
 LATENTS = Path("data/latents")  # for encoders.json: the image VAE the latent cache was made with
@@ -105,10 +104,7 @@ class DecoderRecipe:
         reconstruction = to_frames(model.decoder(model.encoder(to_video(source).to(device))[0]))
         model.train(was_training)
         video = torch.cat([source, reconstruction], dim=3)[0].numpy()  # side by side: (t, h, 2w, 3)
-        write_mp4(video, folder / "heldout_source_vs_reconstruction.mp4", SAMPLE_FPS)
-        images = [Image.fromarray(frame) for frame in video]
-        images[0].save(folder / "heldout_source_vs_reconstruction.gif", save_all=True, append_images=images[1:], duration=1000 // SAMPLE_FPS, loop=0)
-        return [folder / "heldout_source_vs_reconstruction.mp4", folder / "heldout_source_vs_reconstruction.gif"]
+        return write_preview(video, folder, "heldout_source_vs_reconstruction", SAMPLE_FPS)
 
 
 def save_decoder(decoder: TCMDecoder, folder: Path) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from model.diffusion import Schedule, ddim_sample, drop_text, v_loss
@@ -37,7 +36,7 @@ from tasks.engine import fit, history_summary
 from tasks.lineage import lineage_tags
 from tasks.latent_shards import latent_dataset, load_null_context, read_index
 from tasks.params import CacheLatentsParams, Params, TrainUnetParams, flatten, params_to_dict
-from tasks.synthetic import write_mp4
+from tasks.previews import write_preview
 
 LATENTS = Path("data/latents")
 OUT_DIR = Path("models/unet")
@@ -107,10 +106,7 @@ class UNetRecipe:
         for k, (clip, caption) in enumerate(zip(latents.float().cpu(), captions)):
             video = pixels_to_frames(decode_latents(vae, clip.permute(1, 0, 2, 3), micro_batch=16))  # (t, h, w, 3)
             stem = f"sample{k}_" + "_".join(caption.split()[:6])
-            write_mp4(video, folder / f"{stem}.mp4", SAMPLE_FPS)
-            images = [Image.fromarray(frame) for frame in video]
-            images[0].save(folder / f"{stem}.gif", save_all=True, append_images=images[1:], duration=1000 // SAMPLE_FPS, loop=0)
-            paths += [folder / f"{stem}.mp4", folder / f"{stem}.gif"]
+            paths += write_preview(video, folder, stem, SAMPLE_FPS)
         return paths
 
 
