@@ -27,8 +27,9 @@ demo: setup
 	@echo
 	@echo "Outputs: data/raw (videos + CSV), data/filtered (kept/rejected.parquet), data/clips (clip shards),"
 	@echo "         data/latents (latent shards), models/unet (merged-expert UNet weights + config.json + metrics.json),"
-	@echo "         models/decoder (TCM-VAE; image_decoder/ beside it), metrics/reconstruction.json (held-out Table 3)"
-	@echo "MLflow:  $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'versvideo': loss curves, sampled MP4/GIF videos)"
+	@echo "         models/decoder (TCM-VAE; image_decoder/ beside it), metrics/reconstruction.json (held-out Table 3),"
+	@echo "         metrics/eval.json (FVD, IS, CLIPSIM, frame consistency, each with its protocol), plots/eval (dvc plots show)"
+	@echo "MLflow:  $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'versvideo': loss curves, training and evaluation MP4/GIF samples)"
 
 test: setup
 	$(RUN) pytest

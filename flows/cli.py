@@ -22,6 +22,7 @@ STAGES = {
     "cache_latents": "tasks.cache_latents",
     "train_unet": "tasks.train_unet",
     "train_decoder": "tasks.train_decoder",
+    "evaluate": "tasks.evaluate",
 }
 # Benchmark name -> module with run(args) -> dict of figures.
 BENCHMARKS = {

@@ -219,6 +219,61 @@ class TrainDecoderParams(TrainingParams):
         return not (self.lpips_vgg_weights and self.lpips_linear_weights)
 
 
+PROTOCOLS = ("heldout", "ucf101", "msrvtt")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    protocols: str = "heldout"  # comma-separated: heldout (the data's held-out videos), ucf101, msrvtt
+    num_videos: int = 16  # generated videos per protocol; L/H: 2048 (StyleGAN-V's fvd2048); msrvtt: 0 = one per test video
+    max_real: int = 2048  # real videos behind the FVD statistics (a seeded subset when there are more)
+    held_out_share: float = 0.1  # heldout: share of videos (seeded by video id, as train_decoder)
+    steps: int = 20  # DDIM steps; L/H: 30 (Table 4)
+    guidance_scale: float = 7.5
+    fvd_frames: int = 16  # frames the I3D sees (the first ones; fewer when clips are shorter)
+    is_splits: int = 10
+    i3d_weights: str = ""  # StyleGAN-V's i3d_torchscript.pt; "" = seeded random stand-in (smoke only)
+    c3d_weights: str = ""  # StyleGAN-V's c3d_ucf101.pt; "" = seeded random stand-in (smoke only)
+    clip_model: str = "ViT-B-32"  # CLIPSIM / frame consistency: open_clip name or config JSON path
+    clip_weights: str = ""  # local open_clip checkpoint; "" = tiny random CLIP (smoke only)
+    ucf101_lists: str = ""  # ucfTrainTestlist/ (classInd.txt, trainlist0N.txt, testlist0N.txt)
+    ucf101_videos: str = ""  # UCF-101 video root: {Class}/v_{Class}_gNN_cNN.avi
+    ucf101_split: int = 1
+    ucf101_prompt_template: str = "a person {action}"  # {action}: 'applying eye makeup'; also {words}, {name}
+    msrvtt_annotations: str = ""  # test_videodatainfo.json (all 2990 test videos) or MSRVTT_JSFUSION_test.csv (1k-A)
+    msrvtt_videos: str = ""  # folder of {video_id}.mp4
+    batch_size: int = 4  # videos per generation batch
+    sample_count: int = 4  # generated videos per protocol saved as MP4/GIF to MLflow
+    num_workers: int = 2  # Ray actors that generate and score (one per GPU when use_gpu)
+    use_gpu: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in self.protocol_list:
+            _check_choice("evaluate.protocols", name, PROTOCOLS)
+        if not self.protocol_list:
+            raise ParamsError(f"evaluate.protocols: empty; choose from {', '.join(PROTOCOLS)}")
+        for key in ("max_real", "steps", "fvd_frames", "is_splits", "batch_size", "num_workers"):
+            _check_positive(f"evaluate.{key}", getattr(self, key))
+        if self.num_videos < 0 or self.sample_count < 0:
+            raise ParamsError("evaluate.num_videos and evaluate.sample_count must be >= 0")
+        if not 0 < self.held_out_share < 1:
+            raise ParamsError(f"evaluate.held_out_share: {self.held_out_share} must be in (0, 1)")
+        _check_choice("evaluate.ucf101_split", self.ucf101_split, (1, 2, 3))
+        if "ucf101" in self.protocol_list and not (self.ucf101_lists and self.ucf101_videos):
+            raise ParamsError("evaluate.ucf101_lists and evaluate.ucf101_videos: required for the ucf101 protocol (local UCF-101 copy)")
+        if "msrvtt" in self.protocol_list and not (self.msrvtt_annotations and self.msrvtt_videos):
+            raise ParamsError("evaluate.msrvtt_annotations and evaluate.msrvtt_videos: required for the msrvtt protocol (local MSR-VTT copy)")
+
+    @property
+    def protocol_list(self) -> list[str]:
+        return [name.strip() for name in self.protocols.split(",") if name.strip()]
+
+    @property
+    def random_feature_networks(self) -> bool:
+        return not (self.i3d_weights and self.c3d_weights and self.clip_weights)
+
+
 @dataclass(frozen=True)
 class Params:
     preset: str = "smoke"
@@ -229,6 +284,7 @@ class Params:
     cache_latents: CacheLatentsParams = field(default_factory=CacheLatentsParams)
     train_unet: TrainUnetParams = field(default_factory=TrainUnetParams)
     train_decoder: TrainDecoderParams = field(default_factory=TrainDecoderParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
@@ -240,6 +296,9 @@ DECODER_AT_SCALE = {
     "refine_channels": 64, "perceptual_frames": 0, "disc_start": 10_000, "disc_channels": 64, "use_gpu": True, "num_workers": 8,
 }
 
+# StyleGAN-V's fvd2048_16f protocol and the paper's sampler (Table 4: 30 DDIM steps, CFG 7.5).
+EVALUATE_AT_SCALE = {"num_videos": 2048, "steps": 30, "batch_size": 8, "use_gpu": True, "num_workers": 8}
+
 # What each preset changes from the dataclass defaults (the defaults are the smoke preset).
 # L and H follow the paper's Table 4: 16x256x256 and 24x320x576 (h x w) clips.
 PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -249,12 +308,14 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
         "train_unet": {"steps": 100_000, "batch_size": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
         "train_decoder": DECODER_AT_SCALE,
+        "evaluate": EVALUATE_AT_SCALE,
     },
     "H": {
         "filter": {"min_short_side": 320},
         "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
         "train_unet": {"steps": 100_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True},
         "train_decoder": DECODER_AT_SCALE,
+        "evaluate": EVALUATE_AT_SCALE,
     },
 }
 
@@ -350,7 +411,7 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def _check_positive(key: str, value: float) -> None:

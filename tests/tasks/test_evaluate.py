@@ -1,0 +1,121 @@
+"""evaluate: the stage end to end on tiny random models (held-out clips of real fixture videos and
+a UCF-101-format copy made of the fixtures, broken files included), the protocol recorded with
+every number, the real statistics cache, MLflow; and seeded generation independent of batching."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from model.image_vae import build_tiny_image_vae
+from model.presets import get_preset
+from model.tcm_vae import TCMDecoder, TCMVAEConfig
+from model.unet import VersVideoUNet
+from tasks.cache_latents import encode_captions, load_text
+from tasks.evaluate import evaluate
+from tasks.generation import VideoGenerator, load_unet
+from tasks.params import CacheLatentsParams, EvaluateParams, Params, TrainUnetParams
+from tasks.train_decoder import save_decoder
+from tasks.train_unet import UNetRecipe
+
+SOURCES = ("h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv")
+UCF_CLASSES = ("PlayingCello", "HandstandPushups")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, fixture_clip_reader, fixture_videos):
+    """A project folder with what evaluate reads: clip shards, a smoke cache's encoders.json and
+    empty-prompt context, random-init smoke UNet and TCM-VAE exports, and a UCF-101 copy."""
+    root = tmp_path_factory.mktemp("evaluate")
+    clips_dir, latents_dir = root / "data" / "clips", root / "data" / "latents"
+    clips_dir.mkdir(parents=True)
+    latents_dir.mkdir(parents=True)
+    rows, clips = [], []
+    for v, name in enumerate(SOURCES):
+        for k in range(2):
+            rows.append({"clip_id": f"v{v}-{k}", "video_id": f"v{v}", "shard": 0, "shard_row": len(clips), "caption": f"clip {k} of {name}"})
+            clips.append(fixture_clip_reader(name, skip=8 * k))
+    np.save(clips_dir / "clips-00000.npy", np.stack(clips))
+    pd.DataFrame(rows).to_parquet(clips_dir / "index.parquet")
+    (latents_dir / "encoders.json").write_text(json.dumps({"image_vae": {"weights": ""}, "random_init": True}))
+    text, tokenizer = load_text(CacheLatentsParams())
+    np.save(latents_dir / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
+
+    torch.manual_seed(0)
+    unet = VersVideoUNet(get_preset("smoke").unet)
+    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams()).export(unet, root / "models" / "unet")
+    save_decoder(TCMDecoder(build_tiny_image_vae(seed=0), TCMVAEConfig(refine_channels=8)), root / "models" / "decoder")
+
+    ucf = root / "ucf101"
+    (ucf / "ucfTrainTestlist").mkdir(parents=True)
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("".join(f"{k} {name}\n" for k, name in enumerate(UCF_CLASSES, start=1)))
+    test_list = []
+    for k, (folder, source) in enumerate([("PlayingCello", SOURCES[0]), ("PlayingCello", SOURCES[1]), ("HandStandPushups", SOURCES[2]),
+                                          ("HandStandPushups", "rotated90_3frames.mov"), ("HandStandPushups", "empty.mp4")]):
+        path = f"{folder}/v_{folder}_g0{k + 1}_c01.avi"
+        (ucf / "videos" / folder).mkdir(parents=True, exist_ok=True)
+        os.symlink(fixture_videos / source, ucf / "videos" / path)
+        test_list.append(path)
+    (ucf / "ucfTrainTestlist" / "testlist01.txt").write_text("\n".join(test_list) + "\n")
+    return root
+
+
+def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_session):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    cfg = EvaluateParams(protocols="heldout,ucf101", num_videos=4, held_out_share=0.34, steps=2, batch_size=3, sample_count=1, num_workers=2,
+                         ucf101_lists=str(project / "ucf101" / "ucfTrainTestlist"), ucf101_videos=str(project / "ucf101" / "videos"))
+    report = evaluate(Params(evaluate=cfg))
+
+    held, ucf = report["protocols"]["heldout"], report["protocols"]["ucf101"]
+    assert held["protocol"]["real_videos"] == 2 and held["protocol"]["generated_videos"] == 4  # one held-out video, two clips
+    assert ucf["protocol"]["real_videos"] == 3 and ucf["protocol"]["real_skipped"] == 2  # 3-frame and empty files: counted, not fatal
+    for figures in (held, ucf):
+        assert figures["comparable"] is False and figures["fvd"] > 0 and figures["is_mean"] >= 1.0
+        assert -1 <= figures["clipsim"] <= 1 and -1 <= figures["frame_consistency"] <= 1
+        protocol = figures["protocol"]
+        assert (protocol["frames"], protocol["resolution"], protocol["sampler_steps"], protocol["cfg"], protocol["seed"]) == (8, "64x64", 2, 7.5, 0)
+        assert protocol["weights"]["i3d"] == "random-i3d-seed0" and len(protocol["weights"]["unet"]) == 64
+        assert protocol["real_stats_cached"] is False
+    assert ucf["protocol"]["split"] == "testlist01" and ucf["protocol"]["prompt_template"] == "a person {action}"
+    table = pd.read_csv(project / "plots" / "eval" / "ucf101.csv")
+    assert list(table["frame"]) == list(range(8)) and np.isnan(table["consistency"][0]) and table["clipsim_real"].notna().all()
+
+    client = MlflowClient()
+    run = client.get_run(report["mlflow_run_id"])
+    assert run.data.metrics["ucf101/fvd"] == pytest.approx(ucf["fvd"]) and run.data.params["evaluate.protocols"] == "heldout,ucf101"
+    assert run.data.tags["versvideo.stage"] == "evaluate"
+    samples = [item.path for item in client.list_artifacts(run.info.run_id, "samples")]
+    assert len(samples) == 4 and {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}  # one sample per protocol
+
+    # Second run: the real statistics come from data/eval_stats; seeded generation gives the same numbers
+    again = evaluate(Params(evaluate=cfg))
+    for name in ("heldout", "ucf101"):
+        assert again["protocols"][name]["protocol"]["real_stats_cached"] is True
+        for key in ("fvd", "clipsim", "frame_consistency", "real_clipsim", "is_mean"):
+            assert again["protocols"][name][key] == pytest.approx(report["protocols"][name][key], rel=1e-6)
+    assert len(list((project / "data" / "eval_stats").glob("*.npz"))) == 2
+
+
+def test_generation_is_seeded_per_video_independent_of_the_batch(project):
+    root = project
+    generator = VideoGenerator(root / "models" / "unet", root / "models" / "decoder", root / "data" / "latents", CacheLatentsParams())
+    settings = {"frames": 4, "height": 32, "width": 64, "steps": 2, "guidance_scale": 7.5}
+    pair = generator(["a red square", "a blue circle"], [5, 6], **settings)
+    alone = generator(["a blue circle"], [6], **settings)
+    assert pair.shape == (2, 4, 32, 64, 3) and pair.dtype == np.uint8
+    np.testing.assert_array_equal(pair[1], alone[0])
+    assert not np.array_equal(generator(["a blue circle"], [7], **settings), alone)
+    with pytest.raises(ValueError, match="multiples of 32 for this UNet"):  # VAE factor 8, two UNet downsamplings
+        generator(["x"], [0], frames=4, height=48, width=32, steps=2, guidance_scale=1.0)
+
+
+def test_the_exported_unet_loads_back_with_merged_experts(project):
+    unet, preset = load_unet(project / "models" / "unet")
+    assert preset == "smoke" and not any(p.requires_grad for p in unet.parameters())
+    with pytest.raises(FileNotFoundError, match="run the train_unet stage first"):
+        load_unet(project / "nowhere")
