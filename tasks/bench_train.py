@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
         latents = synthetic_cache(work / "latents")
         figures = {}
         for workers in (1, 2):
-            train = TrainUnetParams(steps=STEPS, batch_size=4 // workers, num_workers=workers, checkpoint_every=STEPS, sample_every=0, sample_count=1, sample_steps=2)
+            train = TrainUnetParams(steps=STEPS, batch_size=4 // workers, num_workers=workers, checkpoint_every=STEPS, sample_every=0, sample_count=1, sample_steps=2, held_out_share=0.0)
             params = Params(train_unet=train, cache_latents=CacheLatentsParams(smoke_vae_fit_steps=0))
             figures[workers] = train_unet(params, latents=latents, output_dir=work / f"unet-{workers}", runs=work / "runs", run_name=f"bench-{workers}")
     finally:

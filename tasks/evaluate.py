@@ -10,7 +10,7 @@ score generated and real videos alike; the driver reduces the per-video outputs 
     frame consistency mean CLIP cosine of successive frames
 
 Protocols:
-    heldout  the data's held-out videos (seeded by video id, the same draw as train_decoder): their
+    heldout  the videos train_unet held out (train_unet.held_out_share, seeded by video id): their
              captions are the prompts (cycled to num_videos), their clips the real set. The default
              data's only protocol, with random feature networks, so `comparable: false`.
     ucf101   prompts from class names (classes in turn), real set = testlist0N videos.
@@ -185,9 +185,12 @@ def read_real(path: str, shard_row: int, s: Settings) -> np.ndarray:
 
 
 def heldout_protocol(params: Params, clips: Path) -> Protocol:
-    cfg = params.evaluate
+    """The videos train_unet held out (the same seeded draw by video id over the same videos)."""
+    cfg, share = params.evaluate, params.train_unet.held_out_share
+    if share == 0:
+        raise ValueError("evaluate.protocols: 'heldout' needs videos the UNet never saw, but train_unet.held_out_share is 0; set it > 0 and retrain, or evaluate on ucf101/msrvtt")
     index = pd.read_parquet(clips / "index.parquet")
-    _, held = split_clips(index, cfg.held_out_share, cfg.seed)
+    _, held = split_clips(index, share, params.train_unet.seed)
     held = held.sort_values("clip_id").reset_index(drop=True)
     if len(held) > cfg.max_real:
         held = held.sample(cfg.max_real, random_state=cfg.seed).sort_values("clip_id").reset_index(drop=True)
@@ -197,7 +200,7 @@ def heldout_protocol(params: Params, clips: Path) -> Protocol:
         "path": [str((clips / f"clips-{int(shard):05d}.npy").resolve()) for shard in held["shard"]],
         "shard_row": held["shard_row"].astype(int), "prompt": captions, "id": held["clip_id"].astype(str),
     })
-    split = f"heldout share {cfg.held_out_share} seed {cfg.seed}: {held['video_id'].nunique()} videos, {len(held)} clips"
+    split = f"train_unet held out (share {share}, seed {params.train_unet.seed}): {held['video_id'].nunique()} videos, {len(held)} clips"
     return Protocol("heldout", "clips", split, [captions[k % len(captions)] for k in range(count)], real)
 
 

@@ -92,12 +92,16 @@ def load_encoders_info(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "encoders.json").read_text())
 
 
-def _read_shards(batch: dict[str, np.ndarray], columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    parts = [read_latent_shard(path, columns) for path in batch["path"]]
+def _read_shards(batch: dict[str, np.ndarray], columns: tuple[str, ...], exclude_videos: frozenset[str]) -> dict[str, np.ndarray]:
+    read = columns + ("video_id",) if exclude_videos and "video_id" not in columns else columns
+    parts = [read_latent_shard(path, read) for path in batch["path"]]
+    if exclude_videos:
+        parts = [{name: part[name][~np.isin(part["video_id"], list(exclude_videos))] for name in read} for part in parts]
     return {name: np.concatenate([part[name] for part in parts]) for name in columns}
 
 
-def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[str, ...] = TENSOR_COLUMNS) -> ray.data.Dataset:
+def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[str, ...] = TENSOR_COLUMNS,
+                   exclude_videos: frozenset[str] = frozenset()) -> ray.data.Dataset:
     """A streaming Ray Data dataset of the cached clips: rows of `latents` (t, 4, h/8, w/8) and
     `context` (77, width), float16.
 
@@ -108,12 +112,12 @@ def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[s
 
     (ray.data.read_parquet would also work, but it lists files and prefetches every footer on
     each execution, which took 8-13 s per epoch for 40 shards on a 2-core machine; the index
-    already knows the shards.)"""
+    already knows the shards.) Rows of `exclude_videos` (held-out video ids) are dropped."""
     folder = Path(folder)
     shards = sorted(read_index(folder)["shard"].unique())
     if seed is not None:
         shards = list(np.random.default_rng(seed).permutation(shards))
     paths = [str(folder / shard_name(int(shard))) for shard in shards]
     return ray.data.from_items([{"path": path} for path in paths]).map_batches(
-        _read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"columns": tuple(columns)}
+        _read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"columns": tuple(columns), "exclude_videos": frozenset(exclude_videos)}
     )

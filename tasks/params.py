@@ -172,12 +172,13 @@ class TrainUnetParams(TrainingParams):
     gradient_checkpointing: bool = False
     sample_count: int = 2
     sample_steps: int = 20  # DDIM steps for those samples
+    held_out_share: float = 0.1  # share of videos (seeded by video id) never trained on: evaluate's heldout protocol; 0 = none
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("sample_count", "sample_steps"):
             _check_positive(f"train_unet.{key}", getattr(self, key))
-        for key in ("text_dropout", "image_share", "expert_exchange_rate"):
+        for key in ("text_dropout", "image_share", "expert_exchange_rate", "held_out_share"):
             if not 0 <= getattr(self, key) < 1:
                 raise ParamsError(f"train_unet.{key}: {getattr(self, key)} must be in [0, 1)")
 
@@ -227,7 +228,6 @@ class EvaluateParams:
     protocols: str = "heldout"  # comma-separated: heldout (the data's held-out videos), ucf101, msrvtt
     num_videos: int = 16  # generated videos per protocol; L/H: 2048 (StyleGAN-V's fvd2048); msrvtt: 0 = one per test video
     max_real: int = 2048  # real videos behind the FVD statistics (a seeded subset when there are more)
-    held_out_share: float = 0.1  # heldout: share of videos (seeded by video id, as train_decoder)
     steps: int = 20  # DDIM steps; L/H: 30 (Table 4)
     guidance_scale: float = 7.5
     fvd_frames: int = 16  # frames the I3D sees (the first ones; fewer when clips are shorter)
@@ -257,8 +257,6 @@ class EvaluateParams:
             _check_positive(f"evaluate.{key}", getattr(self, key))
         if self.num_videos < 0 or self.sample_count < 0:
             raise ParamsError("evaluate.num_videos and evaluate.sample_count must be >= 0")
-        if not 0 < self.held_out_share < 1:
-            raise ParamsError(f"evaluate.held_out_share: {self.held_out_share} must be in (0, 1)")
         _check_choice("evaluate.ucf101_split", self.ucf101_split, (1, 2, 3))
         if "ucf101" in self.protocol_list and not (self.ucf101_lists and self.ucf101_videos):
             raise ParamsError("evaluate.ucf101_lists and evaluate.ucf101_videos: required for the ucf101 protocol (local UCF-101 copy)")

@@ -32,6 +32,7 @@ from model.unet import VersVideoUNet
 from model.weights import file_digest
 from tasks.atomic import save_safetensors, write_json
 from tasks.cache_latents import encode_captions, load_text, load_vae, resolved_encoders
+from tasks.clip_shards import split_clips
 from tasks.engine import fit, history_summary
 from tasks.lineage import lineage_tags
 from tasks.latent_shards import latent_dataset, load_null_context, read_index
@@ -110,6 +111,13 @@ class UNetRecipe:
         return paths
 
 
+def held_out_videos(index, cfg: TrainUnetParams) -> frozenset[str]:
+    """Video ids the UNet never trains on (evaluate's heldout protocol draws the same ones)."""
+    if cfg.held_out_share == 0:
+        return frozenset()
+    return frozenset(split_clips(index, cfg.held_out_share, cfg.seed)[1]["video_id"].astype(str))
+
+
 def default_run_name(params: Params, latents: Path) -> str:
     """train_unet-{preset}-{digest of the params and the cache}: rerunning after a crash resumes
     the same run; changed params or data start a new one (never resume someone else's weights)."""
@@ -122,20 +130,23 @@ def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = OUT_D
     """Train on the cache in `latents`; exports to output_dir; returns the run's summary figures."""
     cfg = params.train_unet
     index = read_index(latents)
+    held_out = held_out_videos(index, cfg)
+    training = index[~index["video_id"].astype(str).isin(held_out)]
     recipe = UNetRecipe(
         preset=params.preset,
         cfg=cfg,
         null_context=load_null_context(latents),
-        sample_captions=sorted(index["caption"].astype(str).unique())[: max(1, cfg.sample_count)],
+        sample_captions=sorted(training["caption"].astype(str).unique())[: max(1, cfg.sample_count)],
         encoders=resolved_encoders(latents, params.cache_latents),
     )
     flat = flatten({"preset": params.preset, "train_unet": params_to_dict(params)["train_unet"]})
     result = fit(
-        recipe, cfg, latent_dataset(latents, seed=cfg.seed),
+        recipe, cfg, latent_dataset(latents, seed=cfg.seed, exclude_videos=held_out),
         run_name=run_name or default_run_name(params, latents),
         storage=runs, output_dir=output_dir, params=flat, tags=lineage_tags("train_unet"),
     )
-    metrics = {**history_summary(result["mlflow_run_id"]), "steps": cfg.steps, "mlflow_run_id": result["mlflow_run_id"]}
+    metrics = {**history_summary(result["mlflow_run_id"]), "steps": cfg.steps, "mlflow_run_id": result["mlflow_run_id"],
+               "training_clips": len(training), "held_out_videos": len(held_out)}
     write_json(metrics, output_dir / "metrics.json")
     return metrics
 

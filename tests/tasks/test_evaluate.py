@@ -67,9 +67,10 @@ def project(tmp_path_factory, fixture_clip_reader, fixture_videos):
 def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_session):
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    cfg = EvaluateParams(protocols="heldout,ucf101", num_videos=4, held_out_share=0.34, steps=2, batch_size=3, sample_count=1, num_workers=2,
+    cfg = EvaluateParams(protocols="heldout,ucf101", num_videos=4, steps=2, batch_size=3, sample_count=1, num_workers=2,
                          ucf101_lists=str(project / "ucf101" / "ucfTrainTestlist"), ucf101_videos=str(project / "ucf101" / "videos"))
-    report = evaluate(Params(evaluate=cfg))
+    params = Params(evaluate=cfg, train_unet=TrainUnetParams(held_out_share=0.34))
+    report = evaluate(params)
 
     held, ucf = report["protocols"]["heldout"], report["protocols"]["ucf101"]
     assert held["protocol"]["real_videos"] == 2 and held["protocol"]["generated_videos"] == 4  # one held-out video, two clips
@@ -93,7 +94,7 @@ def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_
     assert len(samples) == 4 and {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}  # one sample per protocol
 
     # Second run: the real statistics come from data/eval_stats; seeded generation gives the same numbers
-    again = evaluate(Params(evaluate=cfg))
+    again = evaluate(params)
     for name in ("heldout", "ucf101"):
         assert again["protocols"][name]["protocol"]["real_stats_cached"] is True
         for key in ("fvd", "clipsim", "frame_consistency", "real_clipsim", "is_mean"):
@@ -112,6 +113,12 @@ def test_generation_is_seeded_per_video_independent_of_the_batch(project):
     assert not np.array_equal(generator(["a blue circle"], [7], **settings), alone)
     with pytest.raises(ValueError, match="multiples of 32 for this UNet"):  # VAE factor 8, two UNet downsamplings
         generator(["x"], [0], frames=4, height=48, width=32, steps=2, guidance_scale=1.0)
+
+
+def test_heldout_needs_videos_the_unet_never_saw(project, monkeypatch):
+    monkeypatch.chdir(project)
+    with pytest.raises(ValueError, match="train_unet.held_out_share is 0"):
+        evaluate(Params(train_unet=TrainUnetParams(held_out_share=0.0)))
 
 
 def test_the_exported_unet_loads_back_with_merged_experts(project):

@@ -59,7 +59,7 @@ def test_after_each_optimizer_step_experts_move_towards_each_other():
 
 
 def params_for(**train) -> Params:
-    base = dict(steps=30, batch_size=4, checkpoint_every=10, sample_every=0, sample_count=1, sample_steps=2, warmup_steps=5, lr=5e-4, shuffle_buffer=16, num_workers=1)
+    base = dict(steps=30, batch_size=4, checkpoint_every=10, sample_every=0, sample_count=1, sample_steps=2, warmup_steps=5, lr=5e-4, shuffle_buffer=16, num_workers=1, held_out_share=0.0)  # the synthetic cache is one video
     return Params(train_unet=TrainUnetParams(**{**base, **train}), cache_latents=CacheLatentsParams(smoke_vae_fit_steps=0))
 
 
@@ -108,3 +108,19 @@ def test_two_workers_match_one_worker_with_twice_the_batch(latents_dir, tmp_path
     # 10-step means agree to within the run-to-run noise of this tiny setup (measured: < 15%).
     np.testing.assert_allclose(curve_two, curve_one, rtol=0.3)
     assert curve_one[-1] < curve_one[0] and curve_two[-1] < curve_two[0]
+
+
+def test_held_out_videos_never_reach_training(tmp_path, ray_session):
+    """Rows of held-out videos are dropped when shards are read; the rest stream through whole."""
+    from tasks.bench_train import synthetic_cache
+    from tasks.latent_shards import latent_dataset, read_index
+    from tasks.train_unet import held_out_videos
+
+    folder = synthetic_cache(tmp_path / "latents", frames=2, size=8, width=WIDTH)
+    index = read_index(folder)
+    assert held_out_videos(index, TrainUnetParams(held_out_share=0.0)) == frozenset()
+    index["video_id"] = [f"v{k % 5}" for k in range(len(index))]  # five videos instead of one
+    held = held_out_videos(index, TrainUnetParams(held_out_share=0.3))
+    assert held and len(held) < 5 and held == held_out_videos(index, TrainUnetParams(held_out_share=0.3))  # seeded: the same draw
+    kept = latent_dataset(folder, exclude_videos=frozenset({"synthetic"}))  # the cache's own video id: every row goes
+    assert kept.count() == 0 and latent_dataset(folder).count() == len(index)
