@@ -41,9 +41,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tasks.lineage import experiment_id, tracking_uri
 from tasks.ray_runtime import ensure_ray
 
-EXPERIMENT = "versvideo"
 
 
 class Recipe(Protocol):
@@ -348,18 +348,6 @@ def history_summary(run_id: str) -> dict[str, float]:
     return out
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
-def artifact_root(uri: str) -> str | None:
-    """Artifacts beside a local sqlite store (mlruns/ next to the .db), not under whatever the
-    current directory happens to be; a tracking server decides for itself (None)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
-    return None
-
-
 def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], tags: dict[str, str]) -> str:
     """The MLflow run of this training run: reused when `marker` holds its id (a resumed run)."""
     client = MlflowClient(uri)
@@ -370,9 +358,7 @@ def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], ta
             return run_id
         except mlflow.exceptions.MlflowException:  # the run lived in another tracking store: start a new one
             pass
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id(client, uri), run_name=run_name, tags=tags)
     items = sorted(params.items())
     for start in range(0, len(items), 100):  # MLflow's params-per-batch limit
         client.log_batch(run.info.run_id, params=[Param(key, str(value)[:6000]) for key, value in items[start:start + 100]])

@@ -14,8 +14,8 @@ Protocols:
              captions are the prompts (cycled to num_videos), their clips the real set. The default
              data's only protocol, with random feature networks, so `comparable: false`.
     ucf101   prompts from class names (classes in turn), real set = testlist0N videos.
-    msrvtt   one seeded caption per test video as the prompt (all 2990 when num_videos = 0, or the
-             1k-A split's 1000), real set = those videos.
+    msrvtt   one seeded caption per test video as the prompt (all 2990 when msrvtt_num_videos = 0,
+             or the 1k-A split's 1000), real set = those videos.
 
 Real videos are read at the training clips' frame rate and resolution (cover + centre crop),
 from frame 0; shorter ones are skipped and counted. Real-data statistics are cached in
@@ -55,10 +55,9 @@ from tasks.atomic import atomic_path, write_json
 from tasks.cache_latents import resolved_encoders
 from tasks.clip_score import load_clip
 from tasks.clip_shards import split_clips
-from tasks.engine import EXPERIMENT, artifact_root, tracking_uri
 from tasks.generation import VideoGenerator
 from tasks.latent_shards import load_encoders_info
-from tasks.lineage import lineage_tags
+from tasks.lineage import lineage_tags, start_run, tracking_uri
 from tasks.params import CacheLatentsParams, EvaluateParams, Params, flatten, params_to_dict
 from tasks.ray_runtime import ensure_ray
 from tasks.previews import write_preview
@@ -114,11 +113,13 @@ class VideoScorer:
     """Ray Data actor: generates the batch's `generated` rows and scores every row (generated or real)."""
 
     def __init__(self, settings: Settings) -> None:
-        device = "cuda" if settings.cfg.use_gpu else "cpu"
+        device = "cuda" if settings.cfg.use_gpu and torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(1)
         self.settings = settings
         self.fvd, self.inception, (self.clip, self.tokenizer), _ = feature_networks(settings.cfg)
+        for network in (self.fvd.network, self.inception.network, self.clip):
+            network.to(device)
         self.generator = VideoGenerator(settings.unet, settings.decoder, settings.latents, settings.encoders, device=device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -228,8 +229,8 @@ def msrvtt_protocol(params: Params) -> Protocol:
         videos, split = read_msrvtt_1ka(annotations), "1k-A"
     else:
         videos, split = read_msrvtt_test(annotations, cfg.seed), "test"
-    if cfg.num_videos and cfg.num_videos < len(videos):
-        picked = np.random.default_rng(cfg.seed).choice(len(videos), cfg.num_videos, replace=False)
+    if cfg.msrvtt_num_videos and cfg.msrvtt_num_videos < len(videos):
+        picked = np.random.default_rng(cfg.seed).choice(len(videos), cfg.msrvtt_num_videos, replace=False)
         videos = [videos[k] for k in sorted(picked)]
     real = pd.DataFrame({
         "path": [str(Path(cfg.msrvtt_videos, f"{video.video_id}.mp4")) for video in videos], "shard_row": -1,
@@ -370,10 +371,7 @@ def check_inputs(params: Params, frames: int) -> None:
 def log_to_mlflow(report: dict[str, Any], params: Params, samples: Path) -> str:
     uri = tracking_uri()
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
-    run = client.create_run(experiment_id, run_name=f"evaluate-{params.preset}", tags=lineage_tags("evaluate"))
-    run_id = run.info.run_id
+    run_id = start_run(client, uri, f"evaluate-{params.preset}", lineage_tags("evaluate"))
     flat = flatten({"preset": params.preset, "evaluate": params_to_dict(params)["evaluate"]})
     client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in sorted(flat.items())])
     metrics = [Metric(f"{name}/{key}", float(value), 0, 0) for name, figures in report["protocols"].items()

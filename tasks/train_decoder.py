@@ -38,8 +38,8 @@ from model.weights import file_digest, load_into, load_state_dict
 from tasks.atomic import save_safetensors, write_json
 from tasks.cache_latents import load_vae, resolved_encoders
 from tasks.clip_shards import clip_dataset, read_clips, split_clips
-from tasks.engine import fit, history_summary, tracking_uri
-from tasks.lineage import lineage_tags
+from tasks.engine import fit, history_summary
+from tasks.lineage import lineage_tags, tracking_uri
 from tasks.params import CacheLatentsParams, Params, TrainDecoderParams, flatten, params_to_dict
 from tasks.previews import write_preview
 
