@@ -65,14 +65,15 @@ def frame_embeddings(model: nn.Module, videos: torch.Tensor | np.ndarray, micro_
     """(b, t, h, w, 3) uint8 -> unit-norm image embeddings (b, t, d)."""
     videos = torch.as_tensor(np.asarray(videos))
     frames = videos.flatten(0, 1)
-    embedded = torch.cat([model.encode_image(clip_input(frames[k : k + micro_batch], model)) for k in range(0, len(frames), micro_batch)])
+    device = next(model.parameters()).device
+    embedded = torch.cat([model.encode_image(clip_input(frames[k : k + micro_batch], model).to(device)).cpu() for k in range(0, len(frames), micro_batch)])
     return F.normalize(embedded.float(), dim=-1).unflatten(0, videos.shape[:2])
 
 
 @torch.no_grad()
 def text_embeddings(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
     """captions -> unit-norm text embeddings (b, d)."""
-    return F.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1)
+    return F.normalize(model.encode_text(tokenizer(texts).to(next(model.parameters()).device)).cpu().float(), dim=-1)
 
 
 def text_frame_similarity(text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:

@@ -65,9 +65,16 @@ class RandomVideoNet(nn.Module):
         return features if return_features else (self.temperature * features).softmax(dim=-1)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def call(network: nn.Module, name: str, expected: str, videos: torch.Tensor, **kwargs) -> torch.Tensor:
+    """network(videos) on the network's device, returned on the CPU."""
     try:
-        return network(videos, **kwargs)
+        return network(videos.to(module_device(network)), **kwargs).cpu()
     except (RuntimeError, torch.jit.Error) as error:  # how torchscript reports a wrong network, deep inside
         raise FeatureNetError(f"{name}: failed on a uint8 {tuple(videos.shape)} video batch ({str(error).strip().splitlines()[-1]}); is it StyleGAN-V's {expected}?") from None
 

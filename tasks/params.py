@@ -226,7 +226,7 @@ PROTOCOLS = ("heldout", "ucf101", "msrvtt")
 @dataclass(frozen=True)
 class EvaluateParams:
     protocols: str = "heldout"  # comma-separated: heldout (the data's held-out videos), ucf101, msrvtt
-    num_videos: int = 16  # generated videos per protocol; L/H: 2048 (StyleGAN-V's fvd2048); msrvtt: 0 = one per test video
+    num_videos: int = 16  # generated videos per protocol (heldout, ucf101); L/H: 2048 (StyleGAN-V's fvd2048)
     max_real: int = 2048  # real videos behind the FVD statistics (a seeded subset when there are more)
     steps: int = 20  # DDIM steps; L/H: 30 (Table 4)
     guidance_scale: float = 7.5
@@ -242,6 +242,7 @@ class EvaluateParams:
     ucf101_prompt_template: str = "a person {action}"  # {action}: 'applying eye makeup'; also {words}, {name}
     msrvtt_annotations: str = ""  # test_videodatainfo.json (all 2990 test videos) or MSRVTT_JSFUSION_test.csv (1k-A)
     msrvtt_videos: str = ""  # folder of {video_id}.mp4
+    msrvtt_num_videos: int = 0  # 0 = one per video of the split (2990 test, or 1000 for 1k-A); else a seeded subset
     batch_size: int = 4  # videos per generation batch
     sample_count: int = 4  # generated videos per protocol saved as MP4/GIF to MLflow
     num_workers: int = 2  # Ray actors that generate and score (one per GPU when use_gpu)
@@ -255,8 +256,9 @@ class EvaluateParams:
             raise ParamsError(f"evaluate.protocols: empty; choose from {', '.join(PROTOCOLS)}")
         for key in ("max_real", "steps", "fvd_frames", "is_splits", "batch_size", "num_workers"):
             _check_positive(f"evaluate.{key}", getattr(self, key))
-        if self.num_videos < 0 or self.sample_count < 0:
-            raise ParamsError("evaluate.num_videos and evaluate.sample_count must be >= 0")
+        for key in ("num_videos", "msrvtt_num_videos", "sample_count"):
+            if getattr(self, key) < 0:
+                raise ParamsError(f"evaluate.{key}: {getattr(self, key)} must be >= 0")
         _check_choice("evaluate.ucf101_split", self.ucf101_split, (1, 2, 3))
         if "ucf101" in self.protocol_list and not (self.ucf101_lists and self.ucf101_videos):
             raise ParamsError("evaluate.ucf101_lists and evaluate.ucf101_videos: required for the ucf101 protocol (local UCF-101 copy)")

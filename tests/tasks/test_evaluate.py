@@ -61,21 +61,34 @@ def project(tmp_path_factory, fixture_clip_reader, fixture_videos):
         os.symlink(fixture_videos / source, ucf / "videos" / path)
         test_list.append(path)
     (ucf / "ucfTrainTestlist" / "testlist01.txt").write_text("\n".join(test_list) + "\n")
+
+    msrvtt = root / "msrvtt"
+    (msrvtt / "videos").mkdir(parents=True)
+    ids = ["video7010", "video7011", "video7012"]
+    for video_id, source in zip(ids, SOURCES):
+        os.symlink(fixture_videos / source, msrvtt / "videos" / f"{video_id}.mp4")
+    (msrvtt / "test_videodatainfo.json").write_text(json.dumps({
+        "info": {}, "videos": [{"video_id": video_id, "split": "test", "id": k} for k, video_id in enumerate(ids)],
+        "sentences": [{"video_id": video_id, "caption": f"{source} caption {c}", "sen_id": c} for video_id, source in zip(ids, SOURCES) for c in range(3)],
+    }))
     return root
 
 
 def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_session):
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    cfg = EvaluateParams(protocols="heldout,ucf101", num_videos=4, steps=2, batch_size=3, sample_count=1, num_workers=2,
-                         ucf101_lists=str(project / "ucf101" / "ucfTrainTestlist"), ucf101_videos=str(project / "ucf101" / "videos"))
+    cfg = EvaluateParams(protocols="heldout,ucf101,msrvtt", num_videos=4, steps=2, batch_size=3, sample_count=1, num_workers=2,
+                         ucf101_lists=str(project / "ucf101" / "ucfTrainTestlist"), ucf101_videos=str(project / "ucf101" / "videos"),
+                         msrvtt_annotations=str(project / "msrvtt" / "test_videodatainfo.json"), msrvtt_videos=str(project / "msrvtt" / "videos"))
     params = Params(evaluate=cfg, train_unet=TrainUnetParams(held_out_share=0.34))
     report = evaluate(params)
 
-    held, ucf = report["protocols"]["heldout"], report["protocols"]["ucf101"]
+    held, ucf, msrvtt = (report["protocols"][name] for name in ("heldout", "ucf101", "msrvtt"))
     assert held["protocol"]["real_videos"] == 2 and held["protocol"]["generated_videos"] == 4  # one held-out video, two clips
     assert ucf["protocol"]["real_videos"] == 3 and ucf["protocol"]["real_skipped"] == 2  # 3-frame and empty files: counted, not fatal
-    for figures in (held, ucf):
+    assert msrvtt["protocol"]["generated_videos"] == msrvtt["protocol"]["real_videos"] == 3  # one seeded caption per test video
+    assert msrvtt["protocol"]["split"] == "test"
+    for figures in (held, ucf, msrvtt):
         assert figures["comparable"] is False and figures["fvd"] > 0 and figures["is_mean"] >= 1.0
         assert -1 <= figures["clipsim"] <= 1 and -1 <= figures["frame_consistency"] <= 1
         protocol = figures["protocol"]
@@ -88,18 +101,18 @@ def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_
 
     client = MlflowClient()
     run = client.get_run(report["mlflow_run_id"])
-    assert run.data.metrics["ucf101/fvd"] == pytest.approx(ucf["fvd"]) and run.data.params["evaluate.protocols"] == "heldout,ucf101"
+    assert run.data.metrics["ucf101/fvd"] == pytest.approx(ucf["fvd"]) and run.data.params["evaluate.protocols"] == "heldout,ucf101,msrvtt"
     assert run.data.tags["versvideo.stage"] == "evaluate"
     samples = [item.path for item in client.list_artifacts(run.info.run_id, "samples")]
-    assert len(samples) == 4 and {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}  # one sample per protocol
+    assert len(samples) == 6 and {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}  # one sample per protocol
 
     # Second run: the real statistics come from data/eval_stats; seeded generation gives the same numbers
     again = evaluate(params)
-    for name in ("heldout", "ucf101"):
+    for name in ("heldout", "ucf101", "msrvtt"):
         assert again["protocols"][name]["protocol"]["real_stats_cached"] is True
         for key in ("fvd", "clipsim", "frame_consistency", "real_clipsim", "is_mean"):
             assert again["protocols"][name][key] == pytest.approx(report["protocols"][name][key], rel=1e-6)
-    assert len(list((project / "data" / "eval_stats").glob("*.npz"))) == 2
+    assert len(list((project / "data" / "eval_stats").glob("*.npz"))) == 3
 
 
 def test_generation_is_seeded_per_video_independent_of_the_batch(project):
