@@ -1,6 +1,7 @@
 """The `versvideo` command line. It parses arguments and dispatches; no ML logic lives here.
 
     versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
+    versvideo pipeline [--stages a,b]                          the Prefect flow over all (or some) DVC stages
     versvideo model-summary --preset {smoke,L,H} [--json]     parameter counts
     versvideo bench NAME [--json]                              a benchmark; JSON figures on the last line
 """
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. -S decode.frames=16 (repeatable)")
 
+    pipeline = commands.add_parser("pipeline", help="run or resume the pipeline as a Prefect flow (ephemeral, or PREFECT_API_URL)")
+    pipeline.add_argument("--stages", default="", help="comma-separated stage names (default: all, in dvc.yaml's order)")
+
     summary = commands.add_parser("model-summary", help="parameter counts of a preset's models")
     summary.add_argument("--preset", choices=["smoke", "L", "H"], default="L")
     summary.add_argument("--json", action="store_true", help="print JSON")
@@ -61,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             params = load_params(args.params, args.overrides)
             importlib.import_module(STAGES[args.name]).main(params)
+        elif args.command == "pipeline":
+            from flows.pipeline import StageFailed, pipeline
+
+            try:
+                results = pipeline(stages=[name for name in args.stages.split(",") if name] or None)
+            except StageFailed as error:
+                print(f"versvideo: {error}", file=sys.stderr)
+                return 1
+            for result in results:
+                print(f"  {result['stage']:<14} {'ran' if result['ran'] else 'up to date':<11} {result['seconds']:8.1f} s")
         elif args.command == "model-summary":
             from model.summary import model_summary
 

@@ -1,0 +1,111 @@
+"""The pipeline as a Prefect flow: one task per DVC stage, in dvc.yaml's order.
+
+Each task runs `dvc repro --single-item STAGE`, so DVC alone decides whether the stage is stale
+(a rerun with nothing changed does no stage work) and records it in dvc.lock. Prefect adds what
+DVC lacks: retries of a failed stage, logs and timings per stage, and a Markdown summary of the
+run. Heavy work stays inside the stages (Ray Data / Ray Train, on RAY_ADDRESS or a local Ray);
+Prefect is only the control plane, so it runs in ephemeral mode by default or against
+PREFECT_API_URL.
+
+Lineage (tasks/lineage.py): one parent MLflow run per pipeline run, one nested run per stage
+(timing, whether DVC ran it, dvc.lock dependency hashes as tags and as dataset inputs, the
+stage's metrics files), with the stages' own training and evaluation runs nested below those;
+dvc.lock itself is logged on the parent run at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from tasks.lineage import PARENT_RUN_ENV, git_commit, record_stage, start_run, tracking_uri
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, lines: list[str]) -> None:
+        tail = "\n".join(lines[-15:])
+        super().__init__(f"stage {stage!r} failed (exit {returncode}); fix the cause and rerun `versvideo pipeline` to resume from it. Last output:\n{tail}")
+        self.stage = stage
+        # `versvideo: ...` is a stage's own clear error about its input (bad params, missing weights
+        # or data): the same again on a retry. Anything else (a killed worker, a lost Ray node) may pass.
+        self.transient = not any(line.startswith("versvideo: ") for line in lines)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, StageFailed) or error.transient
+
+
+def dvc_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """Stage names in dvc.yaml's order (each stage comes after the stages it depends on)."""
+    return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
+
+
+@task(task_run_name="{stage}", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def run_stage(stage: str, parent_run_id: str) -> dict[str, Any]:
+    """`dvc repro` one stage under its own nested MLflow run; returns its timing and whether it ran."""
+    logger = get_run_logger()
+    client, uri = MlflowClient(tracking_uri()), tracking_uri()
+    run_id = start_run(client, uri, f"stage:{stage}", {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or "")}, parent=parent_run_id)
+    env = {**os.environ, PARENT_RUN_ENV: run_id, "PREFECT__FLOW_RUN_ID": str(flow_run.id or "")}
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+    for line in process.stdout:
+        lines.append(line.rstrip())
+        logger.info(line.rstrip())
+    returncode = process.wait()
+    seconds = round(time.perf_counter() - started, 1)
+    ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
+    if returncode != 0:
+        client.set_terminated(run_id, status="FAILED")
+        raise StageFailed(stage, returncode, lines)
+    record_stage(client, run_id, stage, seconds, ran)
+    client.set_terminated(run_id)
+    return {"stage": stage, "seconds": seconds, "ran": ran, "mlflow_run_id": run_id}
+
+
+def summary_markdown(results: list[dict[str, Any]], failed: str | None, parent_run_id: str) -> str:
+    rows = [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date'} | {r['seconds']:.1f} |" for r in results]
+    if failed:
+        rows.append(f"| {failed} | **failed** | |")
+    return "\n".join([
+        "# VersVideo pipeline", "", f"MLflow parent run: `{parent_run_id}` (experiment `versvideo`)", "",
+        "| stage | status | seconds |", "|---|---|---|", *rows, "",
+        f"Total: {sum(r['seconds'] for r in results):.1f} s. Metrics: `dvc metrics show`; evaluation: `metrics/eval.json`.",
+    ])
+
+
+@flow(name="versvideo-pipeline")
+def pipeline(stages: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) the pipeline; `stages` limits it to those names (still in dvc.yaml's order)."""
+    order = dvc_stages()
+    unknown = sorted(set(stages or []) - set(order))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(order)}")
+    selected = [stage for stage in order if not stages or stage in stages]
+    client, uri = MlflowClient(tracking_uri()), tracking_uri()
+    parent = start_run(client, uri, "pipeline", {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or ""), "stages": ",".join(selected)})
+    results, failed = [], None
+    try:
+        for stage in selected:
+            failed = stage  # until it returns
+            results.append(run_stage(stage, parent))
+            failed = None
+    finally:
+        if Path("dvc.lock").is_file():
+            client.log_artifact(parent, "dvc.lock")
+        client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
+        create_markdown_artifact(summary_markdown(results, failed, parent), key="versvideo-pipeline-summary", description="stages, timings, MLflow run")
+    return results
