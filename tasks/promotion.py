@@ -1,0 +1,86 @@
+"""Promotion: register an evaluated model in the MLflow registry and move the `champion` alias to it
+only when its evaluation is better on the configured metric.
+
+The registered version's artifacts are small: the models' config.json and metrics.json and a
+manifest with each weight file's path and sha256. The weights stay where DVC keeps them (MLflow
+artifacts of several GB time out, and DVC already versions them). Every version records the
+decision and the reason as tags, whether or not the alias moved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from model.weights import file_digest
+
+ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+    metric: str
+    candidate_version: str
+    candidate_value: float
+    champion_version: str | None
+    champion_value: float | None
+
+
+def log_model_manifest(client: MlflowClient, run_id: str, folders: dict[str, Path]) -> str:
+    """Log config/metrics files and a weights manifest under the run's `model/`; returns its URI."""
+    manifest = {}
+    with tempfile.TemporaryDirectory() as staging:
+        for name, folder in folders.items():
+            target = Path(staging) / name
+            target.mkdir()
+            for small in ("config.json", "metrics.json"):
+                if (folder / small).is_file():
+                    (target / small).write_text((folder / small).read_text())
+            manifest[name] = {path.name: {"path": str(path), "sha256": file_digest(path)} for path in sorted(folder.glob("*.safetensors"))}
+        (Path(staging) / "weights.json").write_text(json.dumps(manifest, indent=2))
+        client.log_artifacts(run_id, staging, "model")
+    return f"{client.get_run(run_id).info.artifact_uri}/model"
+
+
+def champion(client: MlflowClient, name: str, metric: str) -> tuple[str | None, float | None]:
+    try:
+        version = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:  # no registered model or no alias yet
+        return None, None
+    value = version.tags.get(f"eval.{metric}")
+    return str(version.version), float(value) if value is not None else None
+
+
+def promote_if_better(client: MlflowClient, name: str, run_id: str, source: str, metric: str, value: float, lower_is_better: bool) -> Decision:
+    """Register `source` (from `run_id`) as a new version of `name`; move `champion` to it when
+    `value` beats the champion's (or there is no champion). The decision is tagged on the version."""
+    if not math.isfinite(value):
+        raise ValueError(f"promotion: {metric} = {value} is not a finite number; the evaluation is broken")
+    champion_version, champion_value = champion(client, name, metric)
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # it exists
+    version = client.create_model_version(name, source, run_id=run_id, tags={f"eval.{metric}": repr(value)}).version
+    direction = "lower" if lower_is_better else "higher"
+    if champion_version is None or champion_value is None:
+        promoted, reason = True, f"no {ALIAS} yet (or it has no {metric}): version {version} becomes {ALIAS}"
+    elif (value < champion_value) if lower_is_better else (value > champion_value):
+        promoted, reason = True, f"{metric} {value:.6g} beats {ALIAS} version {champion_version}'s {champion_value:.6g} ({direction} is better)"
+    else:
+        promoted, reason = False, f"{metric} {value:.6g} does not beat {ALIAS} version {champion_version}'s {champion_value:.6g} ({direction} is better); {ALIAS} stays"
+    if promoted:
+        client.set_registered_model_alias(name, ALIAS, version)
+    decision = Decision(promoted, reason, metric, str(version), value, champion_version, champion_value)
+    for key, tag in (("promotion.promoted", str(promoted).lower()), ("promotion.reason", reason)):
+        client.set_model_version_tag(name, version, key, tag)
+    client.set_tag(run_id, "promotion.decision", json.dumps(asdict(decision)))
+    return decision
