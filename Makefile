@@ -21,7 +21,7 @@ $(UV):
 setup: .venv/.synced
 
 demo: setup
-	$(RUN) dvc repro
+	$(RUN) versvideo pipeline
 	@echo
 	@$(RUN) dvc metrics show
 	@echo
@@ -29,7 +29,10 @@ demo: setup
 	@echo "         data/latents (latent shards), models/unet (merged-expert UNet weights + config.json + metrics.json),"
 	@echo "         models/decoder (TCM-VAE; image_decoder/ beside it), metrics/reconstruction.json (held-out Table 3),"
 	@echo "         metrics/eval.json (FVD, IS, CLIPSIM, frame consistency, each with its protocol), plots/eval (dvc plots show)"
-	@echo "MLflow:  $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'versvideo': loss curves, training and evaluation MP4/GIF samples)"
+	@echo "MLflow:  $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'versvideo': a 'pipeline' run with a nested run per stage;"
+	@echo "         loss curves, training and evaluation MP4/GIF samples under them)"
+	@echo "Samples: the evaluate run's artifacts (samples/*.mp4, *.gif); plots: $(RUN) dvc plots show"
+	@echo "Prefect: metrics/pipeline.md (stages, status, seconds); the same summary is the flow run's Markdown artifact"
 
 test: setup
 	$(RUN) pytest

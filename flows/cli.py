@@ -2,6 +2,7 @@
 
     versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
     versvideo pipeline [--stages a,b]                          the Prefect flow over all (or some) DVC stages
+    versvideo serve --cron "0 3 * * *" [--new-csv PATH]        a scheduled retrain-and-promote deployment
     versvideo model-summary --preset {smoke,L,H} [--json]     parameter counts
     versvideo bench NAME [--json]                              a benchmark; JSON figures on the last line
 """
@@ -47,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="run or resume the pipeline as a Prefect flow (ephemeral, or PREFECT_API_URL)")
     pipeline.add_argument("--stages", default="", help="comma-separated stage names (default: all, in dvc.yaml's order)")
 
+    serve = commands.add_parser("serve", help="serve the retrain flow as a Prefect deployment on a cron schedule")
+    serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
+    serve.add_argument("--new-csv", default="", help="WebVid CSV whose new rows each run appends to prepare.webvid_csv")
+    serve.add_argument("--metric", default="heldout/fvd", help="PROTOCOL/KEY of metrics/eval.json that decides promotion")
+    serve.add_argument("--higher-is-better", action="store_true", help="the metric improves upward (e.g. clipsim); default: lower is better (fvd)")
+    serve.add_argument("--model-name", default="versvideo", help="MLflow registered model whose champion alias moves")
+
     summary = commands.add_parser("model-summary", help="parameter counts of a preset's models")
     summary.add_argument("--preset", choices=["smoke", "L", "H"], default="L")
     summary.add_argument("--json", action="store_true", help="print JSON")
@@ -75,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             for result in results:
                 print(f"  {result['stage']:<14} {'ran' if result['ran'] else 'up to date':<11} {result['seconds']:8.1f} s")
+        elif args.command == "serve":
+            from flows.retrain import retrain
+
+            retrain.serve(name="versvideo-retrain", cron=args.cron, parameters={
+                "new_csv": args.new_csv, "metric": args.metric, "lower_is_better": not args.higher_is_better, "model_name": args.model_name})
         elif args.command == "model-summary":
             from model.summary import model_summary
 

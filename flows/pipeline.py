@@ -28,7 +28,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from tasks.atomic import atomic_path
 from tasks.lineage import PARENT_RUN_ENV, git_commit, record_stage, start_run, tracking_uri
+
+SUMMARY = Path("metrics/pipeline.md")
 
 
 class StageFailed(RuntimeError):
@@ -52,14 +55,15 @@ def dvc_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
 
 
 @task(task_run_name="{stage}", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
-def run_stage(stage: str, parent_run_id: str) -> dict[str, Any]:
-    """`dvc repro` one stage under its own nested MLflow run; returns its timing and whether it ran."""
+def run_stage(stage: str, parent_run_id: str, force: bool = False) -> dict[str, Any]:
+    """`dvc repro` one stage under its own nested MLflow run; returns its timing and whether it ran.
+    force: run it even if DVC finds it up to date (its input lives outside DVC, e.g. a user CSV)."""
     logger = get_run_logger()
     client, uri = MlflowClient(tracking_uri()), tracking_uri()
     run_id = start_run(client, uri, f"stage:{stage}", {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or "")}, parent=parent_run_id)
     env = {**os.environ, PARENT_RUN_ENV: run_id, "PREFECT__FLOW_RUN_ID": str(flow_run.id or "")}
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines = []
     for line in process.stdout:
@@ -88,10 +92,11 @@ def summary_markdown(results: list[dict[str, Any]], failed: str | None, parent_r
 
 
 @flow(name="versvideo-pipeline")
-def pipeline(stages: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) the pipeline; `stages` limits it to those names (still in dvc.yaml's order)."""
+def pipeline(stages: list[str] | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) the pipeline; `stages` limits it to those names (still in dvc.yaml's order),
+    `force` names stages to run even when DVC finds them up to date."""
     order = dvc_stages()
-    unknown = sorted(set(stages or []) - set(order))
+    unknown = sorted(set(stages or []).union(force or []) - set(order))
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(order)}")
     selected = [stage for stage in order if not stages or stage in stages]
@@ -101,11 +106,14 @@ def pipeline(stages: list[str] | None = None) -> list[dict[str, Any]]:
     try:
         for stage in selected:
             failed = stage  # until it returns
-            results.append(run_stage(stage, parent))
+            results.append(run_stage(stage, parent, force=stage in (force or [])))
             failed = None
     finally:
         if Path("dvc.lock").is_file():
             client.log_artifact(parent, "dvc.lock")
         client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
-        create_markdown_artifact(summary_markdown(results, failed, parent), key="versvideo-pipeline-summary", description="stages, timings, MLflow run")
+        summary = summary_markdown(results, failed, parent)
+        create_markdown_artifact(summary, key="versvideo-pipeline-summary", description="stages, timings, MLflow run")
+        with atomic_path(SUMMARY) as tmp:  # the same summary where an ephemeral Prefect server's artifacts vanish with it
+            tmp.write_text(summary)
     return results

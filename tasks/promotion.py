@@ -14,6 +14,7 @@ import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -84,3 +85,13 @@ def promote_if_better(client: MlflowClient, name: str, run_id: str, source: str,
         client.set_model_version_tag(name, version, key, tag)
     client.set_tag(run_id, "promotion.decision", json.dumps(asdict(decision)))
     return decision
+
+
+def eval_metric(report: dict[str, Any], metric: str) -> float:
+    """`heldout/fvd` -> report['protocols']['heldout']['fvd']."""
+    protocol, _, key = metric.partition("/")
+    try:
+        return float(report["protocols"][protocol][key])
+    except (KeyError, TypeError, ValueError):
+        known = [f"{name}/{k}" for name, figures in report.get("protocols", {}).items() for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        raise ValueError(f"metric {metric!r} is not in metrics/eval.json; it has {', '.join(known)}") from None

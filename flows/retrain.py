@@ -1,0 +1,57 @@
+"""Scheduled retraining: take new data, run the pipeline, promote the model only if it is better.
+
+    versvideo serve --cron "0 3 * * *" [--new-csv PATH] [--metric heldout/fvd]
+
+serves this flow as a Prefect deployment on that schedule. Each run:
+1. appends the rows of `new_csv` (a WebVid CSV, new or a grown copy) to the CSV that
+   `prepare.webvid_csv` names, keeping the last row of a repeated videoid as prepare does;
+2. runs the pipeline flow; `prepare` is forced when rows arrived (the CSV lives outside DVC), and
+   DVC reruns whatever depends on what changed;
+3. when any stage ran, registers the evaluated model and moves the registry's `champion` alias
+   only if `metric` (PROTOCOL/KEY of metrics/eval.json) beats the champion's; the decision and the
+   reason go to the model version, the evaluation run and a Markdown artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.pipeline import pipeline
+from tasks.lineage import tracking_uri
+from tasks.params import load_params
+from tasks.promotion import eval_metric, log_model_manifest, promote_if_better
+from tasks.incoming import append_new_rows
+
+EVAL_REPORT = Path("metrics/eval.json")
+MODEL_FOLDERS = {"unet": Path("models/unet"), "decoder": Path("models/decoder")}
+
+
+@flow(name="versvideo-retrain")
+def retrain(new_csv: str = "", metric: str = "heldout/fvd", lower_is_better: bool = True, model_name: str = "versvideo") -> dict[str, Any]:
+    added = 0
+    if new_csv:
+        params = load_params()
+        if params.prepare.source != "webvid" or not params.prepare.webvid_csv:
+            raise ValueError("retrain with new data needs prepare.source: webvid and prepare.webvid_csv in params.yaml (the CSV the new rows join)")
+        added = append_new_rows(new_csv, params.prepare.webvid_csv)
+    results = pipeline(force=["prepare"] if added else None)
+    if not any(result["ran"] for result in results):
+        outcome = {"added_rows": added, "promoted": False, "reason": "nothing changed: every stage was up to date, no new model to compare"}
+    else:
+        report = json.loads(EVAL_REPORT.read_text())
+        client = MlflowClient(tracking_uri())
+        run_id = report["mlflow_run_id"]
+        source = log_model_manifest(client, run_id, MODEL_FOLDERS)
+        decision = promote_if_better(client, model_name, run_id, source, metric, eval_metric(report, metric), lower_is_better)
+        outcome = {"added_rows": added, "promoted": decision.promoted, "reason": decision.reason, "version": decision.candidate_version}
+    create_markdown_artifact(
+        f"# VersVideo retrain\n\n- new rows: {added}\n- promoted: **{outcome['promoted']}**\n- why: {outcome['reason']}\n",
+        key="versvideo-retrain-decision", description="promotion decision",
+    )
+    return outcome
