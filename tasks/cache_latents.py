@@ -234,13 +234,13 @@ def shard_input_fingerprint(config: str, source: Path, rows: pd.DataFrame) -> st
 
 def check_random_init_allowed(params: Params) -> None:
     cfg = params.cache_latents
+    if params.preset != "smoke" and cfg.random_init:
+        missing = "cache_latents.vae_weights" if not cfg.vae_weights else "cache_latents.text_weights"
+        raise FileNotFoundError(f"{missing}: required for preset {params.preset} (a local weight file; only the smoke preset may use random-init encoders)")
     for key in ("vae_weights", "text_weights"):
         path = getattr(cfg, key)
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{path}: weight file not found; set cache_latents.{key} to a local file or folder (nothing is downloaded)")
-    if params.preset != "smoke" and cfg.random_init:
-        missing = "cache_latents.vae_weights" if not cfg.vae_weights else "cache_latents.text_weights"
-        raise FileNotFoundError(f"{missing}: required for preset {params.preset} (a local weight file; only the smoke preset may use random-init encoders)")
 
 
 def cache_latents(index: pd.DataFrame, cfg: CacheLatentsParams, info: dict[str, Any], clips_dir: Path, out_dir: Path) -> pd.DataFrame:
