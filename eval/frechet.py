@@ -62,16 +62,24 @@ class FeatureStats:
         mean = self.mean
         return (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What `save` writes (and `from_arrays` reads), for files that store more beside it."""
+        return {"count": np.asarray(self.count), "total": self.total, "outer": self.outer}
+
+    @classmethod
+    def from_arrays(cls, saved) -> FeatureStats:
+        stats = cls(int(saved["total"].shape[0]))
+        stats.count, stats.total, stats.outer = int(saved["count"]), np.array(saved["total"]), np.array(saved["outer"])
+        return stats
+
     def save(self, path: str | Path) -> None:
         with open(path, "wb") as file:
-            np.savez(file, count=self.count, total=self.total, outer=self.outer)
+            np.savez(file, **self.arrays())
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
         with np.load(path) as saved:
-            stats = cls(int(saved["total"].shape[0]))
-            stats.count, stats.total, stats.outer = int(saved["count"]), saved["total"].copy(), saved["outer"].copy()
-        return stats
+            return cls.from_arrays(saved)
 
 
 def psd_sqrt(matrix: np.ndarray) -> np.ndarray:

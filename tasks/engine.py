@@ -45,7 +45,6 @@ from tasks.lineage import experiment_id, tracking_uri
 from tasks.ray_runtime import ensure_ray
 
 
-
 class Recipe(Protocol):
     """What the engine needs to know about one model. Must pickle (it travels to the workers)."""
 

@@ -257,16 +257,13 @@ def load_real_stats(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     with np.load(path) as saved:
-        stats = FeatureStats(I3D_FEATURES)
-        stats.count, stats.total, stats.outer = int(saved["count"]), saved["total"].copy(), saved["outer"].copy()
-        return {"fvd": stats, "clipsim_frames": saved["clipsim_frames"], "consistency_pairs": saved["consistency_pairs"], "skipped": int(saved["skipped"])}
+        return {"fvd": FeatureStats.from_arrays(saved), "clipsim_frames": saved["clipsim_frames"], "consistency_pairs": saved["consistency_pairs"], "skipped": int(saved["skipped"])}
 
 
 def save_real_stats(path: Path, real: dict[str, Any], key: dict[str, Any]) -> None:
-    stats = real["fvd"]
     with atomic_path(path) as tmp, open(tmp, "wb") as file:
-        np.savez(file, count=stats.count, total=stats.total, outer=stats.outer, clipsim_frames=real["clipsim_frames"],
-                 consistency_pairs=real["consistency_pairs"], skipped=real["skipped"], key=json.dumps(key, sort_keys=True))
+        np.savez(file, **real["fvd"].arrays(), clipsim_frames=real["clipsim_frames"], consistency_pairs=real["consistency_pairs"],
+                 skipped=real["skipped"], key=json.dumps(key, sort_keys=True))
 
 
 def reduce_rows(rows: pd.DataFrame) -> dict[str, Any]:
