@@ -9,6 +9,7 @@ compare rows with each other (re-crawled videoids, identical files) run on the d
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +180,8 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
     repeated = rows.duplicated(subset="videoid", keep="last")
     unique = rows[~repeated]
 
-    assessed = _assess_on_ray(unique, videos_root, cfg, decode)
+    # Absolute: workers on an existing cluster (RAY_ADDRESS) do not run in this stage's directory
+    assessed = _assess_on_ray(unique, os.path.abspath(videos_root), cfg, decode)
     duplicates = rows[repeated].assign(**NUMERIC_FIELDS, **dict.fromkeys(TEXT_FIELDS, "")).assign(
         reason="duplicate_videoid", detail="a later row has the same videoid (its caption is kept)"
     )

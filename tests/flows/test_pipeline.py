@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
@@ -27,7 +28,7 @@ def prefect_server():
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
+def project(tmp_path, monkeypatch, ray_session):
     for name in ("dvc.yaml", "tasks", "model", "eval", "flows"):
         source = REPO / name
         (shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__")) if source.is_dir() else shutil.copy(source, tmp_path / name))
@@ -39,6 +40,9 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # `versvideo` for dvc's cmd
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # The stages join this session's Ray (as on a cluster, through RAY_ADDRESS) instead of each
+    # starting its own: the same code path as production, and ~15 s less per Ray stage here.
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     return tmp_path, params
 
 
