@@ -109,14 +109,23 @@ class ISProbabilities:
         return probabilities
 
 
+def fvd_weights_id(weights: str, seed: int) -> str:
+    """What identifies the FVD network in a protocol record: the file's sha256, or the stand-in's seed."""
+    return file_digest(weights) if weights else f"random-i3d-seed{seed}"
+
+
+def is_weights_id(weights: str, seed: int) -> str:
+    return file_digest(weights) if weights else f"random-c3d-seed{seed + 1}"
+
+
 def fvd_network(weights: str, setting: str, seed: int) -> tuple[FVDFeatures, str]:
     """(feature extractor, weights id): the I3D torchscript, or the seeded stand-in when weights is ''."""
     if not weights:
-        return FVDFeatures(RandomVideoNet(I3D_FEATURES, seed), "random I3D stand-in"), f"random-i3d-seed{seed}"
-    return FVDFeatures(load_torchscript(weights, setting), str(weights)), file_digest(weights)
+        return FVDFeatures(RandomVideoNet(I3D_FEATURES, seed), "random I3D stand-in"), fvd_weights_id(weights, seed)
+    return FVDFeatures(load_torchscript(weights, setting), str(weights)), fvd_weights_id(weights, seed)
 
 
 def is_network(weights: str, setting: str, seed: int) -> tuple[ISProbabilities, str]:
     if not weights:
-        return ISProbabilities(RandomVideoNet(UCF101_CLASSES, seed + 1), "random C3D stand-in"), f"random-c3d-seed{seed + 1}"
-    return ISProbabilities(load_torchscript(weights, setting), str(weights)), file_digest(weights)
+        return ISProbabilities(RandomVideoNet(UCF101_CLASSES, seed + 1), "random C3D stand-in"), is_weights_id(weights, seed)
+    return ISProbabilities(load_torchscript(weights, setting), str(weights)), is_weights_id(weights, seed)

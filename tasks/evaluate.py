@@ -49,7 +49,7 @@ from eval.clip_metrics import build_tiny_clip, frame_embeddings, successive_simi
 from eval.datasets import class_prompt, read_msrvtt_1ka, read_msrvtt_test, read_ucf101_split
 from eval.frechet import FeatureStats, stats_distance
 from eval.inception import inception_score
-from eval.video_features import I3D_FEATURES, UCF101_CLASSES, fvd_network, is_network
+from eval.video_features import I3D_FEATURES, UCF101_CLASSES, fvd_network, fvd_weights_id, is_network, is_weights_id
 from model.weights import file_digest
 from tasks.atomic import atomic_path, write_json
 from tasks.cache_latents import resolved_encoders
@@ -99,14 +99,17 @@ class Settings:
 
 
 def feature_networks(cfg: EvaluateParams):
-    """(I3D, C3D, (CLIP model, tokenizer), ids): the local weight files, or the smoke stand-ins."""
-    fvd, fvd_id = fvd_network(cfg.i3d_weights, "evaluate.i3d_weights", cfg.seed)
-    inception, is_id = is_network(cfg.c3d_weights, "evaluate.c3d_weights", cfg.seed)
-    if cfg.clip_weights:
-        clip, clip_id = load_clip(cfg.clip_model, cfg.clip_weights, "evaluate.clip_weights"), f"{cfg.clip_model}:{file_digest(cfg.clip_weights)}"
-    else:
-        clip, clip_id = build_tiny_clip(cfg.seed), f"tiny-random-clip-seed{cfg.seed}"
-    return fvd, inception, clip, {"i3d": fvd_id, "c3d": is_id, "clip": clip_id}
+    """(I3D, C3D, (CLIP model, tokenizer)): the local weight files, or the smoke stand-ins."""
+    fvd, _ = fvd_network(cfg.i3d_weights, "evaluate.i3d_weights", cfg.seed)
+    inception, _ = is_network(cfg.c3d_weights, "evaluate.c3d_weights", cfg.seed)
+    clip = load_clip(cfg.clip_model, cfg.clip_weights, "evaluate.clip_weights") if cfg.clip_weights else build_tiny_clip(cfg.seed)
+    return fvd, inception, clip
+
+
+def feature_network_ids(cfg: EvaluateParams) -> dict[str, str]:
+    """The networks' weight hashes (or stand-in seeds), computed once on the driver without loading them."""
+    clip_id = f"{cfg.clip_model}:{file_digest(cfg.clip_weights)}" if cfg.clip_weights else f"tiny-random-clip-seed{cfg.seed}"
+    return {"i3d": fvd_weights_id(cfg.i3d_weights, cfg.seed), "c3d": is_weights_id(cfg.c3d_weights, cfg.seed), "clip": clip_id}
 
 
 class VideoScorer:
@@ -117,7 +120,7 @@ class VideoScorer:
         if device == "cpu":
             torch.set_num_threads(1)
         self.settings = settings
-        self.fvd, self.inception, (self.clip, self.tokenizer), _ = feature_networks(settings.cfg)
+        self.fvd, self.inception, (self.clip, self.tokenizer) = feature_networks(settings.cfg)
         for network in (self.fvd.network, self.inception.network, self.clip):
             network.to(device)
         self.generator = VideoGenerator(settings.unet, settings.decoder, settings.latents, settings.encoders, device=device)
@@ -281,11 +284,11 @@ def reduce_rows(rows: pd.DataFrame) -> dict[str, Any]:
 def score(protocols: list[Protocol], s: Settings, ids: dict[str, str], samples: Path) -> dict[str, dict[str, Any]]:
     """Generate and score every protocol's videos in one pass over a Ray actor pool; the first
     `sample_count` generated videos of each protocol go to `samples` as MP4 + GIF."""
-    rows, cached = [], {}
+    rows, cached, keys = [], {}, {protocol.name: stats_key(protocol, ids, s) for protocol in protocols}
     for protocol in protocols:
         rows += [{"protocol": protocol.name, "kind": "generated", "index": k, "prompt": prompt, "seed": s.cfg.seed * 1_000_003 + k, "path": "", "shard_row": -1}
                  for k, prompt in enumerate(protocol.prompts)]
-        cached[protocol.name] = load_real_stats(stats_path(stats_key(protocol, ids, s)))
+        cached[protocol.name] = load_real_stats(stats_path(keys[protocol.name]))
         if cached[protocol.name] is None:
             rows += [{"protocol": protocol.name, "kind": "real", "index": k, "prompt": row.prompt, "seed": 0, "path": row.path, "shard_row": int(row.shard_row)}
                      for k, row in enumerate(protocol.real.itertuples())]
@@ -311,7 +314,7 @@ def score(protocols: list[Protocol], s: Settings, ids: dict[str, str], samples: 
         if real is None:
             real = reduce_rows(mine[mine["kind"] == "real"])
             if real["fvd"].count >= 2:
-                save_real_stats(stats_path(stats_key(protocol, ids, s)), real, stats_key(protocol, ids, s))
+                save_real_stats(stats_path(keys[protocol.name]), real, keys[protocol.name])
         results[protocol.name] = {"generated": generated, "real": real, "real_cached": cached[protocol.name] is not None}
     return results
 
@@ -396,7 +399,7 @@ def evaluate(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet:
             guidance_scale=cfg.guidance_scale, cfg=cfg, encoders=resolved_encoders(latents, params.cache_latents),
             unet=str(unet.resolve()), decoder=str(decoder.resolve()), latents=str(latents.resolve()),
         )
-        ids = feature_networks(cfg)[3]
+        ids = feature_network_ids(cfg)
         ids["unet"] = file_digest(unet / "model.safetensors")
         ids["decoder"] = file_digest(decoder / "model.safetensors")
         results = score(protocols, settings, ids, Path(samples))
