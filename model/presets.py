@@ -25,6 +25,16 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetConfig:
+    """Section 2.4 (model/controlnet.py); the ControlNet itself copies the UNet's layout."""
+
+    # widths of each condition adapter's convs at full, 1/2, 1/4 and 1/8 resolution (ControlNet's
+    # hint block: 16, 32, 96, 256); three stride-2 convs bring a condition to the latent grid
+    adapter_channels: tuple[int, int, int, int] = (16, 32, 96, 256)
+    style_tokens: int = 4  # Uni-ControlNet's global adapter: 4 tokens
+
+
+@dataclass(frozen=True)
 class DiffusionConfig:
     """Table 4 'Diffusion Setups' and 'Sampling'."""
 
@@ -41,6 +51,7 @@ class Preset:
     name: str
     unet: UNetConfig
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     frames: int = 16
     height: int = 256
     width: int = 256
@@ -55,6 +66,7 @@ PRESETS = {
     "smoke": Preset(
         "smoke",
         UNetConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), heads=4, context_dim=64, spatial_experts=4, temporal_experts=2),
+        controlnet=ControlNetConfig(adapter_channels=(8, 16, 16, 32)),
         frames=8,
         height=64,
         width=64,

@@ -3,7 +3,7 @@
 The paper's Table 4 "Total Parameters during Inference" (500 M for L, 2 B for H) matches, to
 within 3 %, the merged UNet + image VAE + CLIP ViT-L/14 text encoder + the unified ControlNet (a
 trainable copy of the UNet's encoder and middle block with one zero-initialised 1x1 conv per
-skip connection, section 2.4). Without the ControlNet the totals fall 19 % (L) and 29 % (H)
+skip connection and the four condition adapters, section 2.4). Without the ControlNet the totals fall 19 % (L) and 29 % (H)
 short, so the paper's figure must include it; both totals are reported.
 """
 
@@ -13,6 +13,7 @@ import open_clip
 import torch
 from torch import nn
 
+from model.controlnet import VideoControlNet
 from model.image_vae import build_image_vae
 from model.moe_attention import merge_experts
 from model.presets import get_preset
@@ -23,13 +24,6 @@ PAPER_TOTAL_INFERENCE = {"L": 500_000_000, "H": 2_000_000_000}
 
 def count(*modules: nn.Module) -> int:
     return sum(parameter.numel() for module in modules for parameter in module.parameters())
-
-
-def controlnet_parameters(unet: VersVideoUNet) -> int:
-    """A ControlNet's size for this UNet: the encoder + middle copy and its zero convs (c*c + c each)."""
-    copy = count(unet.time_embed, unet.conv_in, unet.down, unet.middle)
-    zero_convs = sum(c * c + c for c in (*unet.skip_channels, unet.skip_channels[-1]))
-    return copy + zero_convs
 
 
 def text_encoder_parameters(model_name: str = "ViT-L-14") -> int:
@@ -51,7 +45,7 @@ def model_summary(preset_name: str) -> dict:
     full_size = preset.unet.context_dim == 768
     vae_parameters = count(vae) if full_size else 0
     text_parameters = text_encoder_parameters() if full_size else 0
-    controlnet = controlnet_parameters(unet)
+    controlnet = count(VideoControlNet(unet, preset.controlnet))  # on the meta device too
     total = unet_inference + vae_parameters + text_parameters
     summary = {
         "preset": preset_name,
