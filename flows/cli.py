@@ -3,6 +3,7 @@
     versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
     versvideo pipeline [--stages a,b]                          the Prefect flow over all (or some) DVC stages
     versvideo serve --cron "0 3 * * *" [--new-csv PATH]        a scheduled retrain-and-promote deployment
+    versvideo generate --prompt TEXT --out PATH.mp4 [...]      videos from text (+ control video/image, style image)
     versvideo model-summary --preset {smoke,L,H} [--json]     parameter counts
     versvideo bench NAME [--json]                              a benchmark; JSON figures on the last line
 """
@@ -13,6 +14,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from tasks.params import ParamsError, load_params
 
@@ -24,6 +26,7 @@ STAGES = {
     "cache_latents": "tasks.cache_latents",
     "train_unet": "tasks.train_unet",
     "train_decoder": "tasks.train_decoder",
+    "train_controlnet": "tasks.train_controlnet",
     "evaluate": "tasks.evaluate",
 }
 # Benchmark name -> module with run(args) -> dict of figures.
@@ -54,6 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metric", default="heldout/fvd", help="PROTOCOL/KEY of metrics/eval.json that decides promotion")
     serve.add_argument("--higher-is-better", action="store_true", help="the metric improves upward (e.g. clipsim); default: lower is better (fvd)")
     serve.add_argument("--model-name", default="versvideo", help="MLflow registered model whose champion alias moves")
+
+    generate = commands.add_parser("generate", help="make videos from prompts, optionally steered by a control video or image and a style image")
+    generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    generate.add_argument("--prompts-file", default="", help="a text file with one prompt per line")
+    generate.add_argument("--out", required=True, help="output PATH.mp4 (a GIF preview beside it; PATH_000.mp4 ... for several prompts)")
+    generate.add_argument("--control", default="", help="visual condition type: canny, hed or image")
+    generate.add_argument("--control-video", default="", help="the control source: a video (its first --frames frames at --fps) or an image")
+    generate.add_argument("--style", default="", help="a style image (CLIP image embedding -> style tokens)")
+    generate.add_argument("--control-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals (0 = no control)")
+    generate.add_argument("--frames", type=int, help="frames (default: the model preset's)")
+    generate.add_argument("--height", type=int, help="height in pixels (default: the preset's)")
+    generate.add_argument("--width", type=int, help="width in pixels (default: the preset's)")
+    generate.add_argument("--fps", type=float, default=8.0, help="frame rate of the output and of the control video's sampling")
+    generate.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30, the paper's)")
+    generate.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    generate.add_argument("--seed", type=int, default=0, help="prompt k uses seed + k")
+    generate.add_argument("--batch-size", type=int, default=1, help="videos per sampling batch")
+    generate.add_argument("--model", default="", help="an MLflow registered model, models:/NAME@ALIAS (default: the local models/ folders)")
+    generate.add_argument("--unet", default="models/unet")
+    generate.add_argument("--decoder", default="models/decoder")
+    generate.add_argument("--controlnet", default="models/controlnet")
+    generate.add_argument("--latents", default="data/latents", help="the latent cache whose empty prompt and encoders the UNet was trained with")
+    generate.add_argument("--params", default="params.yaml", help="params file: its cache_latents section names the text encoder")
+    generate.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
 
     summary = commands.add_parser("model-summary", help="parameter counts of a preset's models")
     summary.add_argument("--preset", choices=["smoke", "L", "H"], default="L")
@@ -88,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
 
             retrain.serve(name="versvideo-retrain", cron=args.cron, parameters={
                 "new_csv": args.new_csv, "metric": args.metric, "lower_is_better": not args.higher_is_better, "model_name": args.model_name})
+        elif args.command == "generate":
+            from tasks.generate import GenerateRequest, generate, read_prompts
+
+            for name in ("steps", "batch_size", "frames", "height", "width"):
+                if getattr(args, name) is not None and getattr(args, name) <= 0:
+                    raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            request = GenerateRequest(
+                prompts=read_prompts(args.prompt, args.prompts_file), out=Path(args.out), control=args.control, control_path=args.control_video,
+                style=args.style, control_scale=args.control_scale, frames=args.frames, height=args.height, width=args.width, fps=args.fps,
+                steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, model=args.model,
+                folders={"unet": Path(args.unet), "decoder": Path(args.decoder), "controlnet": Path(args.controlnet)},
+                latents=Path(args.latents), device=args.device,
+            )
+            for path in generate(request, load_params(args.params)):
+                print(f"wrote {path} and {path.with_suffix('.gif')}")
         elif args.command == "model-summary":
             from model.summary import model_summary
 

@@ -29,7 +29,7 @@ from tasks.promotion import eval_metric, log_model_manifest, promote_if_better
 from tasks.incoming import append_new_rows
 
 EVAL_REPORT = Path("metrics/eval.json")
-MODEL_FOLDERS = {"unet": Path("models/unet"), "decoder": Path("models/decoder")}
+MODEL_FOLDERS = {"unet": Path("models/unet"), "decoder": Path("models/decoder"), "controlnet": Path("models/controlnet")}
 
 
 @flow(name="versvideo-retrain")

@@ -38,14 +38,17 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 class ConditionAdapter(nn.Module):
     """One condition type's adapter F_Cov^(i) of eq. 10: per-frame convs from the condition
-    frames (3, H, W) down to the latent grid (out_channels, H/8, W/8); the last conv starts at zero."""
+    frames (3, H, W) down to the latent grid (out_channels, H/8, W/8)."""
 
     def __init__(self, out_channels: int, channels: tuple[int, int, int, int]) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1), nn.SiLU()]
         for width, wider in zip(channels[:-1], channels[1:]):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, wider, 3, padding=1, stride=2), nn.SiLU()]
-        layers.append(zero_module(nn.Conv2d(channels[-1], out_channels, 3, padding=1)))
+        # Not zero-initialised (ControlNet's hint block is): the output zero convs already make a fresh
+        # ControlNet a no-op, and a second zero layer in series gives the adapter no gradient until
+        # the zero convs have moved, which slowed learning several-fold in our smoke runs
+        layers.append(nn.Conv2d(channels[-1], out_channels, 3, padding=1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:

@@ -55,13 +55,13 @@ from tasks.atomic import atomic_path, write_json
 from tasks.cache_latents import resolved_encoders
 from tasks.clip_score import load_clip
 from tasks.clip_shards import split_clips
-from tasks.generation import VideoGenerator
+from tasks.generation import VideoGenerator, read_video_clip
 from tasks.latent_shards import load_encoders_info
 from tasks.lineage import lineage_tags, start_run, tracking_uri
 from tasks.params import CacheLatentsParams, EvaluateParams, Params, flatten, params_to_dict
 from tasks.ray_runtime import ensure_ray
 from tasks.previews import write_preview
-from tasks.video_io import VideoError, center_crop, clip_stride, cover_size, decode_frames, probe_video
+from tasks.video_io import VideoError
 
 CLIPS, LATENTS = Path("data/clips"), Path("data/latents")
 UNET, DECODER = Path("models/unet"), Path("models/decoder")
@@ -180,12 +180,7 @@ def read_real(path: str, shard_row: int, s: Settings) -> np.ndarray:
     file read from frame 0 at the clips' frame rate, resized to cover and centre-cropped."""
     if shard_row >= 0:
         return np.asarray(np.load(path, mmap_mode="r")[shard_row])
-    probe = probe_video(Path(path))
-    stride = clip_stride(probe.fps, s.fps)
-    if probe.num_frames < (s.frames - 1) * stride + 1:
-        raise VideoError("too_short", f"{path}: {probe.num_frames} frames, fewer than {s.frames} at {s.fps} fps")
-    height, width = cover_size(probe.height, probe.width, s.height, s.width)
-    return center_crop(decode_frames(Path(path), np.arange(s.frames) * stride, height, width), s.height, s.width)
+    return read_video_clip(path, s.frames, s.fps, s.height, s.width)
 
 
 def heldout_protocol(params: Params, clips: Path) -> Protocol:

@@ -220,6 +220,58 @@ class TrainDecoderParams(TrainingParams):
         return not (self.lpips_vgg_weights and self.lpips_linear_weights)
 
 
+CONTROL_CONDITIONS = ("canny", "hed", "image")  # the visual conditions this version can extract (model.controlnet.CONDITIONS has depth's slot too)
+
+
+@dataclass(frozen=True)
+class TrainControlnetParams(TrainingParams):
+    """The paper's stage 2 (section 2.4): the UNet frozen, the ControlNet, adapters and style adapter trained."""
+
+    SECTION: ClassVar[str] = "train_controlnet"
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 2e-4  # L/H: 1e-5 (ControlNet's)
+    sample_every: int = 0
+    conditions: str = "canny,hed,image"  # comma-separated visual conditions drawn per clip (uniformly)
+    condition_dropout: float = 0.1  # per clip: its condition map replaced by an empty one
+    all_condition_dropout: float = 0.05  # per step: every clip's condition map empty and no style (text only)
+    style_dropout: float = 0.5  # per step: no style tokens (style is optional at generation)
+    text_dropout: float = 0.5  # the empty prompt (ControlNet drops 50 % so the conditions are learnt)
+    canny_low: int = 100
+    canny_high: int = 200
+    image_mode: str = "repeat"  # the image condition: the first frame repeated, or on frame 0 only (first_frame)
+    hed_weights: str = ""  # network-bsds500.pth or ControlNetHED.pth; "" = seeded random HED (smoke only)
+    style_model: str = "ViT-L-14"  # open_clip model whose frozen image tower embeds style images
+    style_weights: str = ""  # local open_clip checkpoint; "" = tiny random CLIP (smoke only)
+    sample_count: int = 2
+    sample_steps: int = 20
+    eval_clips: int = 8  # held-out clips whose canny control is checked after training (edge correlation)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in self.condition_list:
+            _check_choice("train_controlnet.conditions", name, CONTROL_CONDITIONS)
+        if not self.condition_list:
+            raise ParamsError("train_controlnet.conditions: name at least one of " + ", ".join(CONTROL_CONDITIONS))
+        for key in ("condition_dropout", "all_condition_dropout", "style_dropout", "text_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ParamsError(f"train_controlnet.{key}: {getattr(self, key)} must be in [0, 1)")
+        for key in ("sample_count", "sample_steps", "eval_clips"):
+            _check_positive(f"train_controlnet.{key}", getattr(self, key))
+        _check_choice("train_controlnet.image_mode", self.image_mode, ("repeat", "first_frame"))
+        if not 0 <= self.canny_low <= self.canny_high:
+            raise ParamsError(f"train_controlnet.canny_low/canny_high: {self.canny_low}/{self.canny_high}; need 0 <= low <= high")
+
+    @property
+    def condition_list(self) -> list[str]:
+        return [name.strip() for name in self.conditions.split(",") if name.strip()]
+
+    @property
+    def random_init(self) -> bool:
+        """Stand-ins for HED or the style CLIP (smoke only)."""
+        return not self.style_weights or ("hed" in self.condition_list and not self.hed_weights)
+
+
 PROTOCOLS = ("heldout", "ucf101", "msrvtt")
 
 
@@ -284,6 +336,7 @@ class Params:
     cache_latents: CacheLatentsParams = field(default_factory=CacheLatentsParams)
     train_unet: TrainUnetParams = field(default_factory=TrainUnetParams)
     train_decoder: TrainDecoderParams = field(default_factory=TrainDecoderParams)
+    train_controlnet: TrainControlnetParams = field(default_factory=TrainControlnetParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     def __post_init__(self) -> None:
@@ -294,6 +347,12 @@ class Params:
 DECODER_AT_SCALE = {
     "steps": 50_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 500, "checkpoint_every": 1000, "sample_every": 5000,
     "refine_channels": 64, "perceptual_frames": 0, "disc_start": 10_000, "disc_channels": 64, "use_gpu": True, "num_workers": 8,
+}
+
+# ControlNet's recipe at scale (lr 1e-5, the UNet frozen); the paper trains stage 2 on WebVid-10M.
+CONTROLNET_AT_SCALE = {
+    "steps": 50_000, "batch_size": 1, "lr": 1e-5, "warmup_steps": 500, "checkpoint_every": 1000, "sample_every": 5000,
+    "conditions": "canny,hed,image", "eval_clips": 64, "use_gpu": True, "num_workers": 8,
 }
 
 # StyleGAN-V's fvd2048_16f protocol and the paper's sampler (Table 4: 30 DDIM steps, CFG 7.5).
@@ -308,6 +367,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
         "train_unet": {"steps": 100_000, "batch_size": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
         "train_decoder": DECODER_AT_SCALE,
+        "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,
     },
     "H": {
@@ -315,6 +375,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
         "train_unet": {"steps": 100_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True},
         "train_decoder": DECODER_AT_SCALE,
+        "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,
     },
 }

@@ -1,0 +1,165 @@
+"""`versvideo generate` on tiny smoke models: MP4 + GIF that decord reads back with the requested
+frames and size, determinism for a seed, control and style changing the video, weights from an
+MLflow registered model (and refused once changed), and clear errors for bad inputs."""
+
+import json
+from pathlib import Path
+
+import decord
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flows.cli import main as cli
+from model.controlnet import ControlledUNet, StyleAdapter, VideoControlNet
+from model.image_vae import build_tiny_image_vae
+from model.presets import get_preset
+from model.tcm_vae import TCMDecoder, TCMVAEConfig
+from model.unet import VersVideoUNet
+from tasks.cache_latents import encode_captions, load_text
+from tasks.conditions import load_style_encoder
+from tasks.generate import GenerateRequest, generate, registered_folders
+from tasks.generation import VideoGenerator, load_unet
+from tasks.params import CacheLatentsParams, Params, TrainControlnetParams, TrainUnetParams
+from tasks.train_controlnet import ControlNetRecipe, ControlTraining, save_controlnet
+from tasks.train_unet import UNetRecipe
+
+VIDEO = "h264_340x256_28fps.mp4"
+
+
+def perturbed(module: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Move the zero-initialised layers off zero, as training would, so control and style act."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    return module
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, fixture_videos):
+    root = tmp_path_factory.mktemp("generate")
+    latents = root / "data" / "latents"
+    latents.mkdir(parents=True)
+    (latents / "encoders.json").write_text(json.dumps({"image_vae": {"weights": ""}, "random_init": True}))
+    text, tokenizer = load_text(CacheLatentsParams())
+    np.save(latents / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
+    torch.manual_seed(0)
+    unet = perturbed(VersVideoUNet(get_preset("smoke").unet), 0.02)
+    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams()).export(unet, root / "models" / "unet")
+    from tasks.train_decoder import save_decoder
+
+    save_decoder(TCMDecoder(build_tiny_image_vae(seed=0), TCMVAEConfig(refine_channels=8)), root / "models" / "decoder")
+    frozen, _ = load_unet(root / "models" / "unet")
+    cfg = TrainControlnetParams()
+    encoder = load_style_encoder(cfg.style_model, "", 0, allow_random=True)
+    controlled = ControlledUNet(frozen, perturbed(VideoControlNet(frozen, get_preset("smoke").controlnet), 0.05),
+                                perturbed(StyleAdapter(64, frozen.config.context_dim, 4), 0.5))
+    recipe = ControlNetRecipe("smoke", cfg, str(root / "models" / "unet"), np.zeros(1), True, np.zeros(1), [], {})
+    save_controlnet(ControlTraining(controlled, encoder), root / "models" / "controlnet", recipe)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (20, 40, 230))):
+        image = np.zeros((48, 48, 3), np.uint8)
+        image[:, :24] = colour
+        Image.fromarray(image).save(root / f"{name}.png")
+    return root
+
+
+def request(project: Path, **overrides) -> GenerateRequest:
+    base = dict(prompts=["a red ball rolls"], out=project / "out" / "video.mp4", frames=8, height=64, width=64, steps=3, device="cpu",
+                folders={name: project / "models" / name for name in ("unet", "decoder", "controlnet")}, latents=project / "data" / "latents")
+    return GenerateRequest(**{**base, **overrides})
+
+
+def test_canny_controlled_mp4_reads_back_with_the_requested_frames_and_size(project, monkeypatch, fixture_videos):
+    monkeypatch.chdir(project)
+    paths = generate(request(project, control="canny", control_path=str(fixture_videos / VIDEO), frames=6, height=64, width=96), Params())
+    assert paths == [project / "out" / "video.mp4"]
+    reader = decord.VideoReader(str(paths[0]))
+    assert len(reader) == 6 and reader[0].shape == (64, 96, 3)
+    assert Image.open(paths[0].with_suffix(".gif")).n_frames == 6
+    assert not list((project / "out").glob(".generate-*"))  # the staging folder is gone
+
+
+def test_a_seed_gives_the_same_video_and_control_and_style_change_it(project, fixture_videos):
+    from tasks.generate import control_frames
+    from tasks.conditions import ConditionExtractor, ConditionSettings, style_embeddings
+    from tasks.generate import read_image
+
+    generator = VideoGenerator(project / "models" / "unet", project / "models" / "decoder", project / "data" / "latents", CacheLatentsParams(),
+                               controlnet_dir=project / "models" / "controlnet")
+    settings = dict(frames=8, height=64, width=64, steps=3, guidance_scale=7.5)
+    canny = ConditionExtractor(ConditionSettings())("canny", control_frames(str(fixture_videos / VIDEO), 8, 8.0, 64, 64))[None]
+    other = ConditionExtractor(ConditionSettings())("canny", control_frames(str(fixture_videos / "pancake_426x240_30fps.mkv"), 8, 8.0, 64, 64))[None]
+    first = generator(["a red ball"], [3], control=canny, control_type="canny", **settings)
+    assert np.array_equal(first, generator(["a red ball"], [3], control=canny, control_type="canny", **settings))
+    assert not np.array_equal(first, generator(["a red ball"], [3], control=other, control_type="canny", **settings))
+    plain = generator(["a red ball"], [3], **settings)
+    assert not np.array_equal(first, plain)
+    assert np.array_equal(plain, generator(["a red ball"], [3], control=canny, control_type="canny", control_scale=0.0, **settings))
+    encoder = load_style_encoder("ViT-B-32", "", 0, allow_random=True)
+    red, blue = (style_embeddings(encoder, read_image(project / f"{name}.png", 224, 224)[None]) for name in ("red", "blue"))
+    assert not np.array_equal(generator(["a red ball"], [3], style_embedding=red, **settings), generator(["a red ball"], [3], style_embedding=blue, **settings))
+
+
+def test_prompts_file_batches_and_style_through_the_command_line(project, monkeypatch, fixture_videos, capsys):
+    monkeypatch.chdir(project)
+    (project / "prompts.txt").write_text("a red ball rolls\n\na blue cube slides\n")
+    (project / "params.yaml").write_text("preset: smoke\n")
+    code = cli(["generate", "--prompts-file", "prompts.txt", "--out", "many/clip.mp4", "--steps", "2", "--batch-size", "2",
+                "--style", "red.png", "--control", "image", "--control-video", "blue.png", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(path.name for path in (project / "many").iterdir()) == ["clip_000.gif", "clip_000.mp4", "clip_001.gif", "clip_001.mp4"]
+    assert len(decord.VideoReader(str(project / "many" / "clip_001.mp4"))) == get_preset("smoke").frames
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--control", "canny", "--control-video", "missing.mp4"], "--control-video missing.mp4: not found"),
+    (["--control", "sketch", "--control-video", "red.png"], "unknown condition 'sketch'"),
+    (["--control", "canny"], "needs --control-video"),
+    (["--control", "canny", "--control-video", "short.mov"], "fewer than 8 frames"),
+    (["--style", "nope.png"], "--style nope.png: not found"),
+    (["--out", "video.avi"], "ending in .mp4"),
+    (["--steps", "0"], "--steps must be positive"),
+])
+def test_bad_inputs_give_clear_errors_and_write_nothing(project, monkeypatch, fixture_videos, capsys, argv, message):
+    monkeypatch.chdir(project)
+    (project / "params.yaml").write_text("preset: smoke\n")
+    if not (project / "short.mov").exists():
+        (project / "short.mov").symlink_to(fixture_videos / "rotated90_3frames.mov")
+    out = ["--out", "bad/video.mp4"] if "--out" not in argv else []
+    assert cli(["generate", "--prompt", "a ball", *out, "--device", "cpu", *argv]) == 1
+    assert message in capsys.readouterr().err
+    assert not (project / "bad").exists()
+
+
+def test_weights_from_a_registered_model_and_refused_once_changed(project, monkeypatch, tmp_path):
+    from mlflow import MlflowClient
+
+    from tasks.lineage import EXPERIMENT
+    from tasks.promotion import log_model_manifest, promote_if_better
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "mlruns").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    models = tmp_path / "models"
+    for name in ("unet", "decoder", "controlnet"):
+        (models / name).mkdir(parents=True)
+        for file in (project / "models" / name).iterdir():
+            (models / name / file.name).write_bytes(file.read_bytes())
+    source = log_model_manifest(client, run_id, {name: models / name for name in ("unet", "decoder", "controlnet")})
+    promote_if_better(client, "versvideo", run_id, source, "heldout/fvd", 10.0, lower_is_better=True)
+
+    assert registered_folders("models:/versvideo@champion") == {name: models / name for name in ("unet", "decoder", "controlnet")}
+    registered = generate(request(project, model="models:/versvideo@champion", control="image", control_path="red.png", out=tmp_path / "a.mp4"), Params())
+    local = generate(request(project, control="image", control_path="red.png", out=tmp_path / "b.mp4"), Params())
+    difference = decord.VideoReader(str(registered[0]))[:].asnumpy().astype(float) - decord.VideoReader(str(local[0]))[:].asnumpy()
+    assert np.abs(difference).mean() < 1.0
+
+    weights = models / "decoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="changed since version 1 was registered"):
+        generate(request(project, model="models:/versvideo@champion", out=tmp_path / "c.mp4"), Params())
+    with pytest.raises(ValueError, match="not found in the MLflow registry"):
+        generate(request(project, model="models:/nothing@champion", out=tmp_path / "d.mp4"), Params())

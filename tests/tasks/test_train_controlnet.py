@@ -1,0 +1,88 @@
+"""train_controlnet end to end on tiny smoke models and real fixture clips: the latent and pixel
+rows of a clip stay paired, held-out videos stay out, the export loads for generation, and the
+control check and samples reach MLflow."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from model.image_vae import build_tiny_image_vae
+from model.presets import get_preset
+from model.tcm_vae import TCMDecoder, TCMVAEConfig
+from model.unet import VersVideoUNet
+from tasks.cache_latents import encode_captions, load_text
+from tasks.latent_shards import write_latent_shard
+from tasks.params import CacheLatentsParams, Params, TrainControlnetParams, TrainUnetParams
+from tasks.train_controlnet import control_dataset, train_controlnet
+from tasks.train_decoder import save_decoder
+from tasks.train_unet import UNetRecipe
+
+SOURCES = ("h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, fixture_clip_reader):
+    root = tmp_path_factory.mktemp("controlnet")
+    clips_dir, latents_dir = root / "data" / "clips", root / "data" / "latents"
+    clips_dir.mkdir(parents=True)
+    latents_dir.mkdir(parents=True)
+    rows, clips = [], []
+    for v, name in enumerate(SOURCES):
+        for k in range(2):
+            rows.append({"clip_id": f"v{v}-{k}", "video_id": f"v{v}", "shard": 0, "shard_row": len(clips), "caption": f"clip {k} of {name}"})
+            clips.append(fixture_clip_reader(name, skip=8 * k))
+    index = pd.DataFrame(rows)
+    np.save(clips_dir / "clips-00000.npy", np.stack(clips))
+    index.to_parquet(clips_dir / "index.parquet")
+    text, tokenizer = load_text(CacheLatentsParams())
+    context = encode_captions(text, tokenizer, index["caption"].tolist())
+    # latent k carries k in every cell, so a test can tell which clip a latent row is
+    latents = np.stack([np.full((8, 4, 8, 8), k / 10, np.float16) for k in range(len(rows))])
+    write_latent_shard(latents_dir / "latents-00000.parquet", index, latents, context, fingerprint="test")
+    index.to_parquet(latents_dir / "index.parquet")
+    np.save(latents_dir / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
+    (latents_dir / "encoders.json").write_text(json.dumps({"image_vae": {"weights": ""}, "random_init": True}))
+    torch.manual_seed(0)
+    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams()).export(VersVideoUNet(get_preset("smoke").unet), root / "models" / "unet")
+    save_decoder(TCMDecoder(build_tiny_image_vae(seed=0), TCMVAEConfig(refine_channels=8)), root / "models" / "decoder")
+    return root
+
+
+def test_latents_and_pixels_of_a_clip_stay_paired_and_held_out_videos_stay_out(project, ray_session, fixture_clip_reader):
+    rows = control_dataset(project / "data" / "latents", project / "data" / "clips", seed=0, exclude_videos=frozenset({"v1"})).take_all()
+    assert len(rows) == 4
+    clips = np.load(project / "data" / "clips" / "clips-00000.npy")
+    for row in rows:
+        k = round(float(row["latents"].flat[0]) * 10)
+        assert k not in (2, 3)  # v1's clips
+        assert np.array_equal(row["frames"], clips[k])
+
+
+def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_session):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    cfg = TrainControlnetParams(steps=4, batch_size=2, checkpoint_every=2, eval_clips=2, sample_count=1, sample_steps=2, style_dropout=0.0)
+    params = Params(train_controlnet=cfg, train_unet=TrainUnetParams(held_out_share=0.34))
+    report = train_controlnet(params)
+
+    check = report["control_check"]
+    assert check["clips"] == 2 and check["held_out"] is True
+    for key in ("canny_edge_correlation_matched", "canny_edge_correlation_mismatched", "canny_edge_correlation_uncontrolled"):
+        assert -1 <= check[key] <= 1
+    assert report["comparable"] is False and report["logged_steps"] == 4
+    folder = project / "models" / "controlnet"
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["trained_conditions"] == ["canny", "hed", "image"] and saved["style"]["model"] == "tiny-random"
+    assert json.loads((folder / "metrics.json").read_text())["control_check"] == check
+
+    client = MlflowClient()
+    run = client.get_run(report["mlflow_run_id"])
+    assert run.data.tags["versvideo.stage"] == "train_controlnet"
+    assert run.data.metrics["control/canny_edge_correlation_matched"] == pytest.approx(check["canny_edge_correlation_matched"])
+    assert {"grad_norm", "grad_norm/style", "loss"} <= set(run.data.metrics)  # both groups trained (no style dropout)
+    samples = [item.path for folder in client.list_artifacts(run.info.run_id, "samples") for item in client.list_artifacts(run.info.run_id, folder.path)]
+    assert {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}
