@@ -65,7 +65,8 @@ def test_latents_and_pixels_of_a_clip_stay_paired_and_held_out_videos_stay_out(p
 def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_session):
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    cfg = TrainControlnetParams(steps=4, batch_size=2, checkpoint_every=2, eval_clips=2, sample_count=1, sample_steps=2, style_dropout=0.0)
+    cfg = TrainControlnetParams(steps=4, batch_size=2, checkpoint_every=2, eval_clips=2, sample_count=1, sample_steps=2, style_dropout=0.0,
+                                conditions="canny,hed,image")
     params = Params(train_controlnet=cfg, train_unet=TrainUnetParams(held_out_share=0.34))
     report = train_controlnet(params)
 
