@@ -1,4 +1,5 @@
-"""cache_latents on clips decoded from the real fixture videos: values, resume after a kill, reader."""
+"""cache_latents on clips decoded from the real fixture videos: values, resume after the flow running it
+is killed, reader."""
 
 import contextlib
 import json
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+import ray
 import torch
 import yaml
 from diffusers import AutoencoderKL
@@ -123,27 +125,37 @@ def workspace(root: Path, clips_dir: Path, vae: Path) -> Path:
     return root
 
 
-def stage_command():
-    return [sys.executable, "-m", "flows.cli", "stage", "cache_latents"]
+def pipeline_workspace(root: Path, clips_dir: Path, vae: Path) -> Path:
+    """A project the Prefect flow can run cache_latents in: the code, dvc.yaml, git and DVC."""
+    workspace(root, clips_dir, vae)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())  # dvc.yaml reads keys of every section
+    params["cache_latents"].update(vae_weights=str(vae), num_workers=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in ("dvc.yaml", "tasks", "model", "eval", "flows"):
+        source = REPO / name
+        (shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__")) if source.is_dir() else shutil.copy(source, root / name))
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=root, check=True)
+    return root
 
 
-def stage_env():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def flow_command():
+    return [sys.executable, "-m", "flows.cli", "pipeline", "--stages", "cache_latents"]
+
+
+def stage_env(prefect_home: Path | None = None):
+    """The stage's own Ray (no RAY_ADDRESS: killing its tree kills its Ray too), `versvideo` on PATH
+    for dvc's cmd, and the flow in Prefect's ephemeral mode with a private home."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    if prefect_home:
+        env["PREFECT_HOME"] = str(prefect_home)
     return {**env, "PYTHONPATH": str(REPO)}
 
 
-def test_killed_stage_resumes_without_recomputing_finished_shards(clips_dir, slow_vae_folder, tmp_path, monkeypatch, capsys, ray_session):
-    killed = workspace(tmp_path / "killed", clips_dir, slow_vae_folder)
-    log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the stage
-    process = subprocess.Popen(stage_command(), cwd=killed, env=stage_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-    latents = killed / "data" / "latents"
-    deadline = time.monotonic() + 240
-    while not list(latents.glob("latents-*.parquet")):
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no shard finished within 240 s"
-        time.sleep(0.05)
-    # a crash: the driver and everything it started (Ray's head processes and the encoder actor,
-    # which Ray puts in sessions of their own) die at once
+def kill_tree(process: subprocess.Popen) -> None:
+    """A crash: the flow and everything under it (dvc, the stage, Ray's head processes and the
+    encoder actor, which Ray puts in sessions of their own) die at once."""
     driver = psutil.Process(process.pid)
     tree = [driver, *driver.children(recursive=True)]
     for member in tree:
@@ -151,18 +163,36 @@ def test_killed_stage_resumes_without_recomputing_finished_shards(clips_dir, slo
             member.kill()
     psutil.wait_procs(tree, timeout=30)
     process.wait()
+
+
+def test_killed_flow_resumes_without_recomputing_finished_shards(clips_dir, slow_vae_folder, tmp_path, monkeypatch, ray_session):
+    """Issue 9's acceptance: kill the Prefect flow during cache_latents, rerun the flow; the
+    finished shards are kept and the outputs equal an uninterrupted run's byte for byte."""
+    killed = pipeline_workspace(tmp_path / "killed", clips_dir, slow_vae_folder)
+    env = stage_env(tmp_path / "prefect")
+    log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the flow
+    process = subprocess.Popen(flow_command(), cwd=killed, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    latents = killed / "data" / "latents"
+    deadline = time.monotonic() + 300
+    while not list(latents.glob("latents-*.parquet")):
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no shard finished within 300 s"
+        time.sleep(0.05)
+    kill_tree(process)
     finished = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in latents.glob("latents-*.parquet")}
     assert 1 <= len(finished) < 3, f"kill landed {'after' if finished else 'before'} the work: {sorted(finished)}"
     assert not (latents / "index.parquet").exists()  # nothing marks the cache readable yet
 
-    monkeypatch.chdir(killed)  # the rerun: the same stage again (in this process's Ray, to save a Ray start)
-    cache_latents_stage(load_params("params.yaml"))
-    rerun = capsys.readouterr().out
+    # the same flow again (its stage joins this session's Ray, as on a cluster: one Ray start less)
+    rerun = subprocess.run(flow_command(), cwd=killed, env={**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}, capture_output=True, text=True)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     for name, identity in finished.items():  # finished shards were kept, not rewritten
         path = latents / name
         assert (path.stat().st_ino, path.stat().st_mtime_ns) == identity
-    assert rerun.count(" skipped (") == len(finished) and rerun.count(" encoded (") == 3 - len(finished)
+    report = json.loads((killed / "metrics" / "cache_latents.json").read_text())
+    assert (report["shards_skipped"], report["shards_encoded"]) == (len(finished), 3 - len(finished))
     assert not list(latents.glob(".tmp-*"))
+    assert "cache_latents" in yaml.safe_load((killed / "dvc.lock").read_text())["stages"]
 
     clean = workspace(tmp_path / "clean", clips_dir, slow_vae_folder)
     monkeypatch.chdir(clean)  # the uninterrupted run: the same stage, in this process's Ray
