@@ -160,6 +160,10 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
 
     control = None
     if request.control:
+        trained = generator.controlnet_config["trained_conditions"]
+        if request.control not in trained:
+            raise ValueError(f"--control {request.control}: this ControlNet was trained on {', '.join(trained)} only, so its {request.control} adapter "
+                             f"is untrained; use one of those, or retrain with train_controlnet.conditions including {request.control}")
         extractor_cfg = generator.controlnet_config["extractors"]
         extractor = ConditionExtractor(
             ConditionSettings(extractor_cfg["canny_low"], extractor_cfg["canny_high"], extractor_cfg["image_mode"]),

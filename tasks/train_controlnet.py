@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import ray
 import torch
 from mlflow.entities import Metric
@@ -220,14 +221,29 @@ def generate_controlled(generator: VideoGenerator, recipe: ControlNetRecipe, cli
     return videos, controls
 
 
-def control_check(generator: VideoGenerator, recipe: ControlNetRecipe, clips: np.ndarray, captions: list[str]) -> dict[str, Any]:
-    """Edges of canny-controlled videos against their control's edges (matched) and against the
-    next clip's (mismatched: the same generated video, another video's edges)."""
+def other_video_rows(rows: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """For each row, a clip of another video (the k-th such clip, cyclically; the held-out ones in
+    `rows` first): the mismatched control of the check."""
+    pool = pd.concat([rows, index[~index["clip_id"].isin(rows["clip_id"])].sort_values("clip_id")])
+    picks = []
+    for k, video in enumerate(rows["video_id"]):
+        candidates = pool[pool["video_id"] != video]
+        if candidates.empty:
+            raise ValueError("the control check needs clips of at least two videos; cache more videos")
+        picks.append(candidates.iloc[k % len(candidates)])
+    return pd.DataFrame(picks).reset_index(drop=True)
+
+
+def control_check(generator: VideoGenerator, recipe: ControlNetRecipe, clips: np.ndarray, captions: list[str], other_clips: np.ndarray) -> dict[str, Any]:
+    """Edges of canny-controlled videos against their control's edges (matched) and against a
+    clip of another video (mismatched: the same generated video, that video's edges); and of
+    uncontrolled videos (same prompts and seeds) against the control's edges."""
     videos, controls = generate_controlled(generator, recipe, clips, captions)
     low, high = recipe.cfg.canny_low, recipe.cfg.canny_high
     generated_edges = [canny(video, low, high) for video in videos]
     matched = [edge_correlation(edges, control[..., 0]) for edges, control in zip(generated_edges, controls)]
-    mismatched = [edge_correlation(edges, np.roll(controls, 1, axis=0)[k][..., 0]) for k, edges in enumerate(generated_edges)]
+    others = [canny(clip, low, high) for clip in other_clips]
+    mismatched = [edge_correlation(edges, other) for edges, other in zip(generated_edges, others)]
     uncontrolled = generator(captions[: len(clips)], list(range(len(clips))), frames=clips.shape[1], height=clips.shape[2], width=clips.shape[3],
                              steps=recipe.cfg.sample_steps, guidance_scale=get_preset(recipe.preset).diffusion.guidance_scale)
     baseline = [edge_correlation(canny(video, low, high), control[..., 0]) for video, control in zip(uncontrolled, controls)]
@@ -263,7 +279,7 @@ def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENT
     held_rows = index[index["video_id"].astype(str).isin(held_out)].sort_values("clip_id")
     if held_rows.empty:  # train_unet.held_out_share = 0: check on training clips (said in the report)
         held_rows = index.sort_values("clip_id")
-    held_rows = held_rows.iloc[: max(2, cfg.eval_clips)].reset_index(drop=True)
+    held_rows = held_rows.iloc[: cfg.eval_clips].reset_index(drop=True)
     held_clips = read_clips(clips, held_rows)
     encoders = resolved_encoders(latents, params.cache_latents)
     recipe = ControlNetRecipe(
@@ -278,7 +294,7 @@ def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENT
         params={**flat, "held_out_videos": len(held_out)}, tags=lineage_tags("train_controlnet"),
     )
     generator = VideoGenerator(unet, decoder, latents, encoders, controlnet_dir=output_dir)
-    check = control_check(generator, recipe, held_clips, held_rows["caption"].astype(str).tolist())
+    check = control_check(generator, recipe, held_clips, held_rows["caption"].astype(str).tolist(), read_clips(clips, other_video_rows(held_rows, index)))
     check["held_out"] = bool(held_out)
     report = {
         "control_check": check, "steps": cfg.steps, "conditions": cfg.condition_list, "mlflow_run_id": result["mlflow_run_id"],

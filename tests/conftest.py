@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VERSVIDEO_SHARED", REPO.parent / "shared"))
@@ -32,7 +37,7 @@ def ray_session():
     ray.shutdown()
 
 
-def read_fixture_clip(name: str, frames: int = 8, size: int = 64, skip: int = 0) -> "np.ndarray":
+def read_fixture_clip(name: str, frames: int = 8, size: int = 64, skip: int = 0) -> np.ndarray:
     """`frames` successive frames of a fixture video, resized to size x size: (t, h, w, 3) uint8."""
     import av
     import numpy as np
@@ -51,3 +56,47 @@ def fixture_clip_reader(fixture_videos):
 def fixture_clip(fixture_videos):
     """Eight real frames (64x64) of the H.264 fixture: (8, 64, 64, 3) uint8."""
     return read_fixture_clip("h264_340x256_28fps.mp4")
+
+
+FIXTURE_SOURCES = ("h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv")
+
+
+def write_fixture_clips(clips_dir: Path) -> pd.DataFrame:
+    """A decode-stage clip folder made of the fixture videos: 3 videos x 2 clips (8 x 64 x 64) in
+    shard 0, and its index; returns the index (clip_id, video_id, shard, shard_row, caption)."""
+    import numpy as np
+    import pandas as pd
+
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    rows, clips = [], []
+    for v, name in enumerate(FIXTURE_SOURCES):
+        for k in range(2):
+            rows.append({"clip_id": f"v{v}-{k}", "video_id": f"v{v}", "shard": 0, "shard_row": len(clips), "caption": f"clip {k} of {name}"})
+            clips.append(read_fixture_clip(name, skip=8 * k))
+    np.save(clips_dir / "clips-00000.npy", np.stack(clips))
+    index = pd.DataFrame(rows)
+    index.to_parquet(clips_dir / "index.parquet")
+    return index
+
+
+def write_tiny_models(root: Path, scale: float = 0.0) -> None:
+    """Random-init smoke exports in models/unet (merged experts) and models/decoder (TCM-VAE);
+    `scale` > 0 moves the UNet's zero-initialised layers off zero, as training would."""
+    import numpy as np
+    import torch
+
+    from model.image_vae import build_tiny_image_vae
+    from model.presets import get_preset
+    from model.tcm_vae import TCMDecoder, TCMVAEConfig
+    from model.unet import VersVideoUNet
+    from tasks.params import CacheLatentsParams, TrainUnetParams
+    from tasks.train_decoder import save_decoder
+    from tasks.train_unet import UNetRecipe
+
+    torch.manual_seed(0)
+    unet = VersVideoUNet(get_preset("smoke").unet)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams()).export(unet, root / "models" / "unet")
+    save_decoder(TCMDecoder(build_tiny_image_vae(seed=0), TCMVAEConfig(refine_channels=8)), root / "models" / "decoder")

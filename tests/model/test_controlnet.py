@@ -30,6 +30,14 @@ def perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
             parameter.add_(scale * torch.randn_like(parameter))
 
 
+def steered_model() -> ControlledUNet:
+    """A trained-looking UNet with a ControlNet and style adapter off their zero start."""
+    unet = trained_unet()
+    controlnet = VideoControlNet(unet, PRESET.controlnet)
+    perturb(controlnet)
+    return ControlledUNet(unet, controlnet, StyleAdapter(IMAGE_EMBED, PRESET.unet.context_dim, PRESET.controlnet.style_tokens))
+
+
 def inputs(batch: int = 2):
     generator = torch.Generator().manual_seed(1)
     c, t, h, w = PRESET.latent_shape
@@ -115,11 +123,8 @@ def test_eq10_each_sample_goes_through_its_own_adapter():
 
 
 def test_style_tokens_reach_the_cross_attention_of_unet_and_controlnet():
-    unet = trained_unet()
-    controlnet = VideoControlNet(unet, PRESET.controlnet)
-    perturb(controlnet)
-    style = StyleAdapter(IMAGE_EMBED, PRESET.unet.context_dim, PRESET.controlnet.style_tokens)
-    model = ControlledUNet(unet, controlnet, style)
+    model = steered_model()
+    controlnet, style = model.controlnet, model.style
     a = inputs()
     first, second = torch.randn(2, 2, IMAGE_EMBED, generator=torch.Generator().manual_seed(3))
     context = model.with_style(a["context"], first)
@@ -138,11 +143,7 @@ def test_style_tokens_reach_the_cross_attention_of_unet_and_controlnet():
 
 
 def test_the_denoiser_tiles_condition_and_style_for_guidance_batches():
-    unet = trained_unet()
-    controlnet = VideoControlNet(unet, PRESET.controlnet)
-    perturb(controlnet)
-    style = StyleAdapter(IMAGE_EMBED, PRESET.unet.context_dim, PRESET.controlnet.style_tokens)
-    model = ControlledUNet(unet, controlnet, style)
+    model = steered_model()
     a = inputs()
     embedding = torch.randn(2, IMAGE_EMBED)
     denoise = model.denoiser(a["condition"], a["kind"], embedding, 0.7)

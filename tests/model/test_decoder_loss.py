@@ -9,7 +9,6 @@ import torch
 from einops import rearrange
 
 from model.decoder_loss import (
-    LPIPS,
     DecoderLossConfig,
     DecoderTraining,
     PatchDiscriminator3D,

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import open_clip
 import pandas as pd
 import pytest

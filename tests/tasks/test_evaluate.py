@@ -8,21 +8,15 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from model.image_vae import build_tiny_image_vae
-from model.presets import get_preset
-from model.tcm_vae import TCMDecoder, TCMVAEConfig
-from model.unet import VersVideoUNet
 from tasks.cache_latents import encode_captions, load_text
 from tasks.evaluate import evaluate
 from tasks.generation import VideoGenerator, load_unet
 from tasks.params import CacheLatentsParams, EvaluateParams, Params, TrainUnetParams
-from tasks.train_decoder import save_decoder
-from tasks.train_unet import UNetRecipe
+from tests.conftest import FIXTURE_SOURCES, write_fixture_clips, write_tiny_models
 
-SOURCES = ("h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv")
+SOURCES = FIXTURE_SOURCES
 UCF_CLASSES = ("PlayingCello", "HandstandPushups")
 
 
@@ -32,23 +26,13 @@ def project(tmp_path_factory, fixture_clip_reader, fixture_videos):
     empty-prompt context, random-init smoke UNet and TCM-VAE exports, and a UCF-101 copy."""
     root = tmp_path_factory.mktemp("evaluate")
     clips_dir, latents_dir = root / "data" / "clips", root / "data" / "latents"
-    clips_dir.mkdir(parents=True)
     latents_dir.mkdir(parents=True)
-    rows, clips = [], []
-    for v, name in enumerate(SOURCES):
-        for k in range(2):
-            rows.append({"clip_id": f"v{v}-{k}", "video_id": f"v{v}", "shard": 0, "shard_row": len(clips), "caption": f"clip {k} of {name}"})
-            clips.append(fixture_clip_reader(name, skip=8 * k))
-    np.save(clips_dir / "clips-00000.npy", np.stack(clips))
-    pd.DataFrame(rows).to_parquet(clips_dir / "index.parquet")
+    write_fixture_clips(clips_dir)
     (latents_dir / "encoders.json").write_text(json.dumps({"image_vae": {"weights": ""}, "random_init": True}))
     text, tokenizer = load_text(CacheLatentsParams())
     np.save(latents_dir / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
 
-    torch.manual_seed(0)
-    unet = VersVideoUNet(get_preset("smoke").unet)
-    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams()).export(unet, root / "models" / "unet")
-    save_decoder(TCMDecoder(build_tiny_image_vae(seed=0), TCMVAEConfig(refine_channels=8)), root / "models" / "decoder")
+    write_tiny_models(root)
 
     ucf = root / "ucf101"
     (ucf / "ucfTrainTestlist").mkdir(parents=True)

@@ -13,17 +13,14 @@ from PIL import Image
 
 from flows.cli import main as cli
 from model.controlnet import ControlledUNet, StyleAdapter, VideoControlNet
-from model.image_vae import build_tiny_image_vae
 from model.presets import get_preset
-from model.tcm_vae import TCMDecoder, TCMVAEConfig
-from model.unet import VersVideoUNet
 from tasks.cache_latents import encode_captions, load_text
 from tasks.conditions import load_style_encoder
 from tasks.generate import GenerateRequest, generate, registered_folders
 from tasks.generation import VideoGenerator, load_unet
-from tasks.params import CacheLatentsParams, Params, TrainControlnetParams, TrainUnetParams
+from tasks.params import CacheLatentsParams, Params, TrainControlnetParams
 from tasks.train_controlnet import ControlNetRecipe, ControlTraining, save_controlnet
-from tasks.train_unet import UNetRecipe
+from tests.conftest import write_tiny_models
 
 VIDEO = "h264_340x256_28fps.mp4"
 
@@ -44,14 +41,9 @@ def project(tmp_path_factory, fixture_videos):
     (latents / "encoders.json").write_text(json.dumps({"image_vae": {"weights": ""}, "random_init": True}))
     text, tokenizer = load_text(CacheLatentsParams())
     np.save(latents / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
-    torch.manual_seed(0)
-    unet = perturbed(VersVideoUNet(get_preset("smoke").unet), 0.02)
-    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams()).export(unet, root / "models" / "unet")
-    from tasks.train_decoder import save_decoder
-
-    save_decoder(TCMDecoder(build_tiny_image_vae(seed=0), TCMVAEConfig(refine_channels=8)), root / "models" / "decoder")
+    write_tiny_models(root, scale=0.02)
     frozen, _ = load_unet(root / "models" / "unet")
-    cfg = TrainControlnetParams()
+    cfg = TrainControlnetParams(conditions="canny,image")
     encoder = load_style_encoder(cfg.style_model, "", 0, allow_random=True)
     controlled = ControlledUNet(frozen, perturbed(VideoControlNet(frozen, get_preset("smoke").controlnet), 0.05),
                                 perturbed(StyleAdapter(64, frozen.config.context_dim, 4), 0.5))
@@ -118,6 +110,7 @@ def test_prompts_file_batches_and_style_through_the_command_line(project, monkey
     (["--control", "canny"], "needs --control-video"),
     (["--control", "canny", "--control-video", "short.mov"], "fewer than 8 frames"),
     (["--style", "nope.png"], "--style nope.png: not found"),
+    (["--control", "hed", "--control-video", "red.png"], "trained on canny, image only"),
     (["--out", "video.avi"], "ending in .mp4"),
     (["--steps", "0"], "--steps must be positive"),
 ])

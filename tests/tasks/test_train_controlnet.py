@@ -5,54 +5,35 @@ control check and samples reach MLflow."""
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from model.image_vae import build_tiny_image_vae
-from model.presets import get_preset
-from model.tcm_vae import TCMDecoder, TCMVAEConfig
-from model.unet import VersVideoUNet
 from tasks.cache_latents import encode_captions, load_text
 from tasks.latent_shards import write_latent_shard
 from tasks.params import CacheLatentsParams, Params, TrainControlnetParams, TrainUnetParams
 from tasks.train_controlnet import control_dataset, train_controlnet
-from tasks.train_decoder import save_decoder
-from tasks.train_unet import UNetRecipe
-
-SOURCES = ("h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv")
+from tests.conftest import write_fixture_clips, write_tiny_models
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, fixture_clip_reader):
+def project(tmp_path_factory, fixture_videos):
     root = tmp_path_factory.mktemp("controlnet")
     clips_dir, latents_dir = root / "data" / "clips", root / "data" / "latents"
-    clips_dir.mkdir(parents=True)
     latents_dir.mkdir(parents=True)
-    rows, clips = [], []
-    for v, name in enumerate(SOURCES):
-        for k in range(2):
-            rows.append({"clip_id": f"v{v}-{k}", "video_id": f"v{v}", "shard": 0, "shard_row": len(clips), "caption": f"clip {k} of {name}"})
-            clips.append(fixture_clip_reader(name, skip=8 * k))
-    index = pd.DataFrame(rows)
-    np.save(clips_dir / "clips-00000.npy", np.stack(clips))
-    index.to_parquet(clips_dir / "index.parquet")
+    index = write_fixture_clips(clips_dir)
     text, tokenizer = load_text(CacheLatentsParams())
     context = encode_captions(text, tokenizer, index["caption"].tolist())
     # latent k carries k in every cell, so a test can tell which clip a latent row is
-    latents = np.stack([np.full((8, 4, 8, 8), k / 10, np.float16) for k in range(len(rows))])
+    latents = np.stack([np.full((8, 4, 8, 8), k / 10, np.float16) for k in range(len(index))])
     write_latent_shard(latents_dir / "latents-00000.parquet", index, latents, context, fingerprint="test")
     index.to_parquet(latents_dir / "index.parquet")
     np.save(latents_dir / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
     (latents_dir / "encoders.json").write_text(json.dumps({"image_vae": {"weights": ""}, "random_init": True}))
-    torch.manual_seed(0)
-    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams()).export(VersVideoUNet(get_preset("smoke").unet), root / "models" / "unet")
-    save_decoder(TCMDecoder(build_tiny_image_vae(seed=0), TCMVAEConfig(refine_channels=8)), root / "models" / "decoder")
+    write_tiny_models(root)
     return root
 
 
-def test_latents_and_pixels_of_a_clip_stay_paired_and_held_out_videos_stay_out(project, ray_session, fixture_clip_reader):
+def test_latents_and_pixels_of_a_clip_stay_paired_and_held_out_videos_stay_out(project, ray_session):
     rows = control_dataset(project / "data" / "latents", project / "data" / "clips", seed=0, exclude_videos=frozenset({"v1"})).take_all()
     assert len(rows) == 4
     clips = np.load(project / "data" / "clips" / "clips-00000.npy")
