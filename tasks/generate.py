@@ -167,13 +167,13 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
         extractor_cfg = generator.controlnet_config["extractors"]
         extractor = ConditionExtractor(
             ConditionSettings(extractor_cfg["canny_low"], extractor_cfg["canny_high"], extractor_cfg["image_mode"]),
-            hed_weights=extractor_cfg["hed_weights"], allow_random=preset.name == "smoke", device=device,
+            hed_weights=extractor_cfg["hed_weights"], seed=generator.controlnet_config["seed"], allow_random=preset.name == "smoke", device=device,
         )
         control = extractor(request.control, control_frames(request.control_path, frames, request.fps, height, width))
     style = None
     if request.style:
         style_cfg = generator.controlnet_config["style"]
-        encoder = load_style_encoder(style_cfg["model"], style_cfg["weights"], params.train_controlnet.seed, allow_random=style_cfg["model"] == "tiny-random")
+        encoder = load_style_encoder(style_cfg["model"], style_cfg["weights"], generator.controlnet_config["seed"], allow_random=style_cfg["model"] == "tiny-random")
         style = style_embeddings(encoder, read_image(Path(request.style), 224, 224)[None])
 
     progress = tqdm(total=len(request.prompts) * request.steps, desc="generate", unit="step")

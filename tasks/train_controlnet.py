@@ -196,6 +196,7 @@ def save_controlnet(model: ControlTraining, folder: Path, recipe: ControlNetReci
     cfg = recipe.cfg
     write_json({
         "preset": recipe.preset,
+        "seed": cfg.seed,  # seeds the smoke preset's random HED and CLIP stand-ins: generate rebuilds the same ones
         "controlnet": dataclasses.asdict(controlled.controlnet.config),
         "conditions": CONDITIONS,
         "trained_conditions": cfg.condition_list,
