@@ -50,6 +50,15 @@ def lineage_tags(stage: str) -> dict[str, str]:
     return tags
 
 
+def tag_stage_run(tags: dict[str, str]) -> None:
+    """Tags on the stage's own nested run, from inside the stage process (no-op outside a pipeline)."""
+    run_id = os.environ.get(PARENT_RUN_ENV)
+    if run_id:
+        client = MlflowClient(tracking_uri())
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+
+
 def dvc_lock_stage(stage: str, lock: Path = Path("dvc.lock")) -> dict[str, Any]:
     if not lock.exists():
         return {}

@@ -1,5 +1,5 @@
-"""Shared test fixtures: the real fixture videos beside the checkout, and one local Ray for the
-whole session (starting Ray costs seconds, so tests share it)."""
+"""Shared test fixtures: the real fixture videos beside the checkout, one local Ray and one Prefect
+server for the whole session (starting either costs seconds, so tests share them)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ def ray_session():
     ensure_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 for the tests that run flows: {"PREFECT_API_URL": ...}."""
+    from tests.services import prefect_server, running
+
+    server, env = prefect_server(tmp_path_factory.mktemp("prefect"))
+    with running(server):
+        yield env
 
 
 def read_fixture_clip(name: str, frames: int = 8, size: int = 64, skip: int = 0) -> np.ndarray:

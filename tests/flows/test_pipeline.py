@@ -1,48 +1,55 @@
-"""The Prefect pipeline over dvc.yaml on a tiny synthetic set (the data stages; training and
-evaluation have their own tests): a failing stage is reported by name and a rerun resumes at it
-without redoing the finished ones; with nothing changed no stage does work; changing a param
-reruns the stage that reads it; every stage gets a nested MLflow run with its lineage."""
+"""The pipeline against real services: a Prefect server, an MLflow tracking server and a Ray head
+node on 127.0.0.1 (tests/services.py), driven by `versvideo pipeline` as a user's shell runs it,
+on a tiny synthetic set (the data stages; training and evaluation have their own tests).
 
+A failing stage is reported by name and a rerun resumes at it without redoing the finished ones;
+with nothing changed no stage does work; changing a param reruns the stage that reads it. Then each
+service is asked through its own API what happened: MLflow's runs, tags, dataset inputs and
+artifacts; Prefect's flow runs, task runs and summary artifacts; Ray's node the stages ran on."""
+
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from uuid import UUID
 
 import pytest
-import ray
 import yaml
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.pipeline import StageFailed, pipeline
+from tests.services import mlflow_server, ray_head, running
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "filter", "decode", "cache_latents"]
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def services(request, tmp_path_factory):
+    """The three servers, started side by side: {env variable: value} for their clients."""
+    folder = tmp_path_factory.mktemp("services")
+    (mlflow, mlflow_env), (ray, ray_env) = mlflow_server(folder), ray_head(folder)
+    prefect_env = request.getfixturevalue("prefect_api")  # the session's; it starts while these do
+    with running(mlflow, ray):
+        yield {**prefect_env, **mlflow_env, **ray_env}
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, ray_session):
+def project(tmp_path, services):
     for name in ("dvc.yaml", "tasks", "model", "eval", "flows"):
         source = REPO / name
         (shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__")) if source.is_dir() else shutil.copy(source, tmp_path / name))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"].update(num_videos=6, seconds=1.5)
-    params["cache_latents"]["smoke_vae_fit_steps"] = 20
+    params["cache_latents"]["smoke_vae_fit_steps"] = 0  # a random stand-in VAE: its fit has its own test
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(command, cwd=tmp_path, check=True)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # `versvideo` for dvc's cmd
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # The stages join this session's Ray (as on a cluster, through RAY_ADDRESS) instead of each
-    # starting its own: the same code path as production, and ~15 s less per Ray stage here.
-    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     return tmp_path, params
 
 
@@ -50,37 +57,71 @@ def write_params(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def ran(results) -> dict[str, bool]:
-    return {result["stage"]: result["ran"] for result in results}
+def versvideo_pipeline(folder: Path, services: dict[str, str]) -> subprocess.CompletedProcess:
+    """`versvideo pipeline --stages ...` in `folder` with the services' variables exported."""
+    env = {**os.environ, **services, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["versvideo", "pipeline", "--stages", ",".join(STAGES)], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_failed_stage_resumes_and_a_rerun_does_nothing(project, prefect_server):
+def ran(finished: subprocess.CompletedProcess) -> dict[str, bool]:
+    """The command's closing table: stage -> whether DVC ran it (False: up to date)."""
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
+    rows = re.findall(r"^  (\w+)\s+(ran|up to date)\s+[\d.]+ s$", finished.stdout, flags=re.MULTILINE)
+    return {stage: status == "ran" for stage, status in rows}
+
+
+def test_failed_stage_resumes_and_a_rerun_does_nothing(project, services):
     folder, params = project
     write_params(folder, {**params, "cache_latents": {**params["cache_latents"], "vae_weights": "weights/missing-vae"}})
-    with pytest.raises(StageFailed, match=r"(?s)stage .cache_latents. failed .*missing-vae: weight file not found; set cache_latents.vae_weights"):
-        pipeline(stages=STAGES)
+    failed = versvideo_pipeline(folder, services)
+    assert failed.returncode == 1
+    assert re.search(r"(?s)stage .cache_latents. failed .*missing-vae: weight file not found; set cache_latents.vae_weights", failed.stderr), failed.stderr[-3000:]
 
     write_params(folder, params)  # fixed: the rerun starts at the failed stage
-    assert ran(pipeline(stages=STAGES)) == {"prepare": False, "filter": False, "decode": False, "cache_latents": True}
-    assert ran(pipeline(stages=STAGES)) == dict.fromkeys(STAGES, False)  # nothing changed: no stage work
+    assert ran(versvideo_pipeline(folder, services)) == {"prepare": False, "filter": False, "decode": False, "cache_latents": True}
+    assert ran(versvideo_pipeline(folder, services)) == dict.fromkeys(STAGES, False)  # nothing changed: no stage work
 
     write_params(folder, {**params, "filter": {**params["filter"], "min_motion": 0.003}})
     # filter reruns; its kept.parquet is byte-identical (no synthetic video near the threshold), so DVC stops there
-    assert ran(pipeline(stages=STAGES)) == {"prepare": False, "filter": True, "decode": False, "cache_latents": False}
+    assert ran(versvideo_pipeline(folder, services)) == {"prepare": False, "filter": True, "decode": False, "cache_latents": False}
 
-    client = MlflowClient()
+    # MLflow, through the tracking server: one parent run per flow run, a nested run per stage
+    client = MlflowClient(services["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("versvideo").experiment_id], order_by=["attributes.start_time ASC"])
     parents = [run for run in runs if run.info.run_name == "pipeline"]
     assert [run.info.status for run in parents] == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
-    failed = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id and run.info.run_name == "stage:cache_latents"]
-    assert [run.info.status for run in failed] == ["FAILED"]  # a stage's own clear error is not retried
-    assert "dvc.lock" in {item.path for item in client.list_artifacts(parents[1].info.run_id)}
-    stage_runs = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    children = {parent.info.run_id: [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id] for parent in parents}
+    failed_stage = [run for run in children[parents[0].info.run_id] if run.info.run_name == "stage:cache_latents"]
+    assert [run.info.status for run in failed_stage] == ["FAILED"]  # a stage's own clear error is not retried
+    stage_runs = children[parents[1].info.run_id]
     assert sorted(run.info.run_name for run in stage_runs) == sorted(f"stage:{stage}" for stage in STAGES)
     cache = next(run for run in stage_runs if run.info.run_name == "stage:cache_latents")
     lock = yaml.safe_load((folder / "dvc.lock").read_text())["stages"]["cache_latents"]
     clips_md5 = next(dep["md5"] for dep in lock["deps"] if dep["path"] == "data/clips")
-    assert cache.data.tags["dvc.dep.data/clips"] == clips_md5 and cache.data.tags["prefect.flow_run_id"]
-    assert cache.data.tags["git_commit"] and cache.data.tags["dvc.ran"] == "true"
+    assert cache.data.tags["dvc.dep.data/clips"] == clips_md5 and cache.data.tags["git_commit"] and cache.data.tags["dvc.ran"] == "true"
     assert {(d.dataset.name, d.dataset.digest) for d in cache.inputs.dataset_inputs} >= {("data/clips", clips_md5[:36])}
     assert cache.data.metrics["cache_latents/clips"] > 0 and cache.data.metrics["stage_seconds"] > 0
+    downloaded = Path(client.download_artifacts(parents[-1].info.run_id, "dvc.lock", str(folder / "downloaded")))
+    assert downloaded.read_bytes() == (folder / "dvc.lock").read_bytes()  # uploaded through the server's artifact proxy
+
+    # Prefect, through the server's API: the flow runs MLflow names, their tasks and summaries
+    with temporary_settings({PREFECT_API_URL: services["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
+        flow_run_ids = [UUID(parent.data.tags["prefect.flow_run_id"]) for parent in parents]
+        assert [prefect.read_flow_run(id).state.type.value for id in flow_run_ids] == ["FAILED", "COMPLETED", "COMPLETED", "COMPLETED"]
+        assert {run.data.tags["prefect.flow_run_id"] for run in stage_runs} == {str(flow_run_ids[1])}
+        tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_ids[1]])))
+        assert sorted(task.name for task in tasks) == sorted(STAGES) and {task.state.type.value for task in tasks} == {"COMPLETED"}
+        summaries = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_ids[0], flow_run_ids[1]])))
+        markdown = {summary.flow_run_id: summary.data for summary in summaries if summary.key == "versvideo-pipeline-summary"}
+        assert "| cache_latents | **failed** | |" in markdown[flow_run_ids[0]]
+        assert "| cache_latents | ran |" in markdown[flow_run_ids[1]] and "| decode | up to date |" in markdown[flow_run_ids[1]]
+
+    # Ray, through a driver joining the head at 127.0.0.1: the Ray stages ran on its one node, this
+    # machine (Ray registers a node under the host's address even when told 127.0.0.1)
+    probe = subprocess.run([sys.executable, "-c", "import json, ray; ray.init(log_to_driver=False); print(json.dumps(ray.nodes()))"],
+                           env={**os.environ, **services}, capture_output=True, text=True, check=True)
+    nodes = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert [(node["NodeManagerHostname"], node["Alive"]) for node in nodes] == [(socket.gethostname(), True)]
+    worked = [run for run in runs if run.data.tags.get("dvc.ran") == "true" and run.info.run_name != "stage:prepare"]  # prepare: no Ray
+    assert sorted(run.info.run_name for run in worked) == ["stage:cache_latents", "stage:decode", "stage:filter", "stage:filter"]
+    assert {run.data.tags.get("ray.node_id") for run in worked} == {nodes[0]["NodeID"]}

@@ -1,11 +1,19 @@
 """The retrain flow's decisions: new rows join the prepare stage's CSV, nothing changed means no
-promotion attempt, and a better or worse evaluation moves (or keeps) the champion alias."""
+promotion attempt, and a better or worse evaluation moves (or keeps) the champion alias; and
+`versvideo serve` registers it as a scheduled deployment whose runs a Prefect server hands it."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import flows.retrain as retrain_module
 from tasks.incoming import append_new_rows
@@ -80,3 +88,46 @@ def test_retrain_with_new_data_needs_a_webvid_source(project):
     (project / "new.csv").write_text(HEADER)
     with pytest.raises(ValueError, match="needs prepare.source: webvid"):
         retrain_module.retrain.fn(new_csv=str(project / "new.csv"))
+
+
+def test_serve_registers_the_cron_deployment_and_runs_what_the_server_hands_it(tmp_path, prefect_api):
+    """`versvideo serve` against a real Prefect server: the deployment carries the cron schedule
+    and the command's parameters, and a run created on the server is executed by the served
+    process (here one that stops at once with retrain's own clear error: no WebVid source)."""
+    (tmp_path / "params.yaml").write_text("preset: smoke\n")
+    (tmp_path / "new.csv").write_text(HEADER)
+    env = {**os.environ, **prefect_api, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    command = ["versvideo", "serve", "--cron", "0 3 * * *", "--new-csv", str(tmp_path / "new.csv"), "--metric", "heldout/clipsim", "--higher-is-better"]
+    log = tmp_path / "serve.log"
+    served = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_api["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
+            deployment = until(lambda: prefect.read_deployment_by_name("versvideo-retrain/versvideo-retrain"), served, log)
+            assert [schedule.schedule.cron for schedule in deployment.schedules] == ["0 3 * * *"]
+            assert deployment.parameters == {"new_csv": str(tmp_path / "new.csv"), "metric": "heldout/clipsim", "lower_is_better": False, "model_name": "versvideo"}
+            created = prefect.create_flow_run_from_deployment(deployment.id)
+            state = until(lambda: final_state(prefect.read_flow_run(created.id)), served, log)
+            assert state.type.value == "FAILED" and "needs prepare.source: webvid" in state.message, state.message
+    finally:
+        served.terminate()
+        served.wait(timeout=60)
+
+
+def final_state(flow_run):
+    if not flow_run.state or not flow_run.state.is_final():
+        raise LookupError(f"flow run {flow_run.id} is {flow_run.state.type.value if flow_run.state else 'new'}")
+    return flow_run.state
+
+
+def until(read, process: subprocess.Popen, log: Path, timeout: float = 120):
+    """`read()` once it stops raising (the served process has had time to act); fails early if
+    the process exits, with its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return read()
+        except Exception:
+            assert process.poll() is None, log.read_text()[-3000:]
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -143,19 +143,17 @@ def flow_command():
     return [sys.executable, "-m", "flows.cli", "pipeline", "--stages", "cache_latents"]
 
 
-def stage_env(prefect_home: Path | None = None):
-    """The stage's own Ray (no RAY_ADDRESS: killing its tree kills its Ray too), `versvideo` on PATH
-    for dvc's cmd, and the flow in Prefect's ephemeral mode with a private home."""
+def stage_env():
+    """This environment with `versvideo` on PATH (for dvc's cmd) and none of the outer shell's
+    RAY_ADDRESS or PREFECT_API_URL: each test says which Ray and Prefect a stage or flow uses."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    if prefect_home:
-        env["PREFECT_HOME"] = str(prefect_home)
     return {**env, "PYTHONPATH": str(REPO)}
 
 
 def kill_tree(process: subprocess.Popen) -> None:
-    """A crash: the flow and everything under it (dvc, the stage, Ray's head processes and the
-    encoder actor, which Ray puts in sessions of their own) die at once."""
+    """A crash: the flow and everything under it (dvc, the stage) die at once; Ray then ends the
+    stage's job on the cluster (its encoder actor with it)."""
     driver = psutil.Process(process.pid)
     tree = [driver, *driver.children(recursive=True)]
     for member in tree:
@@ -165,11 +163,12 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_killed_flow_resumes_without_recomputing_finished_shards(clips_dir, slow_vae_folder, tmp_path, monkeypatch, ray_session):
+def test_killed_flow_resumes_without_recomputing_finished_shards(clips_dir, slow_vae_folder, tmp_path, monkeypatch, ray_session, prefect_api):
     """Issue 9's acceptance: kill the Prefect flow during cache_latents, rerun the flow; the
-    finished shards are kept and the outputs equal an uninterrupted run's byte for byte."""
+    finished shards are kept and the outputs equal an uninterrupted run's byte for byte. The flow
+    reports to a Prefect server and its stage works on this session's Ray, as on a cluster."""
     killed = pipeline_workspace(tmp_path / "killed", clips_dir, slow_vae_folder)
-    env = stage_env(tmp_path / "prefect")
+    env = {**stage_env(), **prefect_api, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the flow
     process = subprocess.Popen(flow_command(), cwd=killed, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     latents = killed / "data" / "latents"
@@ -183,8 +182,7 @@ def test_killed_flow_resumes_without_recomputing_finished_shards(clips_dir, slow
     assert 1 <= len(finished) < 3, f"kill landed {'after' if finished else 'before'} the work: {sorted(finished)}"
     assert not (latents / "index.parquet").exists()  # nothing marks the cache readable yet
 
-    # the same flow again (its stage joins this session's Ray, as on a cluster: one Ray start less)
-    rerun = subprocess.run(flow_command(), cwd=killed, env={**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}, capture_output=True, text=True)
+    rerun = subprocess.run(flow_command(), cwd=killed, env=env, capture_output=True, text=True)  # the same flow again
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     for name, identity in finished.items():  # finished shards were kept, not rewritten
         path = latents / name
