@@ -39,6 +39,8 @@ def dvc_dep_hashes(stage: str, lock: Path = Path("dvc.lock")) -> dict[str, str]:
 
 
 def lineage_tags(stage: str) -> dict[str, str]:
+    """Tags for a run a stage opens. The dvc.dep hashes are dvc.lock's at the start (the last locked
+    inputs); under a pipeline, record_stage replaces them with this run's once DVC locks them."""
     tags = {"versvideo.stage": stage, "git_commit": git_commit()}
     tags.update({f"dvc.dep.{path}": digest for path, digest in dvc_dep_hashes(stage).items()})
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")  # set by Prefect for the flow run that launched the stage
@@ -110,8 +112,13 @@ def record_stage(client: MlflowClient, run_id: str, stage: str, seconds: float, 
     deps = [dep for dep in lock.get("deps", []) if not dep["path"].endswith(".py")]
     client.set_tag(run_id, "dvc.stage", stage)
     client.set_tag(run_id, "dvc.ran", str(ran).lower())  # false: DVC found the stage up to date
-    for dep in deps:
-        client.set_tag(run_id, f"dvc.dep.{dep['path']}", str(dep.get("md5", "")))
+    # The runs the stage opened under this one (training, evaluation) took their dvc.dep tags from
+    # dvc.lock as it was when they started: the previous run's hashes, wrong for any input that
+    # changed. Now that DVC has locked this run's inputs, every run of the stage gets those.
+    nested = client.search_runs([client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    for tagged in [run_id, *(run.info.run_id for run in nested)]:
+        for dep in deps:
+            client.set_tag(tagged, f"dvc.dep.{dep['path']}", str(dep.get("md5", "")))
     datasets = [DatasetInput(Dataset(name=dep["path"], digest=str(dep.get("md5", ""))[:36], source_type="dvc",
                                      source=json.dumps({"path": dep["path"], "md5": dep.get("md5"), "size": dep.get("size")})))
                 for dep in deps]

@@ -1,0 +1,38 @@
+"""Lineage tags: after a stage, every run it opened carries the input hashes DVC locked for it."""
+
+import yaml
+from mlflow import MlflowClient
+
+from tasks.lineage import lineage_tags, record_stage, start_run
+
+
+def write_lock(folder, latents_md5: str) -> None:
+    lock = {"schema": "2.0", "stages": {"train_unet": {"cmd": "versvideo stage train_unet", "deps": [
+        {"path": "data/latents", "md5": latents_md5, "size": 10, "nfiles": 2},
+        {"path": "tasks/train_unet.py", "md5": "code", "size": 1},
+    ]}}}
+    (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+def test_a_stages_nested_runs_get_the_hashes_dvc_locked_for_this_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train_unet": {"cmd": "versvideo stage train_unet", "deps": ["data/latents"]}}}))
+    write_lock(tmp_path, "previous.dir")  # what the last run locked
+    client = MlflowClient(uri)
+    stage_run = start_run(client, uri, "stage:train_unet", {})
+    monkeypatch.setenv("VERSVIDEO_MLFLOW_PARENT_RUN_ID", stage_run)
+    tags = lineage_tags("train_unet")  # the training run starts before DVC locks the new inputs
+    assert tags["dvc.dep.data/latents"] == "previous.dir" and "dvc.dep.tasks/train_unet.py" not in tags
+    training_run = start_run(client, uri, "train", tags)
+    other_stage = start_run(client, uri, "stage:decode", {})
+
+    write_lock(tmp_path, "current.dir")  # DVC locks this run's inputs once the stage exits
+    record_stage(client, stage_run, "train_unet", seconds=1.5, ran=True)
+    for run_id in (stage_run, training_run):
+        assert client.get_run(run_id).data.tags["dvc.dep.data/latents"] == "current.dir"
+    assert "dvc.dep.data/latents" not in client.get_run(other_stage).data.tags
+    stage = client.get_run(stage_run)
+    assert [(d.dataset.name, d.dataset.digest) for d in stage.inputs.dataset_inputs] == [("data/latents", "current.dir")]
+    assert stage.data.tags["dvc.ran"] == "true" and stage.data.metrics["stage_seconds"] == 1.5
