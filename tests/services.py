@@ -113,12 +113,13 @@ def prefect_server(folder: Path) -> tuple[Service, dict[str, str]]:
 
 def mlflow_server(folder: Path) -> tuple[Service, dict[str, str]]:
     """`mlflow server` with a sqlite store and proxied artifacts in `folder`: clients upload
-    artifacts through the server, as they would to a shared one."""
+    artifacts through the server, as they would to a shared one. Returns it and its client env."""
     port = free_port()
     command = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")]
     url = f"http://{HOST}:{port}"
-    return Service("mlflow server", command, dict(os.environ), folder / "mlflow-server.log", http_ok(f"{url}/health")), {"MLFLOW_TRACKING_URI": url}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job consumers (GenAI scorers): five idle processes less
+    return Service("mlflow server", command, env, folder / "mlflow-server.log", http_ok(f"{url}/health")), {"MLFLOW_TRACKING_URI": url}
 
 
 def ray_client_env(address: str, token: str) -> dict[str, str]:
