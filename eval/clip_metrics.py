@@ -45,9 +45,10 @@ def model_image_size(model: nn.Module) -> int:
 
 
 def clip_input(frames: torch.Tensor | np.ndarray, model: nn.Module) -> torch.Tensor:
-    """(n, h, w, 3) uint8 RGB -> (n, 3, s, s) normalised CLIP input."""
+    """(n, h, w, 3) uint8 RGB -> (n, 3, s, s) normalised CLIP input, on the frames' device."""
     size = model_image_size(model)
-    pixels = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    frames = frames if isinstance(frames, torch.Tensor) else torch.as_tensor(np.asarray(frames))
+    pixels = frames.permute(0, 3, 1, 2).float() / 255.0
     height, width = pixels.shape[-2:]
     scale = size / min(height, width)
     resized = (max(size, round(height * scale)), max(size, round(width * scale)))
@@ -55,8 +56,8 @@ def clip_input(frames: torch.Tensor | np.ndarray, model: nn.Module) -> torch.Ten
         pixels = F.interpolate(pixels, size=resized, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
     pixels = pixels[:, :, top : top + size, left : left + size]
-    mean = torch.tensor(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     generate.add_argument("--prompts-file", default="", help="a text file with one prompt per line")
     generate.add_argument("--out", required=True, help="output PATH.mp4 (a GIF preview beside it; PATH_000.mp4 ... for several prompts)")
-    generate.add_argument("--control", default="", help="visual condition type: canny, hed or image")
+    generate.add_argument("--control", default="", help="visual condition type: canny, hed, depth or image")
     generate.add_argument("--control-video", default="", help="the control source: a video (its first --frames frames at --fps) or an image")
     generate.add_argument("--style", default="", help="a style image (CLIP image embedding -> style tokens)")
     generate.add_argument("--control-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals (0 = no control)")

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.weights import WeightsError, file_digest
-from tasks.conditions import ConditionExtractor, ConditionSettings, condition_index, load_style_encoder, style_embeddings
+from tasks.conditions import ConditionExtractor, condition_index, load_style_encoder, style_embeddings
 from tasks.generation import VideoGenerator, read_video_clip
 from tasks.lineage import tracking_uri
 from tasks.params import Params
@@ -140,7 +140,7 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
     if request.control and not request.control_path:
         raise ValueError(f"--control {request.control} needs --control-video PATH (a video or an image)")
     if request.control_path and not request.control:
-        raise ValueError("--control-video needs --control TYPE (canny, hed or image)")
+        raise ValueError("--control-video needs --control TYPE (canny, hed, depth or image)")
     if request.control:
         condition_index(request.control)  # unknown or unavailable conditions fail before any loading
     for path, flag in ((request.control_path, "--control-video"), (request.style, "--style")):
@@ -164,11 +164,8 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
         if request.control not in trained:
             raise ValueError(f"--control {request.control}: this ControlNet was trained on {', '.join(trained)} only, so its {request.control} adapter "
                              f"is untrained; use one of those, or retrain with train_controlnet.conditions including {request.control}")
-        extractor_cfg = generator.controlnet_config["extractors"]
-        extractor = ConditionExtractor(
-            ConditionSettings(extractor_cfg["canny_low"], extractor_cfg["canny_high"], extractor_cfg["image_mode"]),
-            hed_weights=extractor_cfg["hed_weights"], seed=generator.controlnet_config["seed"], allow_random=preset.name == "smoke", device=device,
-        )
+        extractor = ConditionExtractor.from_config(generator.controlnet_config["extractors"], seed=generator.controlnet_config["seed"],
+                                                   allow_random=preset.name == "smoke", device=device)
         control = extractor(request.control, control_frames(request.control_path, frames, request.fps, height, width))
     style = None
     if request.style:

@@ -220,7 +220,8 @@ class TrainDecoderParams(TrainingParams):
         return not (self.lpips_vgg_weights and self.lpips_linear_weights)
 
 
-CONTROL_CONDITIONS = ("canny", "hed", "image")  # the visual conditions this version can extract (model.controlnet.CONDITIONS has depth's slot too)
+CONTROL_CONDITIONS = ("canny", "hed", "depth", "image")  # model.controlnet.CONDITIONS, spelled here to keep torch out of params (a test pins them equal)
+IMAGE_MODES = ("repeat", "first_frame")  # the image condition: the reference frame repeated, or on frame 0 only
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ class TrainControlnetParams(TrainingParams):
     lr: float = 1e-3  # L/H: 1e-5 (ControlNet's); 2e-4 learnt the canny control 2-3x slower in 400-step smoke runs
     sample_every: int = 0
     # comma-separated, one drawn per clip (uniformly). Smoke: canny alone, as its 300 steps are too
-    # few to share (canny's edge agreement needed ~900 steps when split); L/H: canny,hed,image
+    # few to share (canny's edge agreement needed ~900 steps when split); L/H: canny,hed,depth,image
     conditions: str = "canny"
     condition_dropout: float = 0.1  # per clip: its condition map replaced by an empty one
     all_condition_dropout: float = 0.05  # per step: every clip's condition map empty and no style (text only)
@@ -243,6 +244,8 @@ class TrainControlnetParams(TrainingParams):
     canny_high: int = 200
     image_mode: str = "repeat"  # the image condition: the first frame repeated, or on frame 0 only (first_frame)
     hed_weights: str = ""  # network-bsds500.pth or ControlNetHED.pth; "" = seeded random HED (smoke only)
+    midas_weights: str = ""  # dpt_hybrid-midas-501f0c75.pt; "" = seeded random DPT-Hybrid (smoke only)
+    depth_resolution: int = 384  # the depth annotator's input short side (ControlNet's), a multiple of 64
     style_model: str = "ViT-L-14"  # open_clip model whose frozen image tower embeds style images
     style_weights: str = ""  # local open_clip checkpoint; "" = tiny random CLIP (smoke only)
     sample_count: int = 2
@@ -260,18 +263,26 @@ class TrainControlnetParams(TrainingParams):
                 raise ParamsError(f"train_controlnet.{key}: {getattr(self, key)} must be in [0, 1)")
         for key in ("sample_count", "sample_steps", "eval_clips"):
             _check_positive(f"train_controlnet.{key}", getattr(self, key))
-        _check_choice("train_controlnet.image_mode", self.image_mode, ("repeat", "first_frame"))
+        _check_choice("train_controlnet.image_mode", self.image_mode, IMAGE_MODES)
         if not 0 <= self.canny_low <= self.canny_high:
             raise ParamsError(f"train_controlnet.canny_low/canny_high: {self.canny_low}/{self.canny_high}; need 0 <= low <= high")
+        if self.depth_resolution < 64 or self.depth_resolution % 64:
+            raise ParamsError(f"train_controlnet.depth_resolution: {self.depth_resolution}; need a positive multiple of 64 (ControlNet's annotator: 384)")
 
     @property
     def condition_list(self) -> list[str]:
         return [name.strip() for name in self.conditions.split(",") if name.strip()]
 
     @property
+    def missing_weights(self) -> list[str]:
+        """The weight settings left empty that this run needs: each gets a random stand-in (smoke only)."""
+        needed = {"style_weights": True, "hed_weights": "hed" in self.condition_list, "midas_weights": "depth" in self.condition_list}
+        return [f"train_controlnet.{key}" for key, used in needed.items() if used and not getattr(self, key)]
+
+    @property
     def random_init(self) -> bool:
-        """Stand-ins for HED or the style CLIP (smoke only)."""
-        return not self.style_weights or ("hed" in self.condition_list and not self.hed_weights)
+        """Stand-ins for HED, MiDaS or the style CLIP (smoke only)."""
+        return bool(self.missing_weights)
 
 
 PROTOCOLS = ("heldout", "ucf101", "msrvtt")
@@ -354,7 +365,7 @@ DECODER_AT_SCALE = {
 # ControlNet's recipe at scale (lr 1e-5, the UNet frozen); the paper trains stage 2 on WebVid-10M.
 CONTROLNET_AT_SCALE = {
     "steps": 50_000, "batch_size": 1, "lr": 1e-5, "warmup_steps": 500, "checkpoint_every": 1000, "sample_every": 5000,
-    "conditions": "canny,hed,image", "eval_clips": 64, "use_gpu": True, "num_workers": 8,
+    "conditions": "canny,hed,depth,image", "eval_clips": 64, "use_gpu": True, "num_workers": 8,
 }
 
 # StyleGAN-V's fvd2048_16f protocol and the paper's sampler (Table 4: 30 DDIM steps, CFG 7.5).

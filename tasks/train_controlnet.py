@@ -47,7 +47,7 @@ from model.weights import file_digest
 from tasks.atomic import save_safetensors, write_json
 from tasks.cache_latents import resolved_encoders
 from tasks.clip_shards import read_clips
-from tasks.conditions import ConditionExtractor, ConditionSettings, canny, load_style_encoder, style_embedding_dim, style_embeddings
+from tasks.conditions import ConditionExtractor, canny, load_style_encoder, style_embedding_dim, style_embeddings
 from tasks.decode import shard_name as clip_shard_name
 from tasks.engine import fit, history_summary
 from tasks.generation import VideoGenerator, load_unet
@@ -99,7 +99,7 @@ class ControlTraining(nn.Module):
         self.controlled, self.style_encoder = controlled, style_encoder.requires_grad_(False).eval()
 
     def forward(self, x, timesteps, context, condition, kind, style_frames):
-        embedding = None if style_frames is None else style_embeddings(self.style_encoder, style_frames.cpu()).to(x.device)
+        embedding = None if style_frames is None else style_embeddings(self.style_encoder, style_frames)
         return self.controlled(x, timesteps, context, condition, kind, embedding)
 
 
@@ -124,8 +124,7 @@ class ControlNetRecipe:
 
     def extractor(self, device: torch.device) -> ConditionExtractor:
         if getattr(self, "_extractor", None) is None:  # built on the worker, once
-            settings = ConditionSettings(self.cfg.canny_low, self.cfg.canny_high, self.cfg.image_mode)
-            self._extractor = ConditionExtractor(settings, self.cfg.hed_weights, self.cfg.seed, self.allow_random, str(device))
+            self._extractor = ConditionExtractor.from_config(extractor_config(self.cfg), self.cfg.seed, self.allow_random, str(device))
         return self._extractor
 
     def step_draw(self, name: str, step: int) -> float:
@@ -203,9 +202,17 @@ def save_controlnet(model: ControlTraining, folder: Path, recipe: ControlNetReci
         "unet_sha256": file_digest(Path(recipe.unet_dir) / "model.safetensors"),
         "style": {"model": cfg.style_model if cfg.style_weights else "tiny-random", "weights": str(Path(cfg.style_weights).resolve()) if cfg.style_weights else "",
                   "weights_sha256": file_digest(cfg.style_weights) if cfg.style_weights else "", "embed_dim": controlled.style.proj.in_features},
-        "extractors": {"canny_low": cfg.canny_low, "canny_high": cfg.canny_high, "image_mode": cfg.image_mode,
-                       "hed_weights": str(Path(cfg.hed_weights).resolve()) if cfg.hed_weights else ""},
+        "extractors": extractor_config(cfg),
     }, folder / "config.json")
+
+
+def extractor_config(cfg: TrainControlnetParams) -> dict[str, Any]:
+    """How the condition maps are made (config.json's "extractors"): generate makes them the same way."""
+    def resolved(path: str) -> str:
+        return str(Path(path).resolve()) if path else ""
+
+    return {"canny_low": cfg.canny_low, "canny_high": cfg.canny_high, "image_mode": cfg.image_mode, "depth_resolution": cfg.depth_resolution,
+            "hed_weights": resolved(cfg.hed_weights), "midas_weights": resolved(cfg.midas_weights)}
 
 
 def generate_controlled(generator: VideoGenerator, recipe: ControlNetRecipe, clips: np.ndarray, captions: list[str],
@@ -213,8 +220,8 @@ def generate_controlled(generator: VideoGenerator, recipe: ControlNetRecipe, cli
     """Canny-controlled videos of `captions` (one per clip), steered by the canny maps of
     `control_source` (default: the clips themselves); returns (videos, control maps), uint8."""
     source = clips if control_source is None else control_source
-    settings = ConditionSettings(recipe.cfg.canny_low, recipe.cfg.canny_high, recipe.cfg.image_mode)
-    controls = np.stack([ConditionExtractor(settings)("canny", clip) for clip in source])
+    extractor = ConditionExtractor.from_config(extractor_config(recipe.cfg))
+    controls = np.stack([extractor("canny", clip) for clip in source])
     _, frames, height, width, _ = clips.shape
     videos = generator(captions[: len(clips)], list(range(len(clips))), frames=frames, height=height, width=width,
                        steps=recipe.cfg.sample_steps, guidance_scale=get_preset(recipe.preset).diffusion.guidance_scale,
@@ -266,8 +273,7 @@ def default_run_name(params: Params, latents: Path, unet: Path) -> str:
 def check_weights_given(params: Params) -> None:
     cfg = params.train_controlnet
     if params.preset != "smoke" and cfg.random_init:
-        missing = "train_controlnet.style_weights" if not cfg.style_weights else "train_controlnet.hed_weights"
-        raise FileNotFoundError(f"{missing}: required for preset {params.preset} (a local weight file; only the smoke preset may use random stand-ins)")
+        raise FileNotFoundError(f"{', '.join(cfg.missing_weights)}: required for preset {params.preset} (a local weight file; only the smoke preset may use random stand-ins)")
 
 
 def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet: Path = UNET, decoder: Path = DECODER,

@@ -43,7 +43,7 @@ def project(tmp_path_factory, fixture_videos):
     np.save(latents / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
     write_tiny_models(root, scale=0.02)
     frozen, _ = load_unet(root / "models" / "unet")
-    cfg = TrainControlnetParams(conditions="canny,image")
+    cfg = TrainControlnetParams(conditions="canny,depth,image", depth_resolution=64)
     encoder = load_style_encoder(cfg.style_model, "", 0, allow_random=True)
     controlled = ControlledUNet(frozen, perturbed(VideoControlNet(frozen, get_preset("smoke").controlnet), 0.05),
                                 perturbed(StyleAdapter(64, frozen.config.context_dim, 4), 0.5))
@@ -62,9 +62,10 @@ def request(project: Path, **overrides) -> GenerateRequest:
     return GenerateRequest(**{**base, **overrides})
 
 
-def test_canny_controlled_mp4_reads_back_with_the_requested_frames_and_size(project, monkeypatch, fixture_videos):
+@pytest.mark.parametrize("control", ["canny", "depth"])
+def test_controlled_mp4_reads_back_with_the_requested_frames_and_size(project, monkeypatch, fixture_videos, control):
     monkeypatch.chdir(project)
-    paths = generate(request(project, control="canny", control_path=str(fixture_videos / VIDEO), frames=6, height=64, width=96), Params())
+    paths = generate(request(project, control=control, control_path=str(fixture_videos / VIDEO), frames=6, height=64, width=96), Params())
     assert paths == [project / "out" / "video.mp4"]
     reader = decord.VideoReader(str(paths[0]))
     assert len(reader) == 6 and reader[0].shape == (64, 96, 3)
@@ -110,7 +111,7 @@ def test_prompts_file_batches_and_style_through_the_command_line(project, monkey
     (["--control", "canny"], "needs --control-video"),
     (["--control", "canny", "--control-video", "short.mov"], "fewer than 8 frames"),
     (["--style", "nope.png"], "--style nope.png: not found"),
-    (["--control", "hed", "--control-video", "red.png"], "trained on canny, image only"),
+    (["--control", "hed", "--control-video", "red.png"], "trained on canny, depth, image only"),
     (["--out", "video.avi"], "ending in .mp4"),
     (["--steps", "0"], "--steps must be positive"),
 ])

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from tasks.cache_latents import encode_captions, load_text
 from tasks.latent_shards import write_latent_shard
 from tasks.params import CacheLatentsParams, Params, TrainControlnetParams, TrainUnetParams
-from tasks.train_controlnet import control_dataset, train_controlnet
+from tasks.train_controlnet import check_weights_given, control_dataset, train_controlnet
 from tests.conftest import write_fixture_clips, write_tiny_models
 
 
@@ -47,7 +47,7 @@ def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_s
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     cfg = TrainControlnetParams(steps=4, batch_size=2, checkpoint_every=2, eval_clips=2, sample_count=1, sample_steps=2, style_dropout=0.0,
-                                conditions="canny,hed,image")
+                                conditions="canny,hed,depth,image", depth_resolution=64)
     params = Params(train_controlnet=cfg, train_unet=TrainUnetParams(held_out_share=0.34))
     report = train_controlnet(params)
 
@@ -58,7 +58,7 @@ def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_s
     assert report["comparable"] is False and report["logged_steps"] == 4
     folder = project / "models" / "controlnet"
     saved = json.loads((folder / "config.json").read_text())
-    assert saved["trained_conditions"] == ["canny", "hed", "image"] and saved["style"]["model"] == "tiny-random"
+    assert saved["trained_conditions"] == ["canny", "hed", "depth", "image"] and saved["style"]["model"] == "tiny-random"
     assert json.loads((folder / "metrics.json").read_text())["control_check"] == check
 
     client = MlflowClient()
@@ -68,3 +68,11 @@ def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_s
     assert {"grad_norm", "grad_norm/style", "loss"} <= set(run.data.metrics)  # both groups trained (no style dropout)
     samples = [item.path for folder in client.list_artifacts(run.info.run_id, "samples") for item in client.list_artifacts(run.info.run_id, folder.path)]
     assert {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}
+
+
+def test_scale_presets_need_every_annotators_weights():
+    needs = TrainControlnetParams(conditions="canny,hed,depth", style_weights="clip.pt", hed_weights="hed.pth")
+    with pytest.raises(FileNotFoundError, match=r"^train_controlnet\.midas_weights: required for preset L"):
+        check_weights_given(Params(preset="L", train_controlnet=needs))
+    check_weights_given(Params(preset="L", train_controlnet=TrainControlnetParams(conditions="canny,hed", style_weights="clip.pt", hed_weights="hed.pth")))
+    check_weights_given(Params(preset="smoke", train_controlnet=needs))  # smoke: random stand-ins
