@@ -105,9 +105,6 @@ def load_hed(path: str | Path, setting: str) -> nn.Module:
 
 def random_hed(seed: int) -> nn.Module:
     """The smoke preset's stand-in (ControlNetHED layout, seeded): its edges mean nothing."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays where it was
+        torch.manual_seed(seed)
         return ControlNetHED().requires_grad_(False).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)

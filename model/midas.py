@@ -179,9 +179,6 @@ def load_midas(path: str | Path, setting: str) -> DPTHybridDepth:
 
 def random_midas(seed: int) -> DPTHybridDepth:
     """The smoke preset's stand-in (seeded random weights): its depth means nothing."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays where it was
+        torch.manual_seed(seed)
         return DPTHybridDepth().requires_grad_(False).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
