@@ -107,6 +107,13 @@ def image_condition(reference: np.ndarray, frames: int, mode: str) -> np.ndarray
     return video
 
 
+# condition -> (its weights setting, the public files it loads, loader, seeded random stand-in)
+ANNOTATORS = {
+    "hed": ("train_controlnet.hed_weights", "network-bsds500.pth or ControlNetHED.pth", load_hed, random_hed),
+    "depth": ("train_controlnet.midas_weights", "dpt_hybrid-midas-501f0c75.pt", load_midas, random_midas),
+}
+
+
 class ConditionExtractor:
     """Makes any visual condition's maps from a clip; loads the HED and MiDaS networks once, if asked for."""
 
@@ -126,13 +133,11 @@ class ConditionExtractor:
         """The frozen annotator network of `name` (hed, depth): from its weights file, or in the smoke
         preset (allow_random) the seeded random stand-in."""
         if name not in self._networks:
-            weights = self.weights[name]
-            setting, files = {"hed": ("train_controlnet.hed_weights", "network-bsds500.pth or ControlNetHED.pth"),
-                              "depth": ("train_controlnet.midas_weights", "dpt_hybrid-midas-501f0c75.pt")}[name]
-            if weights:
-                network = (load_hed if name == "hed" else load_midas)(weights, setting)
+            setting, files, load, stand_in = ANNOTATORS[name]
+            if self.weights[name]:
+                network = load(self.weights[name], setting)
             elif self.allow_random:
-                network = (random_hed if name == "hed" else random_midas)(self.seed)
+                network = stand_in(self.seed)
             else:
                 raise FileNotFoundError(f"the {name} condition needs its annotator's weights: set {setting} to {files}")
             self._networks[name] = network.to(self.device)
