@@ -1,10 +1,11 @@
 """`versvideo bench train`: training throughput of the engine with the smoke UNet on CPU.
 
 The same run, on the same latent cache (a synthetic one: blobs moving one latent cell per frame,
-the smoke preset's (8, 4, 8, 8) latents and 77 x 64 contexts), trains with 1 worker (batch 4) and
-with 2 workers (batch 2 each: the same global batch), and reports samples/s and the share of step
-time spent waiting for data, from the runs' MLflow histories (steady state: step 1 left out).
-The baseline is the 1-worker run; the ratio is 2 workers over 1.
+the smoke preset's (8, 4, 8, 8) latents and 77 x 64 contexts), trains with 1 worker (batch 4),
+with 2 workers (batch 2 each: the same global batch) under DDP, and with 2 workers under FSDP,
+and reports samples/s and the share of step time spent waiting for data, from the runs' MLflow
+histories (steady state: step 1 left out). The baseline is the 1-worker run; the ratios are 2
+workers over 1, and FSDP over DDP on 2 workers (the price of gathering sharded weights per block).
 
 Not measured here (needs a GPU): the L preset's samples/s, model FLOPs utilisation and peak
 memory in bf16 with and without checkpointing, and whether H fits batch 2 in 40 GB.
@@ -57,18 +58,20 @@ def run(args: argparse.Namespace) -> dict:
     try:
         latents = synthetic_cache(work / "latents")
         figures = {}
-        for workers in (1, 2):
-            train = TrainUnetParams(steps=STEPS, batch_size=4 // workers, num_workers=workers, checkpoint_every=STEPS, sample_every=0, sample_count=1, sample_steps=2, held_out_share=0.0)
+        for name, workers, strategy in (("1", 1, "ddp"), ("2", 2, "ddp"), ("2-fsdp", 2, "fsdp")):
+            train = TrainUnetParams(steps=STEPS, batch_size=4 // workers, num_workers=workers, strategy=strategy, checkpoint_every=STEPS,
+                                    sample_every=0, sample_count=1, sample_steps=2, held_out_share=0.0)
             params = Params(train_unet=train, cache_latents=CacheLatentsParams(smoke_vae_fit_steps=0))
-            figures[workers] = train_unet(params, latents=latents, output_dir=work / f"unet-{workers}", runs=work / "runs", run_name=f"bench-{workers}")
+            figures[name] = train_unet(params, latents=latents, output_dir=work / f"unet-{name}", runs=work / "runs", run_name=f"bench-{name}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
         "preset": "smoke",
         "steps": STEPS,
         "global_batch": 4,
-        "samples_per_s": {str(w): round(f["mean_samples_per_s"], 2) for w, f in figures.items()},
-        "data_wait_share": {str(w): round(f["mean_data_wait_share"], 4) for w, f in figures.items()},
-        "two_vs_one_worker": round(figures[2]["mean_samples_per_s"] / figures[1]["mean_samples_per_s"], 2),
+        "samples_per_s": {name: round(f["mean_samples_per_s"], 2) for name, f in figures.items()},
+        "data_wait_share": {name: round(f["mean_data_wait_share"], 4) for name, f in figures.items()},
+        "two_vs_one_worker": round(figures["2"]["mean_samples_per_s"] / figures["1"]["mean_samples_per_s"], 2),
+        "fsdp_vs_ddp_two_workers": round(figures["2-fsdp"]["mean_samples_per_s"] / figures["2"]["mean_samples_per_s"], 2),
         "gpu": "not measured (no GPU on this machine)",
     }

@@ -1,10 +1,15 @@
 """The training engine: one short loop for every model (UNet, TCM-VAE decoder, ControlNet).
 
 Ray Train's `TorchTrainer` runs `train_loop` on each worker; inside, an `accelerate.Accelerator`
-does device placement, DDP (over Ray's gloo/NCCL process group) and bf16 autocast on GPU (fp32
-on CPU). Each worker reads its own shard of the dataset (`get_dataset_shard`). What is specific
-to a model lives in a `Recipe`: how to build it, its loss for a batch, what to do after each
-optimizer step, how to export it and how to draw samples.
+does device placement, data parallelism over Ray's gloo/NCCL process group (`strategy`: DDP, or
+FSDP2 sharding weights, gradients and optimizer state) and bf16 autocast on GPU (fp32 on CPU).
+Each worker reads its own shard of the dataset (`get_dataset_shard`). What is specific to a model
+lives in a `Recipe`: how to build it, its loss for a batch, what to do after each optimizer step,
+how to export it and how to draw samples.
+
+Under FSDP no rank holds whole weights, so whatever needs them (checkpoints, EMA export, samples,
+the exported model) gathers them on every rank at once (`full_state_dict`), and rank 0 rebuilds a
+plain copy of the model from them. DDP takes the same path, so both strategies are one loop.
 
 Fault tolerance: every `checkpoint_every` steps rank 0 writes a checkpoint (safetensors weights,
 optimizer and scheduler state, step, RNG states, data position) that every worker reports with
@@ -37,9 +42,11 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tasks.lineage import experiment_id, tracking_uri
 from tasks.ray_runtime import ensure_ray
@@ -51,6 +58,10 @@ class Recipe(Protocol):
     # True when some steps leave parameters out of the graph (the UNet's image steps skip its
     # temporal layers); DDP must then look for unused parameters each step
     skips_parameters: bool
+
+    # class names of the blocks FSDP shards as one unit each (their weights are gathered for their
+    # own forward and backward only); what lies outside them forms the root unit
+    fsdp_blocks: tuple[str, ...]
 
     def build(self) -> nn.Module: ...
 
@@ -89,22 +100,18 @@ class TrainState:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
     recipe: Recipe = config["recipe"]
     setup: Setup = config["setup"]
     cfg = setup.train
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     if not cfg.use_gpu:
         torch.set_num_threads(config["threads_per_worker"])
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=recipe.skips_parameters)
-    accelerator = Accelerator(cpu=not cfg.use_gpu, mixed_precision="bf16" if cfg.use_gpu else "no", kwargs_handlers=[ddp])
+    accelerator = make_accelerator(cfg, recipe)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = recipe.build()
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
-    groups = recipe.parameter_groups(model)  # frozen parts (an encoder, LPIPS) are in no group
-    optimizer = torch.optim.AdamW([{"params": params} for params in groups.values()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # frozen parts (an encoder, LPIPS) are in no group
+    optimizer = torch.optim.AdamW([{"params": params} for params in recipe.parameter_groups(model).values()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     # linear warmup, then constant (the paper's schedule); stepped by us once per optimizer step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
     state = TrainState()
@@ -114,13 +121,17 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint = newest_checkpoint(ray.train.get_checkpoint(), latest_complete_checkpoint(Path(config["run_folder"])))
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            restored = load_checkpoint(Path(folder), model, ema, state)
+            restored = load_checkpoint(Path(folder), model, state)  # whole weights, before sharding
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
+    # FSDP replaced the parameters by sharded ones: the groups (clipped apart) are taken again
+    groups = recipe.parameter_groups(accelerator.unwrap_model(model))
+    ema = ExponentialAverage(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay else None
     if checkpoint:
-        optimizer.load_state_dict(restored["optimizer"])
+        # not strict: AdamW has no state yet for parameters no step has reached (an unused adapter)
+        set_optimizer_state_dict(model, optimizer.optimizer, restored["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False))
         scheduler.load_state_dict(restored["scheduler"])
+        if ema is not None and restored["ema"] is not None:
+            ema.load_full(restored["ema"])
         restore_rng(restored["rng"][min(rank, len(restored["rng"]) - 1)])
 
     batches = iterate_batches(ray.train.get_dataset_shard("train"), cfg, state, rank, accelerator.device)
@@ -157,13 +168,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 raise FloatingPointError(f"{state.bad_in_a_row} non-finite losses in a row at step {state.step}: lower the learning rate or check the data (max_bad_steps={cfg.max_bad_steps})")
             continue
         state.bad_in_a_row = 0
-        grad_norms = {name: float(accelerator.clip_grad_norm_(params, cfg.grad_clip)) for name, params in groups.items()}
+        grad_norms = {name: float(whole(accelerator.clip_grad_norm_(params, cfg.grad_clip))) for name, params in groups.items()}
         optimizer.step()
         scheduler.step()
         state.step += 1
         recipe.after_optimizer_step(accelerator.unwrap_model(model))
         if ema is not None:
-            ema.update_parameters(accelerator.unwrap_model(model))
+            ema.update(accelerator.unwrap_model(model))
 
         loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
         seconds = time.perf_counter() - started
@@ -177,12 +188,91 @@ def train_loop(config: dict[str, Any]) -> None:
             report_checkpoint(accelerator, model, ema, optimizer, scheduler, state, world, {"loss": loss_mean}, logger.pending if logger else [])
             if logger:
                 logger.flush()
-        if logger and ((cfg.sample_every and state.step % cfg.sample_every == 0) or state.step == cfg.steps):
-            with tempfile.TemporaryDirectory() as folder:
-                for path in recipe.samples(inference_model(accelerator, model, ema), state.step, Path(folder)):
-                    logger.client.log_artifact(setup.mlflow_run_id, str(path), artifact_path=f"samples/step_{state.step:07d}")
+        if (cfg.sample_every and state.step % cfg.sample_every == 0) or state.step == cfg.steps:
+            plain = inference_copy(accelerator, recipe, model, ema)  # every rank gathers; rank 0 gets the copy
+            if logger:
+                with tempfile.TemporaryDirectory() as folder:
+                    for path in recipe.samples(plain, state.step, Path(folder)):
+                        logger.client.log_artifact(setup.mlflow_run_id, str(path), artifact_path=f"samples/step_{state.step:07d}")
+    # also when a resumed run finds its last checkpoint already final (a crash before the export)
+    plain = inference_copy(accelerator, recipe, model, ema)
     if accelerator.is_main_process:
-        recipe.export(inference_model(accelerator, model, ema), Path(setup.output_dir))
+        recipe.export(plain, Path(setup.output_dir))
+
+
+def make_accelerator(cfg, recipe: Recipe):
+    """DDP or FSDP2 (`cfg.strategy`) over Ray's process group; bf16 autocast on GPU, fp32 on CPU."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=recipe.skips_parameters)
+    fsdp = None
+    if cfg.strategy == "fsdp":
+        fsdp = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(recipe.fsdp_blocks))
+    accelerator = Accelerator(cpu=not cfg.use_gpu, mixed_precision="bf16" if cfg.use_gpu else "no", fsdp_plugin=fsdp, kwargs_handlers=[ddp])
+    if fsdp is not None and accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP:
+        # Accelerate switches FSDP on for accelerators only, while torch's FSDP2 shards over gloo on
+        # CPU too (how the tests run this path on 2 CPU workers); one worker has nothing to shard
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = fsdp
+    return accelerator
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as a whole: FSDP's sharded parameters (and norms over them) are DTensors."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(module: nn.Module, keep: bool, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    """The module's whole state dict on the CPU, on the ranks where `keep` (else None). Sharded
+    tensors are all-gathered, so every rank must call this, in step. `overrides` replace entries
+    (the EMA's parameters)."""
+    gathered = {}
+    for name, tensor in module.state_dict().items():
+        tensor = whole((overrides or {}).get(name, tensor))
+        if keep:
+            gathered[name] = tensor.detach().cpu().contiguous()
+    return gathered if keep else None
+
+
+class ExponentialAverage:
+    """EMA of the trainable parameters, exported instead of them when ema_decay > 0. Each copy
+    lives in its parameter's own layout (a rank's shard under FSDP), so updates need no
+    communication; buffers and frozen weights are taken from the model when the EMA is read."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [name for name, param in model.named_parameters() if param.requires_grad]
+        self.shadows = [param.detach().clone() for param in model.parameters() if param.requires_grad]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = [param.detach() for param in model.parameters() if param.requires_grad]
+        torch._foreach_lerp_(self.shadows, current, 1.0 - self.decay)
+
+    def by_name(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadows))
+
+    @torch.no_grad()
+    def load_full(self, weights: dict[str, torch.Tensor]) -> None:
+        """Whole EMA weights from a checkpoint, cut to this rank's shards where sharded."""
+        for name, shadow in self.by_name().items():
+            value = weights[name].to(device=shadow.device, dtype=shadow.dtype)
+            if isinstance(shadow, DTensor):
+                value = distribute_tensor(value, shadow.device_mesh, shadow.placements)
+            shadow.copy_(value)
+
+
+def inference_copy(accelerator, recipe: Recipe, model: nn.Module, ema: ExponentialAverage | None) -> nn.Module | None:
+    """On rank 0, a plain (unsharded, unwrapped) copy of the model with the weights to sample
+    and export (the EMA's, when kept); None on the other ranks, which only help gather."""
+    weights = full_state_dict(accelerator.unwrap_model(model), accelerator.is_main_process, ema.by_name() if ema else None)
+    if weights is None:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave training's RNG stream alone
+        plain = recipe.build()
+    plain.load_state_dict(weights)
+    return plain.to(accelerator.device).train(accelerator.unwrap_model(model).training)
 
 
 def group_metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
@@ -203,22 +293,26 @@ def newest_checkpoint(reported: Checkpoint | None, found: str | None) -> Checkpo
 
 
 def latest_complete_checkpoint(run_folder: Path) -> str | None:
-    """The checkpoint folder with the highest step whose files are all present and readable."""
-    best, best_step = None, -1
-    for folder in run_folder.glob("checkpoint_*"):
+    """The checkpoint folder with the highest step whose files are all present and readable,
+    tried newest first: only the newest are opened, and only their headers."""
+    def step_of(folder: Path) -> int:
         try:
-            step = json.loads((folder / "state.json").read_text())["step"]
-            load_file(str(folder / "model.safetensors"), device="cpu")
-            torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
+            return json.loads((folder / "state.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    for folder in sorted(run_folder.glob("checkpoint_*"), key=step_of, reverse=True):
+        if step_of(folder) < 0:
+            break
+        try:
+            with safe_open(str(folder / "model.safetensors"), framework="pt"):  # checks the header against the file size
+                pass
+            torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)  # reads the zip's directory at the end
+            (folder / "metrics.json").read_text()
         except Exception:  # a copy cut short by a crash: not a checkpoint
             continue
-        if step > best_step:
-            best, best_step = str(folder), step
-    return best
-
-
-def inference_model(accelerator, model: nn.Module, ema: AveragedModel | None) -> nn.Module:
-    return ema.module if ema is not None else accelerator.unwrap_model(model)
+        return str(folder)
+    return None
 
 
 def iterate_batches(shard, cfg, state: TrainState, rank: int, device: torch.device):
@@ -251,20 +345,25 @@ def all_finite(accelerator, loss: torch.Tensor) -> bool:
     return bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
 
 
-def report_checkpoint(accelerator, model, ema, optimizer, scheduler, state: TrainState, world: int, metrics: dict[str, float], pending: list[Metric]) -> None:
-    """Rank 0 writes the checkpoint folder; every rank reports (Ray Train needs all of them)."""
+def report_checkpoint(accelerator, model, ema: ExponentialAverage | None, optimizer, scheduler, state: TrainState, world: int, metrics: dict[str, float], pending: list[Metric]) -> None:
+    """Every rank gathers (FSDP) and reports (Ray Train needs all of them); rank 0 writes the folder."""
     rng = [rng_state()]
     if world > 1:  # every rank's RNG state, so each resumes its own stream
         rng = [None] * world
         torch.distributed.all_gather_object(rng, rng_state())
+    keep = accelerator.is_main_process
+    unwrapped = accelerator.unwrap_model(model)
+    weights = full_state_dict(unwrapped, keep)
+    ema_weights = full_state_dict(unwrapped, keep, ema.by_name()) if ema is not None else None
+    # keyed by parameter name, whole on rank 0 whatever the sharding: a resume may use another strategy
+    optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
-        if accelerator.is_main_process:
-            weights = {name: tensor.detach().cpu().contiguous() for name, tensor in accelerator.unwrap_model(model).state_dict().items()}
+        if keep:
             save_file(weights, os.path.join(folder, "model.safetensors"))
-            if ema is not None:
-                save_file({name: tensor.detach().cpu().contiguous() for name, tensor in ema.module.state_dict().items()}, os.path.join(folder, "ema.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, os.path.join(folder, "trainer.pt"))
+            if ema_weights is not None:
+                save_file(ema_weights, os.path.join(folder, "ema.safetensors"))
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng}, os.path.join(folder, "trainer.pt"))
             Path(folder, "state.json").write_text(json.dumps(state.__dict__))
             # the per-step metrics this checkpoint covers and MLflow may not have yet (flushed next)
             Path(folder, "metrics.json").write_text(json.dumps([[m.key, m.value, m.timestamp, m.step] for m in pending]))
@@ -272,13 +371,13 @@ def report_checkpoint(accelerator, model, ema, optimizer, scheduler, state: Trai
         ray.train.report({**metrics, "step": state.step}, checkpoint=checkpoint)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, ema: AveragedModel | None, state: TrainState) -> dict[str, Any]:
+def load_checkpoint(folder: Path, model: nn.Module, state: TrainState) -> dict[str, Any]:
+    """Whole weights into the (not yet sharded) model; the rest is returned for after `prepare`."""
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    if ema is not None and (folder / "ema.safetensors").exists():
-        ema.module.load_state_dict(load_file(str(folder / "ema.safetensors")))
     state.__dict__.update(json.loads((folder / "state.json").read_text()))
     restored = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
-    restored["metrics"] = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else []
+    restored["ema"] = load_file(str(folder / "ema.safetensors")) if (folder / "ema.safetensors").exists() else None
+    restored["metrics"] = json.loads((folder / "metrics.json").read_text())
     return restored
 
 

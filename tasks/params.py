@@ -129,12 +129,18 @@ class CacheLatentsParams:
         return not (self.vae_weights and self.text_weights)
 
 
+STRATEGIES = ("ddp", "fsdp")  # the training engine's data parallelism: replicated or sharded model
+
+
 @dataclass(frozen=True)
 class TrainingParams:
     """What the training engine (tasks/engine.py) reads; each training stage's section extends it.
     Defaults are the smoke preset's."""
 
     SECTION: ClassVar[str] = "training"
+    # why this model cannot train sharded ("" = it can): under FSDP no rank holds whole weights
+    # outside the forward pass, and every rank must use the same parameters in every step
+    NO_FSDP: ClassVar[str] = ""
     steps: int = 300  # optimizer steps
     batch_size: int = 4  # clips per worker per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -149,12 +155,18 @@ class TrainingParams:
     shuffle_buffer: int = 64  # clips in each worker's local shuffle buffer
     num_workers: int = 1
     use_gpu: bool = False
+    # ddp: every worker holds the whole model; fsdp: weights, gradients and optimizer state sharded
+    # across the workers (torch's FSDP2), for models whose training state outgrows one GPU
+    strategy: str = "ddp"
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
     seed: int = 0
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "lr", "checkpoint_every", "num_workers", "max_bad_steps"):
             _check_positive(f"{self.SECTION}.{key}", getattr(self, key))
+        _check_choice(f"{self.SECTION}.strategy", self.strategy, STRATEGIES)
+        if self.strategy == "fsdp" and self.NO_FSDP:
+            raise ParamsError(f"{self.SECTION}.strategy: fsdp is not supported here ({self.NO_FSDP}); use ddp")
         if not 0 <= self.ema_decay < 1:
             raise ParamsError(f"{self.SECTION}.ema_decay: {self.ema_decay} must be in [0, 1)")
 
@@ -186,6 +198,7 @@ class TrainUnetParams(TrainingParams):
 @dataclass(frozen=True)
 class TrainDecoderParams(TrainingParams):
     SECTION: ClassVar[str] = "train_decoder"
+    NO_FSDP: ClassVar[str] = "the GAN loss calls the discriminator on detached weights and differentiates through the decoder's last layer; the decoder fits one GPU"
     steps: int = 100
     batch_size: int = 2
     lr: float = 1e-4
@@ -229,6 +242,7 @@ class TrainControlnetParams(TrainingParams):
     """The paper's stage 2 (section 2.4): the UNet frozen, the ControlNet, adapters and style adapter trained."""
 
     SECTION: ClassVar[str] = "train_controlnet"
+    NO_FSDP: ClassVar[str] = "each rank draws its own condition per clip, so ranks train different adapters in a step; the frozen UNet needs no optimizer state"
     steps: int = 300
     batch_size: int = 4
     lr: float = 1e-3  # L/H: 1e-5 (ControlNet's); 2e-4 learnt the canny control 2-3x slower in 400-step smoke runs
@@ -386,7 +400,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "H": {
         "filter": {"min_short_side": 320},
         "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
-        "train_unet": {"steps": 100_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True},
+        "train_unet": {"steps": 100_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True, "strategy": "fsdp"},
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,

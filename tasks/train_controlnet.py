@@ -114,6 +114,7 @@ class ControlNetRecipe:
     sample_captions: list[str]
     generator_paths: dict[str, Any]  # decoder dir, latents dir, encoders: for samples
     skips_parameters: bool = True  # adapters of conditions not drawn in a step, the style adapter on style-free steps
+    fsdp_blocks: tuple[str, ...] = ()  # never sharded: TrainControlnetParams refuses fsdp
 
     def build(self) -> nn.Module:
         unet, _ = load_unet(self.unet_dir)

@@ -71,6 +71,7 @@ class DecoderRecipe:
     variant: TCMVAEConfig
     sample_clip: np.ndarray  # (t, h, w, 3) uint8, a held-out clip reconstructed for the MLflow samples
     skips_parameters: bool = True  # the discriminator has no gradient before disc_start
+    fsdp_blocks: tuple[str, ...] = ()  # never sharded: TrainDecoderParams refuses fsdp
 
     def build(self) -> nn.Module:
         cfg = self.cfg

@@ -53,6 +53,8 @@ class UNetRecipe:
     sample_captions: list[str]
     encoders: CacheLatentsParams  # to decode samples with the cache's VAE
 
+    fsdp_blocks = ("ResBlock", "SpatialTemporalTransformer")  # a MEC residual block; a spatial or temporal transformer with its MoE
+
     @property
     def skips_parameters(self) -> bool:
         return self.cfg.image_share > 0  # image steps (t = 1) leave the temporal layers out
@@ -71,7 +73,8 @@ class UNetRecipe:
         return v_loss(model, Schedule(get_preset(self.preset).diffusion), x0, context, generator)
 
     def image_step(self, step: int) -> bool:
-        """Seeded by (seed, step) alone, so every worker trains the same kind of step."""
+        """Seeded by (seed, step) alone, so every worker trains the same kind of step (FSDP needs
+        every rank to use the same parameters: an image step leaves the temporal layers out)."""
         return random.Random(f"{self.cfg.seed}/image/{step}").random() < self.cfg.image_share
 
     def parameter_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -23,6 +23,12 @@ def test_presets_set_the_paper_clip_shapes_where_params_yaml_says_null(preset, s
     assert (decode.frames, decode.height, decode.width) == shape
 
 
+def test_h_shards_the_unet_whose_training_state_outgrows_a_gpu():
+    assert load_params(REPO_PARAMS, ["preset=H"]).train_unet.strategy == "fsdp"
+    assert load_params(REPO_PARAMS, ["preset=L"]).train_unet.strategy == "ddp"
+    assert load_params(REPO_PARAMS, ["train_unet.strategy=fsdp"]).train_unet.strategy == "fsdp"
+
+
 def test_explicit_values_and_overrides_beat_the_preset(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("preset: L\ndecode:\n  frames: 12\n")
@@ -48,6 +54,9 @@ def test_explicit_values_and_overrides_beat_the_preset(tmp_path):
         ("evaluate:\n  protocols: heldout,kinetics\n", "evaluate.protocols: 'kinetics' is not one of heldout, ucf101, msrvtt"),
         ("evaluate:\n  protocols: ucf101\n", "evaluate.ucf101_lists and evaluate.ucf101_videos: required for the ucf101 protocol"),
         ("evaluate:\n  ucf101_split: 4\n", "evaluate.ucf101_split: 4 is not one of 1, 2, 3"),
+        ("train_unet:\n  strategy: zero3\n", "train_unet.strategy: 'zero3' is not one of ddp, fsdp"),
+        ("train_decoder:\n  strategy: fsdp\n", "train_decoder.strategy: fsdp is not supported here (the GAN loss"),
+        ("train_controlnet:\n  strategy: fsdp\n", "train_controlnet.strategy: fsdp is not supported here (each rank draws its own condition"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, text, message):

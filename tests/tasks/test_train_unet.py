@@ -68,12 +68,36 @@ def loss_history(run_id: str) -> list[tuple[int, float]]:
     return sorted((metric.step, metric.value) for metric in client.get_metric_history(run_id, "loss"))
 
 
-@pytest.fixture
-def mlflow_here(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+        yield
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(latents_dir, tmp_path, mlflow_here, ray_session):
+@pytest.fixture(scope="module")
+def ddp_two_workers(latents_dir, tracking, ray_session, tmp_path_factory) -> dict:
+    """The reference run: DDP on two CPU workers (gloo), 30 steps of batch 2 each, uninterrupted."""
+    folder = tmp_path_factory.mktemp("ddp")
+    return train_unet(params_for(batch_size=2, num_workers=2), latents=latents_dir, output_dir=folder / "unet", runs=folder / "runs", run_name="ddp")
+
+
+def test_two_workers_match_one_worker_with_twice_the_batch(ddp_two_workers, latents_dir, tmp_path):
+    one = train_unet(params_for(batch_size=4, num_workers=1), latents=latents_dir, output_dir=tmp_path / "one", runs=tmp_path / "runs", run_name="one")
+    curve_one = np.array([value for _, value in loss_history(one["mlflow_run_id"])]).reshape(3, 10).mean(1)
+    curve_two = np.array([value for _, value in loss_history(ddp_two_workers["mlflow_run_id"])]).reshape(3, 10).mean(1)
+    # Same global batch and seed, different sampling of clips, noise and timesteps per worker: the
+    # 10-step means agree to within the run-to-run noise of this tiny setup (measured: < 15%).
+    np.testing.assert_allclose(curve_two, curve_one, rtol=0.3)
+    assert curve_one[-1] < curve_one[0] and curve_two[-1] < curve_two[0]
+
+
+def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_two_workers, latents_dir, tmp_path):
+    """FSDP shards the same model over the same two workers: the same seed gives the same losses.
+    Its run is interrupted twice: a worker is killed after the first checkpoint (Ray Train
+    restarts the group from it), and the first call stops at step 20 while a second call with the
+    same run name (a new driver, as after a crash) resumes there. Restored weights, optimizer
+    state, RNG streams and data position make the history the uninterrupted run's, step for step."""
     runs = tmp_path / "runs"
     killed = []
 
@@ -90,24 +114,18 @@ def test_killed_worker_resumes_from_the_last_checkpoint(latents_dir, tmp_path, m
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
-    metrics = train_unet(params_for(steps=40), latents=latents_dir, output_dir=tmp_path / "unet", runs=runs, run_name="killed")
+    first = train_unet(params_for(steps=20, batch_size=2, num_workers=2, strategy="fsdp"), latents=latents_dir, output_dir=tmp_path / "unet", runs=runs, run_name="fsdp")
     killer.join()
     assert killed, "no training worker was found to kill"
-    history = loss_history(metrics["mlflow_run_id"])
-    assert [step for step, _ in history] == list(range(1, 41))  # one continuous history, no step twice
-    assert metrics["steps"] == 40 and (tmp_path / "unet" / "model.safetensors").exists()
+    assert [step for step, _ in loss_history(first["mlflow_run_id"])] == list(range(1, 21))
+
+    metrics = train_unet(params_for(steps=30, batch_size=2, num_workers=2, strategy="fsdp"), latents=latents_dir, output_dir=tmp_path / "unet", runs=runs, run_name="fsdp")
+    assert metrics["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run, one continuous history
+    history, reference = loss_history(metrics["mlflow_run_id"]), loss_history(ddp_two_workers["mlflow_run_id"])
+    assert [step for step, _ in history] == list(range(1, 31))  # no step twice, none missing
+    np.testing.assert_allclose([value for _, value in history], [value for _, value in reference], rtol=1e-4)
+    assert metrics["steps"] == 30 and (tmp_path / "unet" / "model.safetensors").exists()
     assert metrics["loss_last_10pct"] < metrics["loss_first_10pct"]
-
-
-def test_two_workers_match_one_worker_with_twice_the_batch(latents_dir, tmp_path, mlflow_here, ray_session):
-    one = train_unet(params_for(batch_size=4, num_workers=1), latents=latents_dir, output_dir=tmp_path / "one", runs=tmp_path / "runs", run_name="one")
-    two = train_unet(params_for(batch_size=2, num_workers=2), latents=latents_dir, output_dir=tmp_path / "two", runs=tmp_path / "runs", run_name="two")
-    curve_one = np.array([value for _, value in loss_history(one["mlflow_run_id"])]).reshape(3, 10).mean(1)
-    curve_two = np.array([value for _, value in loss_history(two["mlflow_run_id"])]).reshape(3, 10).mean(1)
-    # Same global batch and seed, different sampling of clips, noise and timesteps per worker: the
-    # 10-step means agree to within the run-to-run noise of this tiny setup (measured: < 15%).
-    np.testing.assert_allclose(curve_two, curve_one, rtol=0.3)
-    assert curve_one[-1] < curve_one[0] and curve_two[-1] < curve_two[0]
 
 
 def test_held_out_videos_never_reach_training(tmp_path, ray_session):
