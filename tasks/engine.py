@@ -355,7 +355,7 @@ def report_checkpoint(accelerator, model, ema: ExponentialAverage | None, optimi
     unwrapped = accelerator.unwrap_model(model)
     weights = full_state_dict(unwrapped, keep)
     ema_weights = full_state_dict(unwrapped, keep, ema.by_name()) if ema is not None else None
-    # keyed by parameter name, whole on rank 0 whatever the sharding: a resume may use another strategy
+    # keyed by parameter name and whole on rank 0, whatever the sharding
     optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
