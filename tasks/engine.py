@@ -188,16 +188,23 @@ def train_loop(config: dict[str, Any]) -> None:
             report_checkpoint(accelerator, model, ema, optimizer, scheduler, state, world, {"loss": loss_mean}, logger.pending if logger else [])
             if logger:
                 logger.flush()
-        if (cfg.sample_every and state.step % cfg.sample_every == 0) or state.step == cfg.steps:
-            plain = inference_copy(accelerator, recipe, model, ema)  # every rank gathers; rank 0 gets the copy
-            if logger:
-                with tempfile.TemporaryDirectory() as folder:
-                    for path in recipe.samples(plain, state.step, Path(folder)):
-                        logger.client.log_artifact(setup.mlflow_run_id, str(path), artifact_path=f"samples/step_{state.step:07d}")
-    # also when a resumed run finds its last checkpoint already final (a crash before the export)
+        if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < cfg.steps:
+            log_samples(logger, recipe, inference_copy(accelerator, recipe, model, ema), state.step)
+    # the final samples and export; also when a resumed run finds its last checkpoint already
+    # final (a crash before the export)
     plain = inference_copy(accelerator, recipe, model, ema)
+    log_samples(logger, recipe, plain, state.step)
     if accelerator.is_main_process:
         recipe.export(plain, Path(setup.output_dir))
+
+
+def log_samples(logger: MetricBuffer | None, recipe: Recipe, plain: nn.Module | None, step: int) -> None:
+    """Rank 0 draws the recipe's samples from the plain copy and logs them as MLflow artifacts."""
+    if logger is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for path in recipe.samples(plain, step, Path(folder)):
+            logger.client.log_artifact(logger.run_id, str(path), artifact_path=f"samples/step_{step:07d}")
 
 
 def make_accelerator(cfg, recipe: Recipe):
