@@ -40,6 +40,7 @@ import ray.train
 import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from ray import cloudpickle
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors import safe_open
@@ -98,8 +99,9 @@ class TrainState:
     bad_in_a_row: int = 0
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def train_loop(train_loop_config: dict[str, bytes]) -> None:
     """Runs on every Ray Train worker."""
+    config = cloudpickle.loads(train_loop_config["pickled"])
     recipe: Recipe = config["recipe"]
     setup: Setup = config["setup"]
     cfg = setup.train
@@ -487,12 +489,15 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
     threads_per_worker = max(1, min(4, cluster_cpus // cfg.num_workers))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
+        # Pickled by us: Ray Train's controller unpickles the config it is given, and the recipe's
+        # class would make it import the model code (14 s of the controller's start, measured for
+        # the UNet's) before it starts any worker; only the workers need it
+        train_loop_config={"pickled": cloudpickle.dumps({
             "recipe": recipe,
             "setup": Setup(train=cfg, output_dir=str(output_dir.resolve()), tracking_uri=uri, mlflow_run_id=run_id),
             "threads_per_worker": threads_per_worker,
             "run_folder": str(storage / run_name),
-        },
+        })},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not cfg.use_gpu else None),
         run_config=RunConfig(name=run_name, storage_path=str(storage), failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": dataset},

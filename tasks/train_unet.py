@@ -25,13 +25,11 @@ import torch
 from torch import nn
 
 from model.diffusion import Schedule, ddim_sample, drop_text, v_loss
-from model.image_vae import decode_latents, pixels_to_frames
 from model.moe_attention import average_experts, merge_experts
 from model.presets import get_preset
 from model.unet import VersVideoUNet
 from model.weights import file_digest
 from tasks.atomic import save_safetensors, write_json
-from tasks.cache_latents import encode_captions, load_text, load_vae, resolved_encoders
 from tasks.clip_shards import split_clips
 from tasks.engine import fit, history_summary
 from tasks.lineage import lineage_tags
@@ -93,6 +91,11 @@ class UNetRecipe:
     @torch.no_grad()
     def samples(self, model: nn.Module, step: int, folder: Path) -> list[Path]:
         """DDIM samples for the first captions, decoded with the cache's VAE: MP4 + GIF each."""
+        # imported here, on the one rank that samples: the encoders' libraries (diffusers,
+        # open_clip) took 8 s of every training worker's start on 2 cores
+        from model.image_vae import decode_latents, pixels_to_frames
+        from tasks.cache_latents import encode_captions, load_text, load_vae
+
         preset = get_preset(self.preset)
         device = next(model.parameters()).device
         was_training = model.training
@@ -131,6 +134,8 @@ def default_run_name(params: Params, latents: Path) -> str:
 
 def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = OUT_DIR, runs: Path = RUNS, run_name: str | None = None) -> dict[str, Any]:
     """Train on the cache in `latents`; exports to output_dir; returns the run's summary figures."""
+    from tasks.cache_latents import resolved_encoders  # see UNetRecipe.samples
+
     cfg = params.train_unet
     index = read_index(latents)
     held_out = held_out_videos(index, cfg)
