@@ -262,6 +262,13 @@ class ExponentialAverage:
     def by_name(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadows))
 
+    def gathered(self, keep: bool) -> dict[str, torch.Tensor] | None:
+        """The whole averaged parameters on the CPU where `keep` (else None); every rank calls
+        this, in step, as sharded copies are all-gathered. A checkpoint needs only these: the
+        rest of the model is in its own weights file."""
+        shadows = {name: whole(shadow) for name, shadow in self.by_name().items()}
+        return {name: shadow.detach().cpu().contiguous() for name, shadow in shadows.items()} if keep else None
+
     @torch.no_grad()
     def load_full(self, weights: dict[str, torch.Tensor]) -> None:
         """Whole EMA weights from a checkpoint, cut to this rank's shards where sharded."""
@@ -363,7 +370,7 @@ def report_checkpoint(accelerator, model, ema: ExponentialAverage | None, optimi
     keep = accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
     weights = full_state_dict(unwrapped, keep)
-    ema_weights = full_state_dict(unwrapped, keep, ema.by_name()) if ema is not None else None
+    ema_weights = ema.gathered(keep) if ema is not None else None
     # keyed by parameter name and whole on rank 0, whatever the sharding
     optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     with tempfile.TemporaryDirectory() as folder:
