@@ -148,8 +148,7 @@ def test_weights_from_a_registered_model_and_refused_once_changed(project, monke
     assert registered_folders("models:/versvideo@champion") == {name: models / name for name in ("unet", "decoder", "controlnet")}
     registered = generate(request(project, model="models:/versvideo@champion", control="image", control_path="red.png", out=tmp_path / "a.mp4"), Params())
     local = generate(request(project, control="image", control_path="red.png", out=tmp_path / "b.mp4"), Params())
-    difference = decord.VideoReader(str(registered[0]))[:].asnumpy().astype(float) - decord.VideoReader(str(local[0]))[:].asnumpy()
-    assert np.abs(difference).mean() < 1.0
+    assert registered[0].read_bytes() == local[0].read_bytes()  # the same weights and seed: the same file
 
     weights = models / "decoder" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
