@@ -13,9 +13,7 @@ from tasks.synthetic import write_mp4
 def write_preview(frames: np.ndarray, folder: Path, stem: str, fps: int) -> list[Path]:
     """`stem`.mp4 and `stem`.gif of (t, h, w, 3) uint8 frames in `folder`; returns both paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    # samples are written in long-lived processes (a training worker, `generate`): the same seed
-    # gives the same file only without mbtree (see write_mp4)
-    write_mp4(frames, folder / f"{stem}.mp4", fps, mbtree=False)
+    write_mp4(frames, folder / f"{stem}.mp4", fps)
     images = [Image.fromarray(frame) for frame in frames]
     images[0].save(folder / f"{stem}.gif", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
     return [folder / f"{stem}.mp4", folder / f"{stem}.gif"]

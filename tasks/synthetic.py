@@ -96,11 +96,11 @@ def render(
     return frames, f"a {s['color']} {s['shape']} {motion} on a {s['texture']} background"
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: int | Fraction, *, mbtree: bool = True) -> None:
-    """H.264 (yuv420p) MP4; one encoder thread so the bytes are reproducible. In a process that
-    has run other work, x264's macroblock-tree rate control gave 4 different files for the same
-    frames in 5 writes (in a fresh process, as `prepare` runs, one); mbtree=False gives one."""
-    options = {"crf": "18", "preset": "veryfast", **({} if mbtree else {"x264-params": "no-mbtree=1"})}
+def write_mp4(frames: np.ndarray, path: Path, fps: int | Fraction) -> None:
+    """H.264 (yuv420p) MP4 whose bytes depend on the frames only: one encoder thread, and no
+    macroblock-tree rate control, which gave 4 different files for the same frames in 5 writes in
+    a busy process, and 1 to 5 differing videos of 64 between demo runs of prepare."""
+    options = {"crf": "18", "preset": "veryfast", "x264-params": "no-mbtree=1"}
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
