@@ -232,16 +232,22 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def full_state_dict(module: nn.Module, keep: bool, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
-    """The module's whole state dict on the CPU, on the ranks where `keep` (else None). Sharded
-    tensors are all-gathered, so every rank must call this, in step. `overrides` replace entries
-    (the EMA's parameters)."""
+def gather_whole(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor] | None:
+    """Each tensor whole, on the CPU, on the ranks where `keep` (else None). Sharded tensors are
+    all-gathered one at a time (so no rank holds more than one whole tensor it does not keep), and
+    every rank must call this, in step."""
     gathered = {}
-    for name, tensor in module.state_dict().items():
-        tensor = whole((overrides or {}).get(name, tensor))
+    for name, tensor in tensors.items():
+        tensor = whole(tensor)
         if keep:
             gathered[name] = tensor.detach().cpu().contiguous()
     return gathered if keep else None
+
+
+def full_state_dict(module: nn.Module, keep: bool, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    """The module's whole state dict (see gather_whole); `overrides` replace entries (the EMA's
+    parameters)."""
+    return gather_whole({**module.state_dict(), **(overrides or {})}, keep)
 
 
 class ExponentialAverage:
@@ -261,13 +267,6 @@ class ExponentialAverage:
 
     def by_name(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadows))
-
-    def gathered(self, keep: bool) -> dict[str, torch.Tensor] | None:
-        """The whole averaged parameters on the CPU where `keep` (else None); every rank calls
-        this, in step, as sharded copies are all-gathered. A checkpoint needs only these: the
-        rest of the model is in its own weights file."""
-        shadows = {name: whole(shadow) for name, shadow in self.by_name().items()}
-        return {name: shadow.detach().cpu().contiguous() for name, shadow in shadows.items()} if keep else None
 
     @torch.no_grad()
     def load_full(self, weights: dict[str, torch.Tensor]) -> None:
@@ -370,7 +369,7 @@ def report_checkpoint(accelerator, model, ema: ExponentialAverage | None, optimi
     keep = accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
     weights = full_state_dict(unwrapped, keep)
-    ema_weights = ema.gathered(keep) if ema is not None else None
+    ema_weights = gather_whole(ema.by_name(), keep) if ema is not None else None  # its parameters only: the rest is in weights
     # keyed by parameter name and whole on rank 0, whatever the sharding
     optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     with tempfile.TemporaryDirectory() as folder:
