@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, Metric
+from mlflow.entities import Dataset, DatasetInput, Metric, RunTag
 
 
 EXPERIMENT = "versvideo"  # every run of the pipeline, its stages and training runs
@@ -30,12 +30,21 @@ def git_commit() -> str:
         return "unknown"
 
 
-def dvc_dep_hashes(stage: str, lock: Path = Path("dvc.lock")) -> dict[str, str]:
-    """{dep path: md5} of `stage` as dvc.lock recorded it (empty before the first `dvc repro`)."""
+def dvc_lock_stage(stage: str, lock: Path = Path("dvc.lock")) -> dict[str, Any]:
+    """`stage`'s entry in dvc.lock (empty before the first `dvc repro`)."""
     if not lock.exists():
         return {}
-    stage_lock = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
-    return {dep["path"]: str(dep.get("md5") or dep.get("hash") or "") for dep in stage_lock.get("deps", []) if not dep["path"].endswith(".py")}
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
+
+
+def locked_data_deps(stage: str, lock: Path = Path("dvc.lock")) -> list[dict[str, Any]]:
+    """The stage's data dependencies as dvc.lock recorded them (path, md5, size); code left out."""
+    return [dep for dep in dvc_lock_stage(stage, lock).get("deps", []) if not dep["path"].endswith(".py")]
+
+
+def dvc_dep_hashes(stage: str, lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """{dep path: md5} of `stage`'s data inputs in dvc.lock."""
+    return {dep["path"]: str(dep.get("md5", "")) for dep in locked_data_deps(stage, lock)}
 
 
 def lineage_tags(stage: str) -> dict[str, str]:
@@ -56,15 +65,7 @@ def tag_stage_run(tags: dict[str, str]) -> None:
     """Tags on the stage's own nested run, from inside the stage process (no-op outside a pipeline)."""
     run_id = os.environ.get(PARENT_RUN_ENV)
     if run_id:
-        client = MlflowClient(tracking_uri())
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-
-
-def dvc_lock_stage(stage: str, lock: Path = Path("dvc.lock")) -> dict[str, Any]:
-    if not lock.exists():
-        return {}
-    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
+        MlflowClient(tracking_uri()).log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 def stage_metric_files(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
@@ -108,17 +109,15 @@ def start_run(client: MlflowClient, uri: str, name: str, tags: dict[str, str], p
 def record_stage(client: MlflowClient, run_id: str, stage: str, seconds: float, ran: bool) -> None:
     """After a stage: its dvc.lock dependency hashes as tags and as MLflow dataset inputs (the DVC
     hash is the digest), its metrics files, and how long it took."""
-    lock = dvc_lock_stage(stage)
-    deps = [dep for dep in lock.get("deps", []) if not dep["path"].endswith(".py")]
-    client.set_tag(run_id, "dvc.stage", stage)
-    client.set_tag(run_id, "dvc.ran", str(ran).lower())  # false: DVC found the stage up to date
+    deps = locked_data_deps(stage)
+    hashes = {f"dvc.dep.{path}": digest for path, digest in dvc_dep_hashes(stage).items()}
+    client.log_batch(run_id, tags=[RunTag("dvc.stage", stage), RunTag("dvc.ran", str(ran).lower())])  # false: DVC found the stage up to date
     # The runs the stage opened under this one (training, evaluation) took their dvc.dep tags from
     # dvc.lock as it was when they started: the previous run's hashes, wrong for any input that
     # changed. Now that DVC has locked this run's inputs, every run of the stage gets those.
     nested = client.search_runs([client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
     for tagged in [run_id, *(run.info.run_id for run in nested)]:
-        for dep in deps:
-            client.set_tag(tagged, f"dvc.dep.{dep['path']}", str(dep.get("md5", "")))
+        client.log_batch(tagged, tags=[RunTag(key, value) for key, value in hashes.items()])
     datasets = [DatasetInput(Dataset(name=dep["path"], digest=str(dep.get("md5", ""))[:36], source_type="dvc",
                                      source=json.dumps({"path": dep["path"], "md5": dep.get("md5"), "size": dep.get("size")})))
                 for dep in deps]
