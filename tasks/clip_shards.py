@@ -16,6 +16,7 @@ import pandas as pd
 import ray
 
 from tasks.decode import shard_name
+from tasks.ray_runtime import ensure_ray
 
 
 def video_fraction(video_id: str, seed: int) -> float:
@@ -59,6 +60,7 @@ def _read_shard(batch: dict[str, np.ndarray], clips_dir: str) -> dict[str, np.nd
 def clip_dataset(clips_dir: str | Path, rows: pd.DataFrame, seed: int | None = None) -> ray.data.Dataset:
     """A streaming Ray Data dataset of the clips in `rows`: `frames` (t, h, w, 3) uint8, one read task
     per shard (shards in a seeded order when `seed` is given)."""
+    ensure_ray()  # before the dataset exists (see ensure_ray)
     shards = [{"shard": int(shard), "rows": group["shard_row"].astype(int).tolist()} for shard, group in rows.groupby("shard")]
     if seed is not None:
         shards = [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))]

@@ -29,6 +29,7 @@ import ray
 from ray.data.extensions import ArrowTensorArray
 
 from tasks.atomic import atomic_path
+from tasks.ray_runtime import ensure_ray
 
 FINGERPRINT_KEY = b"versvideo.fingerprint"
 TENSOR_COLUMNS = ("latents", "context")
@@ -113,6 +114,7 @@ def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[s
     (ray.data.read_parquet would also work, but it lists files and prefetches every footer on
     each execution, which took 8-13 s per epoch for 40 shards on a 2-core machine; the index
     already knows the shards.) Rows of `exclude_videos` (held-out video ids) are dropped."""
+    ensure_ray()  # before the dataset exists (see ensure_ray)
     folder = Path(folder)
     shards = sorted(read_index(folder)["shard"].unique())
     if seed is not None:

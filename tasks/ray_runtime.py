@@ -7,11 +7,12 @@ import sys
 
 import ray
 
-from tasks.lineage import tag_stage_run
-
 
 def ensure_ray() -> None:
-    """Start (or join) Ray once per process; stages call this before any Ray Data work."""
+    """Start (or join) Ray once per process, before any Ray Data dataset exists: creating one
+    auto-starts Ray with its defaults, which would skip these settings (the training stages'
+    logs carried a placement-group cleaner's warning every second and every actor's progress
+    bars, and their stage runs lacked the ray.* tags)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -23,5 +24,7 @@ def ensure_ray() -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
+    from tasks.lineage import tag_stage_run  # here: Ray Data read tasks import this module (via the dataset factories) and need no MLflow
+
     runtime = ray.get_runtime_context()  # in a pipeline stage, its MLflow run says which cluster did the work
     tag_stage_run({"ray.address": runtime.gcs_address, "ray.node_id": runtime.get_node_id(), "ray.job_id": runtime.get_job_id()})

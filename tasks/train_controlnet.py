@@ -55,6 +55,7 @@ from tasks.latent_shards import load_null_context, read_index, read_latent_shard
 from tasks.lineage import lineage_tags, tracking_uri
 from tasks.params import Params, TrainControlnetParams, flatten, params_to_dict
 from tasks.previews import write_preview
+from tasks.ray_runtime import ensure_ray
 from tasks.train_unet import held_out_videos
 
 CLIPS = Path("data/clips")
@@ -79,6 +80,7 @@ def _read_shard_pair(batch: dict[str, np.ndarray], exclude_videos: frozenset[str
 def control_dataset(latents_dir: Path, clips_dir: Path, seed: int, exclude_videos: frozenset[str]) -> ray.data.Dataset:
     """Rows of `latents` (t, 4, h, w), `context` (77, d) and `frames` (t, H, W, 3) uint8 of the same
     clip: one read task per shard pair, shards in a seeded order."""
+    ensure_ray()  # before the dataset exists (see ensure_ray)
     index = read_index(latents_dir)
     items = []
     for shard, rows in index.groupby("shard", sort=True):
