@@ -7,8 +7,9 @@ and reports samples/s and the share of step time spent waiting for data, from th
 histories (steady state: step 1 left out). The baseline is the 1-worker run; the ratios are 2
 workers over 1, and FSDP over DDP on 2 workers (the price of gathering sharded weights per block).
 
-Not measured here (needs a GPU): the L preset's samples/s, model FLOPs utilisation and peak
-memory in bf16 with and without checkpointing, and whether H fits batch 2 in 40 GB.
+Not written yet, so not measured even on a GPU: the L preset's samples/s through the engine,
+model FLOPs utilisation and peak memory in bf16 with and without checkpointing, and whether H
+fits batch 2 in 40 GB. `versvideo bench unet` times the L UNet's own training step on a GPU.
 """
 
 from __future__ import annotations
@@ -73,5 +74,5 @@ def run(args: argparse.Namespace) -> dict:
         "data_wait_share": {name: round(f["mean_data_wait_share"], 4) for name, f in figures.items()},
         "two_vs_one_worker": round(figures["2"]["mean_samples_per_s"] / figures["1"]["mean_samples_per_s"], 2),
         "fsdp_vs_ddp_two_workers": round(figures["2-fsdp"]["mean_samples_per_s"] / figures["2"]["mean_samples_per_s"], 2),
-        "gpu": "not measured (no GPU on this machine)",
+        "gpu": "not measured: this benchmark's GPU part is not written yet (see the module's docstring)",
     }
