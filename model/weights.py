@@ -60,6 +60,12 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str
     module.load_state_dict(state, strict=True)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256, as `sha256sum` prints it."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def file_digest(*paths: str | Path) -> str:
     """sha256 over the bytes of the given files, in order (identifies the weights a cache used)."""
     digest = hashlib.sha256()

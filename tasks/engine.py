@@ -18,7 +18,8 @@ optimizer and scheduler state, step, RNG states, data position) that every worke
 
 MLflow (rank 0 only): the driver creates the run (params, tags); rank 0 logs per-step metrics to
 it, buffered and flushed right after each checkpoint is reported, so a resumed run never logs a
-step twice and its history stays one continuous line.
+step twice and its history stays one continuous line. At the end the driver tags the run with
+the latest checkpoint's and the exported weights' paths and sha256s (the files stay on disk).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
@@ -49,6 +50,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from model.weights import file_sha256
 from tasks.lineage import experiment_id, tracking_uri
 from tasks.ray_runtime import ensure_ray
 
@@ -514,7 +516,18 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
     checkpoint = result.checkpoint
+    if checkpoint:
+        record_files(client, run_id, "checkpoint", Path(checkpoint.path))
+    record_files(client, run_id, "weights", output_dir.resolve(), "*.safetensors")
+    client.set_terminated(run_id, status="FINISHED")
     return {"mlflow_run_id": run_id, "checkpoint": checkpoint.path if checkpoint else None, "metrics": result.metrics or {}}
+
+
+def record_files(client: MlflowClient, run_id: str, name: str, folder: Path, pattern: str = "*") -> None:
+    """Tags `{name}.path` and `{name}.sha256.{file}` for the files in `folder` matching `pattern`:
+    MLflow records where the large files are and what they hold; the files stay on disk and in DVC."""
+    files = sorted(path for path in folder.glob(pattern) if path.is_file())
+    tags = {f"{name}.path": str(folder), **{f"{name}.sha256.{path.name}": file_sha256(path) for path in files}}
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 

@@ -8,7 +8,6 @@ compare rows with each other (re-crawled videoids, identical files) run on the d
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 import ray
 
+from model.weights import file_sha256
 from tasks import curation
 from tasks.atomic import remove_stale_temporaries, write_json, write_parquet
 from tasks.params import DecodeParams, FilterParams, Params
@@ -145,7 +145,7 @@ def _assess(record: dict, videos_root: str, cfg: FilterParams, decode: DecodePar
     record["motion_score"] = motion = float(curation.motion_scores(frames[first:last]).mean())
     if motion < cfg.min_motion:
         raise VideoError("static", f"motion score {motion:.5f} < {cfg.min_motion}")
-    record["content_sha256"] = _sha256(path)
+    record["content_sha256"] = file_sha256(path)
 
 
 def assess_batch(batch: pd.DataFrame, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> pd.DataFrame:
@@ -235,14 +235,6 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
             frame[name] = frame[name].astype("float64" if isinstance(missing, float) else "int64")
     frame["row_index"] = frame["row_index"].astype("int64")
     return frame
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def report(kept: pd.DataFrame, rejected: pd.DataFrame) -> dict:

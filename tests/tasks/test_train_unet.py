@@ -1,7 +1,10 @@
 """train_unet on the engine: the step recipe, worker-kill resume, and 1 vs 2 workers."""
 
+import hashlib
+import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -98,6 +101,15 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ddp_two_workers, late
     folders = [item.path for item in client.list_artifacts(one["mlflow_run_id"], "samples")]
     assert folders == ["samples/step_0000030"]
     assert sorted(item.path.rsplit("/", 1)[1] for item in client.list_artifacts(one["mlflow_run_id"], folders[0])) == ["sample0_a_blob_moves.gif", "sample0_a_blob_moves.mp4"]
+    # checkpoints and weights stay on disk: the run records where, and each file's sha256
+    assert [item.path for item in client.list_artifacts(one["mlflow_run_id"])] == ["samples"]
+    tags = client.get_run(one["mlflow_run_id"]).data.tags
+    checkpoint = Path(tags["checkpoint.path"])
+    assert checkpoint.parent.parent == tmp_path / "runs" and json.loads((checkpoint / "state.json").read_text())["step"] == 30
+    recorded = {key.removeprefix("checkpoint.sha256."): value for key, value in tags.items() if key.startswith("checkpoint.sha256.")}
+    assert recorded == {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in checkpoint.iterdir() if path.is_file()} and "model.safetensors" in recorded
+    assert tags["weights.path"] == str(tmp_path / "one")
+    assert tags["weights.sha256.model.safetensors"] == hashlib.sha256((tmp_path / "one" / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_two_workers, latents_dir, tmp_path):
@@ -154,3 +166,41 @@ def test_held_out_videos_never_reach_training(tmp_path, ray_session):
     assert held and len(held) < 5 and held == held_out_videos(index, TrainUnetParams(held_out_share=0.3))  # seeded: the same draw
     kept = latent_dataset(folder, exclude_videos=frozenset({"synthetic"}))  # the cache's own video id: every row goes
     assert kept.count() == 0 and latent_dataset(folder).count() == len(index)
+
+
+def poisoned_cache(source, folder, every: int):
+    """A copy of the cache at `source` where every `every`-th clip's latents are NaN, as a corrupt
+    latent shard would give."""
+    import shutil
+
+    from tasks.latent_shards import read_index, read_latent_shard, shard_fingerprint, write_latent_shard
+
+    shutil.copytree(source, folder)
+    index = read_index(folder)
+    for shard, rows in index.groupby("shard"):
+        path = folder / f"latents-{int(shard):05d}.parquet"
+        tensors = read_latent_shard(path)
+        latents = tensors["latents"].copy()
+        latents[::every] = np.nan
+        write_latent_shard(path, rows.sort_values("shard_row"), latents, tensors["context"], shard_fingerprint(path))
+    return folder
+
+
+def test_non_finite_losses_skip_the_step_on_every_worker_and_abort_when_they_persist(latents_dir, tracking, tmp_path):
+    """Clips with NaN latents give a NaN loss on one worker: both skip the step (the loss is
+    checked across workers, or DDP would hang), count it and go on; the logged losses and the
+    exported weights stay finite. When every clip is bad, the run stops after max_bad_steps + 1
+    in a row, saying what to do."""
+    some_bad = poisoned_cache(latents_dir, tmp_path / "some_bad", every=24)
+    metrics = train_unet(params_for(batch_size=2, num_workers=2), latents=some_bad, output_dir=tmp_path / "unet", runs=tmp_path / "runs", run_name="some_bad")
+    history = loss_history(metrics["mlflow_run_id"])
+    assert [step for step, _ in history] == list(range(1, 31)) and np.isfinite([value for _, value in history]).all()
+    assert 1 <= metrics["skipped_steps"] <= 15
+    assert all(torch.isfinite(tensor).all() for tensor in load_file(str(tmp_path / "unet" / "model.safetensors")).values())
+
+    all_bad = poisoned_cache(latents_dir, tmp_path / "all_bad", every=1)
+    with pytest.raises(Exception, match=r"3 non-finite losses in a row at step 0: lower the learning rate or check the data \(max_bad_steps=2\)"):
+        train_unet(params_for(max_bad_steps=2, max_failures=0), latents=all_bad, output_dir=tmp_path / "never", runs=tmp_path / "runs", run_name="all_bad")
+    assert not (tmp_path / "never" / "model.safetensors").exists()
+    failed = MlflowClient().search_runs([MlflowClient().get_run(metrics["mlflow_run_id"]).info.experiment_id], filter_string="attributes.run_name = 'all_bad'")
+    assert [run.info.status for run in failed] == ["FAILED"]
