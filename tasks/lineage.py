@@ -110,7 +110,7 @@ def record_stage(client: MlflowClient, run_id: str, stage: str, seconds: float, 
     """After a stage: its dvc.lock dependency hashes as tags and as MLflow dataset inputs (the DVC
     hash is the digest), its metrics files, and how long it took."""
     deps = locked_data_deps(stage)
-    hashes = {f"dvc.dep.{path}": digest for path, digest in dvc_dep_hashes(stage).items()}
+    hashes = {f"dvc.dep.{dep['path']}": str(dep.get("md5", "")) for dep in deps}
     client.log_batch(run_id, tags=[RunTag("dvc.stage", stage), RunTag("dvc.ran", str(ran).lower())])  # false: DVC found the stage up to date
     # The runs the stage opened under this one (training, evaluation) took their dvc.dep tags from
     # dvc.lock as it was when they started: the previous run's hashes, wrong for any input that

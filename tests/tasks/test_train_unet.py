@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,8 +16,9 @@ from safetensors.torch import load_file
 
 from model.moe_attention import MoEFeedForward
 from tasks.bench_train import synthetic_cache
+from tasks.latent_shards import latent_dataset, read_index, read_latent_shard, shard_fingerprint, write_latent_shard
 from tasks.params import CacheLatentsParams, Params, TrainUnetParams
-from tasks.train_unet import UNetRecipe, train_unet
+from tasks.train_unet import UNetRecipe, held_out_videos, train_unet
 
 FRAMES, SIZE, WIDTH = 8, 8, 64  # the smoke preset's latent clip and context width
 
@@ -154,10 +156,6 @@ def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_t
 
 def test_held_out_videos_never_reach_training(tmp_path, ray_session):
     """Rows of held-out videos are dropped when shards are read; the rest stream through whole."""
-    from tasks.bench_train import synthetic_cache
-    from tasks.latent_shards import latent_dataset, read_index
-    from tasks.train_unet import held_out_videos
-
     folder = synthetic_cache(tmp_path / "latents", frames=2, size=8, width=WIDTH)
     index = read_index(folder)
     assert held_out_videos(index, TrainUnetParams(held_out_share=0.0)) == frozenset()
@@ -171,10 +169,6 @@ def test_held_out_videos_never_reach_training(tmp_path, ray_session):
 def poisoned_cache(source, folder, every: int):
     """A copy of the cache at `source` where every `every`-th clip's latents are NaN, as a corrupt
     latent shard would give."""
-    import shutil
-
-    from tasks.latent_shards import read_index, read_latent_shard, shard_fingerprint, write_latent_shard
-
     shutil.copytree(source, folder)
     index = read_index(folder)
     for shard, rows in index.groupby("shard"):
