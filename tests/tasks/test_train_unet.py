@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from model.moe_attention import MoEFeedForward
 from tasks.bench_train import synthetic_cache
-from tasks.latent_shards import latent_dataset, read_index, read_latent_shard, shard_fingerprint, write_latent_shard
+from tasks.latent_shards import latent_dataset, read_index, read_latent_shard, shard_fingerprint, shard_name, write_latent_shard
 from tasks.params import CacheLatentsParams, Params, TrainUnetParams
 from tasks.train_unet import UNetRecipe, held_out_videos, train_unet
 
@@ -172,7 +172,7 @@ def poisoned_cache(source, folder, every: int):
     shutil.copytree(source, folder)
     index = read_index(folder)
     for shard, rows in index.groupby("shard"):
-        path = folder / f"latents-{int(shard):05d}.parquet"
+        path = folder / shard_name(int(shard))
         tensors = read_latent_shard(path)
         latents = tensors["latents"].copy()
         latents[::every] = np.nan
