@@ -28,9 +28,7 @@ from model.mec import MECPaths
 from model.moe_attention import merge_experts
 from model.presets import UNetConfig
 from model.unet import VersVideoUNet
-from tasks.benchmarking import best_seconds
-
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, per GPU
+from tasks.benchmarking import best_seconds, peak_bf16_tflops
 
 
 def _rss_bytes() -> int:
@@ -180,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         with FlopCounterMode(display=False) as flops:
             call(model).float().square().mean().backward()
         name = torch.cuda.get_device_name()
-        peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+        peak = peak_bf16_tflops(name)
         step_s = seconds["ours"]
         report["gpu"] = name
         report["samples_per_s"] = round(batch / step_s, 2)

@@ -1,9 +1,37 @@
-"""Timing shared by the `versvideo bench` benchmarks."""
+"""Timing, FLOP counting and accelerator peaks shared by the `versvideo bench` benchmarks."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.presets import UNetConfig
+from model.unet import VersVideoUNet
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, per GPU
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The datasheet's dense bf16 peak of a GPU named like torch.cuda.get_device_name(); None when unknown."""
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+
+
+def unet_training_flops(config: UNetConfig, latent_shape: tuple[int, int, int, int], context_tokens: int = 77) -> int:
+    """Model FLOPs of one training sample (forward + backward of the UNet on one video latent),
+    counted on the meta device: no memory, no time, the same figure on any machine. Recomputation
+    by gradient checkpointing is not counted (model FLOPs, as MFU defines them); attention is
+    counted as its matrix products."""
+    with torch.device("meta"):
+        model = VersVideoUNet(config).train()
+        x = torch.zeros(1, *latent_shape)
+        timesteps = torch.zeros(1, dtype=torch.long)
+        context = torch.zeros(1, context_tokens, config.context_dim)
+    with FlopCounterMode(display=False) as flops:
+        model(x, timesteps, context).float().square().mean().backward()
+    return flops.get_total_flops()
 
 
 def best_seconds(steps: dict[str, Callable[[], object]], repeats: int, synchronize: Callable[[], None] | None = None) -> dict[str, float]:
