@@ -183,10 +183,12 @@ def poisoned_cache(source, folder, every: int):
 def test_non_finite_losses_skip_the_step_on_every_worker_and_abort_when_they_persist(latents_dir, tracking, tmp_path):
     """Clips with NaN latents give a NaN loss on one worker: both skip the step (the loss is
     checked across workers, or DDP would hang), count it and go on; the logged losses and the
-    exported weights stay finite. When every clip is bad, the run stops after max_bad_steps + 1
-    in a row, saying what to do."""
+    exported weights stay finite. The run accumulates gradients over 2 micro-steps of 1 clip
+    each, so a bad clip can come in either micro-step, with or without DDP's gradient sync held
+    back. When every clip is bad, the run stops after max_bad_steps + 1 in a row, saying what to
+    do."""
     some_bad = poisoned_cache(latents_dir, tmp_path / "some_bad", every=24)
-    metrics = train_unet(params_for(batch_size=2, num_workers=2), latents=some_bad, output_dir=tmp_path / "unet", runs=tmp_path / "runs", run_name="some_bad")
+    metrics = train_unet(params_for(batch_size=1, grad_accum=2, num_workers=2), latents=some_bad, output_dir=tmp_path / "unet", runs=tmp_path / "runs", run_name="some_bad")
     history = loss_history(metrics["mlflow_run_id"])
     assert [step for step, _ in history] == list(range(1, 31)) and np.isfinite([value for _, value in history]).all()
     assert 1 <= metrics["skipped_steps"] <= 15
