@@ -46,17 +46,24 @@ FSDP_GPUS = 32  # the paper's H run: 32 A100s of 40 GB, batch 2 each
 CLIPS_PER_SHARD, SHARDS = 64, 4
 
 
+def moving_blob_latents(rng: np.random.Generator, clips: int, frames: int, height: int, width: int, channels: int = 4) -> np.ndarray:
+    """(clips, t, c, h, w) float32 latents, as the cache stores them: a bright cell on a dark
+    field, moving one cell per frame in a random diagonal direction (learnable, with motion)."""
+    latents = np.full((clips, frames, channels, height, width), -0.1, np.float32)
+    for clip in range(clips):
+        y, x, dy, dx = rng.integers(0, min(height, width), 2).tolist() + rng.choice([-1, 1], 2).tolist()
+        for t in range(frames):
+            latents[clip, t, :, (y + dy * t) % height, (x + dx * t) % width] = 1.5
+    return latents
+
+
 def synthetic_cache(folder: Path, frames: int = 8, size: int = 8, width: int = 64, seed: int = 0) -> Path:
-    """A latent cache in the stage's format with moving-blob latents (learnable, with motion)."""
+    """A latent cache in the stage's format with moving-blob latents and random 77 x `width` contexts."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for shard in range(SHARDS):
-        latents = np.full((CLIPS_PER_SHARD, frames, 4, size, size), -0.1, np.float32)
-        for clip in range(CLIPS_PER_SHARD):
-            y, x, dy, dx = rng.integers(0, size, 2).tolist() + rng.choice([-1, 1], 2).tolist()
-            for t in range(frames):
-                latents[clip, t, :, (y + dy * t) % size, (x + dx * t) % size] = 1.5
+        latents = moving_blob_latents(rng, CLIPS_PER_SHARD, frames, size, size)
         clips = pd.DataFrame({"clip_id": [f"s{shard}c{k}" for k in range(CLIPS_PER_SHARD)], "video_id": "synthetic", "caption": "a blob moves"})
         context = (rng.standard_normal((CLIPS_PER_SHARD, 77, width)) * 0.1).astype(np.float16)
         write_latent_shard(folder / shard_name(shard), clips, latents, context, fingerprint="bench")
@@ -65,17 +72,6 @@ def synthetic_cache(folder: Path, frames: int = 8, size: int = 8, width: int = 6
     np.save(folder / "null_context.npy", np.zeros((77, width), np.float16))
     write_json({"image_vae": {"weights": ""}}, folder / "encoders.json")
     return folder
-
-
-def moving_blobs(batch: int, latent_shape: tuple[int, int, int, int], generator: torch.Generator) -> torch.Tensor:
-    """(b, t, c, h, w) latents as the cache stores them: a bright cell moving one cell per frame."""
-    channels, frames, height, width = latent_shape
-    latents = torch.full((batch, frames, channels, height, width), -0.1)
-    for clip in range(batch):
-        y, x = torch.randint(0, min(height, width), (2,), generator=generator).tolist()
-        for t in range(frames):
-            latents[clip, t, :, (y + t) % height, (x + t) % width] = 1.5
-    return latents
 
 
 def training_step_figures(preset: str, batch: int, gradient_checkpointing: bool, steps: int, device: torch.device, warmup: int = 2) -> dict:
@@ -96,8 +92,10 @@ def training_step_figures(preset: str, batch: int, gradient_checkpointing: bool,
     try:
         model = recipe.build().to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-        generator = torch.Generator().manual_seed(0)
-        data = {"latents": moving_blobs(batch, latent_shape, generator).to(device), "context": (torch.randn(batch, 77, context_dim, generator=generator) * 0.1).to(device)}
+        rng = np.random.default_rng(0)
+        channels, frames, height, width = latent_shape
+        data = {"latents": torch.from_numpy(moving_blob_latents(rng, batch, frames, height, width, channels)).to(device),
+                "context": torch.from_numpy(rng.standard_normal((batch, 77, context_dim)).astype(np.float32) * 0.1).to(device)}
         losses, state_bytes = [], 0
         for step in range(warmup + steps):
             if step == warmup:
