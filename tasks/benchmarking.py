@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,11 +22,11 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 
 def unet_training_flops(config: UNetConfig, latent_shape: tuple[int, int, int, int], context_tokens: int = 77) -> int:
     """Model FLOPs of one training sample (forward + backward of the UNet on one video latent),
-    counted on the meta device: no memory, no time, the same figure on any machine. Recomputation
-    by gradient checkpointing is not counted (model FLOPs, as MFU defines them); attention is
-    counted as its matrix products."""
+    counted on the meta device: no device memory, seconds for H, the same figure on any machine.
+    Recomputation by gradient checkpointing is not counted (model FLOPs, as MFU defines them), so
+    the count is taken without it; attention is counted as its matrix products."""
     with torch.device("meta"):
-        model = VersVideoUNet(config).train()
+        model = VersVideoUNet(replace(config, gradient_checkpointing=False)).train()
         x = torch.zeros(1, *latent_shape)
         timesteps = torch.zeros(1, dtype=torch.long)
         context = torch.zeros(1, context_tokens, config.context_dim)

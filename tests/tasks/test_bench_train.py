@@ -1,6 +1,8 @@
 """`versvideo bench train`'s training-step figures: the FLOP count MFU divides by, and the step
 it times (the GPU half runs the same function on the L and H presets)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,6 +24,7 @@ def test_meta_device_flop_count_matches_a_real_training_step():
     with FlopCounterMode(display=False) as real:
         model(x, torch.tensor([10, 900]), context).float().square().mean().backward()
     assert real.get_total_flops() == pytest.approx(2 * unet_training_flops(preset.unet, preset.latent_shape), rel=0.01)
+    assert unet_training_flops(replace(preset.unet, gradient_checkpointing=True), preset.latent_shape) == unet_training_flops(preset.unet, preset.latent_shape)  # recomputation is no model FLOP
     assert unet_training_flops(get_preset("H").unet, get_preset("H").latent_shape) > 20 * unet_training_flops(get_preset("L").unet, get_preset("L").latent_shape)
 
 
