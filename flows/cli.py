@@ -16,25 +16,27 @@ import json
 import sys
 from pathlib import Path
 
-from tasks.params import ParamsError, load_params
+from tasks.config.params import ParamsError, load_params
+from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
+from tasks.storage.previews import PREVIEW_FPS
 
 # Stage name (as in dvc.yaml and params.yaml) -> module with main(params).
 STAGES = {
-    "prepare": "tasks.prepare",
-    "filter": "tasks.filter",
-    "decode": "tasks.decode",
-    "cache_latents": "tasks.cache_latents",
-    "train_unet": "tasks.train_unet",
-    "train_decoder": "tasks.train_decoder",
-    "train_controlnet": "tasks.train_controlnet",
-    "evaluate": "tasks.evaluate",
+    "prepare": "tasks.stages.prepare",
+    "filter": "tasks.stages.filter",
+    "decode": "tasks.stages.decode",
+    "cache_latents": "tasks.stages.cache_latents",
+    "train_unet": "tasks.stages.train_unet",
+    "train_decoder": "tasks.stages.train_decoder",
+    "train_controlnet": "tasks.stages.train_controlnet",
+    "evaluate": "tasks.stages.evaluate",
 }
 # Benchmark name -> module with run(args) -> dict of figures.
 BENCHMARKS = {
-    "decode": "tasks.bench_decode",
-    "unet": "tasks.bench_unet",
-    "cache": "tasks.bench_cache",
-    "train": "tasks.bench_train",
+    "decode": "tasks.benchmarks.decode",
+    "unet": "tasks.benchmarks.unet",
+    "cache": "tasks.benchmarks.cache",
+    "train": "tasks.benchmarks.train",
 }
 
 
@@ -69,16 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--frames", type=int, help="frames (default: the model preset's)")
     generate.add_argument("--height", type=int, help="height in pixels (default: the preset's)")
     generate.add_argument("--width", type=int, help="width in pixels (default: the preset's)")
-    generate.add_argument("--fps", type=float, default=8.0, help="frame rate of the output and of the control video's sampling")
-    generate.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30, the paper's)")
-    generate.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    generate.add_argument("--fps", type=float, default=float(PREVIEW_FPS), help=f"frame rate of the output and of the control video's sampling (default {PREVIEW_FPS}, the training samples')")
+    generate.add_argument("--steps", type=int, help="DDIM steps (default: the model preset's sampler, Table 4)")
+    generate.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model preset's, Table 4)")
     generate.add_argument("--seed", type=int, default=0, help="prompt k uses seed + k")
     generate.add_argument("--batch-size", type=int, default=1, help="videos per sampling batch")
     generate.add_argument("--model", default="", help="an MLflow registered model, models:/NAME@ALIAS (default: the local models/ folders)")
-    generate.add_argument("--unet", default="models/unet")
-    generate.add_argument("--decoder", default="models/decoder")
-    generate.add_argument("--controlnet", default="models/controlnet")
-    generate.add_argument("--latents", default="data/latents", help="the latent cache whose empty prompt and encoders the UNet was trained with")
+    generate.add_argument("--unet", default=str(UNET))
+    generate.add_argument("--decoder", default=str(DECODER))
+    generate.add_argument("--controlnet", default=str(CONTROLNET))
+    generate.add_argument("--latents", default=str(LATENTS), help="the latent cache whose empty prompt and encoders the UNet was trained with")
     generate.add_argument("--params", default="params.yaml", help="params file: its cache_latents section names the text encoder")
     generate.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             retrain.serve(name="versvideo-retrain", cron=args.cron, parameters={
                 "new_csv": args.new_csv, "metric": args.metric, "lower_is_better": not args.higher_is_better, "model_name": args.model_name})
         elif args.command == "generate":
-            from tasks.generate import GenerateRequest, generate, read_prompts
+            from tasks.inference.generate import GenerateRequest, generate, read_prompts
 
             for name in ("steps", "batch_size", "frames", "height", "width"):
                 if getattr(args, name) is not None and getattr(args, name) <= 0:

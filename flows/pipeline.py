@@ -7,7 +7,7 @@ run. Heavy work stays inside the stages (Ray Data / Ray Train, on RAY_ADDRESS or
 Prefect is only the control plane, so it runs in ephemeral mode by default or against
 PREFECT_API_URL.
 
-Lineage (tasks/lineage.py): one parent MLflow run per pipeline run, one nested run per stage
+Lineage (tasks/operations/lineage.py): one parent MLflow run per pipeline run, one nested run per stage
 (timing, whether DVC ran it, dvc.lock dependency hashes as tags and as dataset inputs, the
 stage's metrics files), with the stages' own training and evaluation runs nested below those;
 dvc.lock itself is logged on the parent run at the end.
@@ -28,10 +28,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from tasks.atomic import atomic_path
-from tasks.lineage import PARENT_RUN_ENV, git_commit, record_stage, start_run, tracking_uri
-
-SUMMARY = Path("metrics/pipeline.md")
+from tasks.config.paths import PIPELINE_SUMMARY
+from tasks.operations.lineage import (
+    PARENT_RUN_ENV,
+    git_commit,
+    record_stage,
+    start_run,
+    tracking_uri,
+)
+from tasks.storage.atomic import atomic_path
 
 
 class StageFailed(RuntimeError):
@@ -114,6 +119,6 @@ def pipeline(stages: list[str] | None = None, force: list[str] | None = None) ->
         client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
         summary = summary_markdown(results, failed, parent)
         create_markdown_artifact(summary, key="versvideo-pipeline-summary", description="stages, timings, MLflow run")
-        with atomic_path(SUMMARY) as tmp:  # the same summary where an ephemeral Prefect server's artifacts vanish with it
+        with atomic_path(PIPELINE_SUMMARY) as tmp:  # the same summary where an ephemeral Prefect server's artifacts vanish with it
             tmp.write_text(summary)
     return results

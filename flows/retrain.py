@@ -15,7 +15,6 @@ serves this flow as a Prefect deployment on that schedule. Each run:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -23,13 +22,17 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import pipeline
-from tasks.lineage import tracking_uri
-from tasks.params import load_params
-from tasks.promotion import eval_metric, log_model_manifest, promote_if_better
-from tasks.incoming import append_new_rows
+from tasks.config.params import load_params
+from tasks.config.paths import CONTROLNET, DECODER, EVAL_METRICS, UNET
+from tasks.operations.lineage import tracking_uri
+from tasks.operations.promotion import (
+    eval_metric,
+    log_model_manifest,
+    promote_if_better,
+)
+from tasks.preprocessing.incoming import append_new_rows
 
-EVAL_REPORT = Path("metrics/eval.json")
-MODEL_FOLDERS = {"unet": Path("models/unet"), "decoder": Path("models/decoder"), "controlnet": Path("models/controlnet")}
+MODEL_FOLDERS = {"unet": UNET, "decoder": DECODER, "controlnet": CONTROLNET}
 
 
 @flow(name="versvideo-retrain")
@@ -44,7 +47,7 @@ def retrain(new_csv: str = "", metric: str = "heldout/fvd", lower_is_better: boo
     if not any(result["ran"] for result in results):
         outcome = {"added_rows": added, "promoted": False, "reason": "nothing changed: every stage was up to date, no new model to compare"}
     else:
-        report = json.loads(EVAL_REPORT.read_text())
+        report = json.loads(EVAL_METRICS.read_text())
         client = MlflowClient(tracking_uri())
         run_id = report["mlflow_run_id"]
         source = log_model_manifest(client, run_id, MODEL_FOLDERS)

@@ -20,6 +20,7 @@ leaves the UNet's prediction unchanged (ControlNet's zero convolutions).
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 

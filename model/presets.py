@@ -1,4 +1,7 @@
-"""Model presets as code: `smoke` (a CPU training step in seconds), `L` and `H` (paper Table 4)."""
+"""Model presets as code: `smoke` (a CPU training step in seconds), `L` and `H` (paper Table 4).
+
+Model sizes only: the clip shape each preset trains on is data configuration (the decode
+section's preset defaults, tasks/config/params.py), recorded with the exported UNet."""
 
 from __future__ import annotations
 
@@ -52,14 +55,6 @@ class Preset:
     unet: UNetConfig
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
-    frames: int = 16
-    height: int = 256
-    width: int = 256
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int, int]:
-        """(c, t, h, w) of one latent clip (VAE factor 8)."""
-        return (self.unet.in_channels, self.frames, self.height // 8, self.width // 8)
 
 
 PRESETS = {
@@ -67,12 +62,9 @@ PRESETS = {
         "smoke",
         UNetConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), heads=4, context_dim=64, spatial_experts=4, temporal_experts=2),
         controlnet=ControlNetConfig(adapter_channels=(8, 16, 16, 32)),
-        frames=8,
-        height=64,
-        width=64,
     ),
-    "L": Preset("L", UNetConfig(base_channels=128), frames=16, height=256, width=256),
-    "H": Preset("H", UNetConfig(base_channels=320), frames=24, height=320, width=576),
+    "L": Preset("L", UNetConfig(base_channels=128)),
+    "H": Preset("H", UNetConfig(base_channels=320)),
 }
 
 

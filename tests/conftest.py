@@ -29,7 +29,7 @@ def fixture_videos() -> Path:
 def ray_session():
     import ray
 
-    from tasks.ray_runtime import ensure_ray
+    from tasks.operations.ray_runtime import ensure_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     ensure_ray()
@@ -99,14 +99,14 @@ def write_tiny_models(root: Path, scale: float = 0.0) -> None:
     from model.presets import get_preset
     from model.tcm_vae import TCMDecoder, TCMVAEConfig
     from model.unet import VersVideoUNet
-    from tasks.params import CacheLatentsParams, TrainUnetParams
-    from tasks.train_decoder import save_decoder
-    from tasks.train_unet import UNetRecipe
+    from tasks.config.params import CacheLatentsParams, TrainUnetParams, clip_shape
+    from tasks.inference.models import save_decoder
+    from tasks.training.unet import UNetRecipe
 
     torch.manual_seed(0)
     unet = VersVideoUNet(get_preset("smoke").unet)
     with torch.no_grad():
         for parameter in unet.parameters():
             parameter.add_(scale * torch.randn_like(parameter))
-    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams()).export(unet, root / "models" / "unet")
+    UNetRecipe("smoke", TrainUnetParams(), np.zeros(1), [], CacheLatentsParams(), clip_shape("smoke")).export(unet, root / "models" / "unet")
     save_decoder(TCMDecoder(build_tiny_image_vae(seed=0), TCMVAEConfig(refine_channels=8)), root / "models" / "decoder")

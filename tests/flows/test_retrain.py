@@ -16,9 +16,9 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import flows.retrain as retrain_module
-from tasks.incoming import append_new_rows
-from tasks.lineage import start_run, tracking_uri
-from tasks.promotion import eval_metric
+from tasks.operations.lineage import start_run, tracking_uri
+from tasks.operations.promotion import eval_metric
+from tasks.preprocessing.incoming import append_new_rows
 
 HEADER = "videoid,contentUrl,duration,page_dir,name\n"
 

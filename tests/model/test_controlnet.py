@@ -4,7 +4,13 @@ the ControlNet as a copy of the UNet's encoder, and style tokens reaching cross-
 import pytest
 import torch
 
-from model.controlnet import CONDITIONS, ConditionAdapters, ControlledUNet, StyleAdapter, VideoControlNet
+from model.controlnet import (
+    CONDITIONS,
+    ConditionAdapters,
+    ControlledUNet,
+    StyleAdapter,
+    VideoControlNet,
+)
 from model.moe_attention import merge_experts
 from model.presets import get_preset
 from model.unet import VersVideoUNet
@@ -40,7 +46,7 @@ def steered_model() -> ControlledUNet:
 
 def inputs(batch: int = 2):
     generator = torch.Generator().manual_seed(1)
-    c, t, h, w = PRESET.latent_shape
+    c, t, h, w = PRESET.unet.in_channels, 8, 8, 8  # the smoke clips' latents: 8 frames of 64 x 64 / 8
     return {
         "x": torch.randn(batch, c, t, h, w, generator=generator),
         "timesteps": torch.tensor([10, 900][:batch]),

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.presets import get_preset
 from model.unet import VersVideoUNet
-from tasks.bench_train import training_step_figures
-from tasks.benchmarking import peak_bf16_tflops, unet_training_flops
+from tasks.benchmarks.common import latent_shape, peak_bf16_tflops, unet_training_flops
+from tasks.benchmarks.train import training_step_figures
 
 
 def test_meta_device_flop_count_matches_a_real_training_step():
@@ -20,12 +20,12 @@ def test_meta_device_flop_count_matches_a_real_training_step():
     preset = get_preset("smoke")
     torch.manual_seed(0)
     model = VersVideoUNet(preset.unet).train()
-    x, context = torch.randn(2, *preset.latent_shape), torch.randn(2, 77, preset.unet.context_dim)
+    x, context = torch.randn(2, *latent_shape(preset.name)), torch.randn(2, 77, preset.unet.context_dim)
     with FlopCounterMode(display=False) as real:
         model(x, torch.tensor([10, 900]), context).float().square().mean().backward()
-    assert real.get_total_flops() == pytest.approx(2 * unet_training_flops(preset.unet, preset.latent_shape), rel=0.01)
-    assert unet_training_flops(replace(preset.unet, gradient_checkpointing=True), preset.latent_shape) == unet_training_flops(preset.unet, preset.latent_shape)  # recomputation is no model FLOP
-    assert unet_training_flops(get_preset("H").unet, get_preset("H").latent_shape) > 20 * unet_training_flops(get_preset("L").unet, get_preset("L").latent_shape)
+    assert real.get_total_flops() == pytest.approx(2 * unet_training_flops(preset.unet, latent_shape(preset.name)), rel=0.01)
+    assert unet_training_flops(replace(preset.unet, gradient_checkpointing=True), latent_shape(preset.name)) == unet_training_flops(preset.unet, latent_shape(preset.name))  # recomputation is no model FLOP
+    assert unet_training_flops(get_preset("H").unet, latent_shape("H")) > 20 * unet_training_flops(get_preset("L").unet, latent_shape("L"))
 
 
 def test_timed_step_trains_and_checkpointing_changes_time_not_losses():
@@ -34,7 +34,7 @@ def test_timed_step_trains_and_checkpointing_changes_time_not_losses():
     assert len(plain["losses"]) == 3 and all(loss > 0 for loss in plain["losses"])
     assert checkpointed["losses"] == pytest.approx(plain["losses"], rel=1e-5)  # same seed, same data: recomputation is exact
     assert plain["samples_per_s"] == pytest.approx(2 / plain["step_s"], rel=0.01)
-    assert plain["model_flops_per_step"] == 2 * unet_training_flops(get_preset("smoke").unet, get_preset("smoke").latent_shape)
+    assert plain["model_flops_per_step"] == 2 * unet_training_flops(get_preset("smoke").unet, latent_shape("smoke"))
     assert "mfu" not in plain  # no datasheet peak for a CPU
 
 

@@ -21,15 +21,30 @@ import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from model.image_vae import build_tiny_image_vae, load_image_vae, decode_latents, encode_posterior, frames_to_pixels
+from model.image_vae import (
+    build_tiny_image_vae,
+    decode_latents,
+    encode_posterior,
+    frames_to_pixels,
+    load_image_vae,
+)
 from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, tokenizer_for
-from tasks.cache_latents import cache_latents, check_random_init_allowed, clip_noise_seed, encoder_info, fit_smoke_vae
-from tasks.cache_latents import main as cache_latents_stage
-from tasks.decode import decode_clips
-from tasks.decode import shard_name as clip_shard_name
-from tasks.filter import filter_videos
-from tasks.latent_shards import latent_dataset, read_latent_shard, shard_name
-from tasks.params import CacheLatentsParams, DecodeParams, FilterParams, Params, load_params
+from tasks.config.params import (
+    CacheLatentsParams,
+    DecodeParams,
+    FilterParams,
+    Params,
+    load_params,
+    require_pretrained_weights,
+)
+from tasks.inference.encoders import clip_noise_seed, encoder_info
+from tasks.preprocessing.clips import decode_clips
+from tasks.preprocessing.latents import cache_latents
+from tasks.stages.cache_latents import fit_smoke_vae
+from tasks.stages.cache_latents import main as cache_latents_stage
+from tasks.stages.filter import filter_videos
+from tasks.storage.clip_shards import shard_name as clip_shard_name
+from tasks.storage.latent_shards import latent_dataset, read_latent_shard, shard_name
 from tests.tasks.test_filter_decode import fixture_csv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,11 +114,11 @@ def test_reader_streams_every_cached_clip_once_per_epoch_in_shuffled_order(cache
 
 
 def test_random_init_is_smoke_only():
-    check_random_init_allowed(Params(preset="smoke"))
-    with pytest.raises(FileNotFoundError, match="cache_latents.vae_weights: required for preset L"):
-        check_random_init_allowed(Params(preset="L"))
-    with pytest.raises(FileNotFoundError, match="cache_latents.text_weights: required for preset H"):
-        check_random_init_allowed(Params(preset="H", cache_latents=replace(CacheLatentsParams(), vae_weights="vae.ckpt")))
+    require_pretrained_weights(Params(preset="smoke"), "cache_latents")
+    with pytest.raises(FileNotFoundError, match="^cache_latents.vae_weights, cache_latents.text_weights: required for preset L"):
+        require_pretrained_weights(Params(preset="L"), "cache_latents")
+    with pytest.raises(FileNotFoundError, match="^cache_latents.text_weights: required for preset H"):
+        require_pretrained_weights(Params(preset="H", cache_latents=replace(CacheLatentsParams(), vae_weights="vae.ckpt")), "cache_latents")
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +225,7 @@ def test_smoke_vae_fit_is_byte_identical_run_to_run_and_loads(clips_dir, tmp_pat
     index = pd.read_parquet(clips_dir / "index.parquet")
     first = fit_smoke_vae(index, clips_dir, tmp_path / "a", cfg)
     second = subprocess.run(
-        [sys.executable, "-c", f"import pandas as pd; from pathlib import Path; from tasks.cache_latents import fit_smoke_vae; from tasks.params import CacheLatentsParams; "
+        [sys.executable, "-c", f"import pandas as pd; from pathlib import Path; from tasks.stages.cache_latents import fit_smoke_vae; from tasks.config.params import CacheLatentsParams; "
          f"fit_smoke_vae(pd.read_parquet('{clips_dir / 'index.parquet'}'), Path('{clips_dir}'), Path('{tmp_path / 'b'}'), CacheLatentsParams(smoke_vae_fit_steps=3))"],
         env={**stage_env(), "PYTHONHASHSEED": "7"}, capture_output=True, text=True,
     )  # another process, another hash seed

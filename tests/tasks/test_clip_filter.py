@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tasks.clip_score import ClipFrameScorer, WeightsError, clip_pixels, load_clip
-from tasks.filter import filter_videos
-from tasks.params import DecodeParams, FilterParams
-from tasks.video_io import center_crop, cover_size, decode_frames
+from model.weights import WeightsError
+from tasks.config.params import DecodeParams, FilterParams
+from tasks.inference.clip_score import ClipFrameScorer, clip_pixels, load_clip
+from tasks.stages.filter import filter_videos
+from tasks.storage.video_io import center_crop, cover_size, decode_frames
 
 TINY = {
     "embed_dim": 16,

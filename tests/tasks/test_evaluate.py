@@ -10,10 +10,16 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.cache_latents import encode_captions, load_text
-from tasks.evaluate import evaluate
-from tasks.generation import VideoGenerator, load_unet
-from tasks.params import CacheLatentsParams, EvaluateParams, Params, TrainUnetParams
+from tasks.config.params import (
+    CacheLatentsParams,
+    EvaluateParams,
+    Params,
+    TrainUnetParams,
+)
+from tasks.inference.encoders import encode_captions, load_text
+from tasks.inference.generation import VideoGenerator
+from tasks.inference.models import load_unet
+from tasks.stages.evaluate import evaluate
 from tests.conftest import FIXTURE_SOURCES, write_fixture_clips, write_tiny_models
 
 SOURCES = FIXTURE_SOURCES

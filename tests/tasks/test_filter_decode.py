@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.decode import clip_starts, decode_clips, decode_video_clips
-from tasks.filter import assess_video, filter_videos, report
-from tasks.params import DecodeParams, FilterParams
-from tasks.synthetic import render, write_mp4
-from tasks.video_io import center_crop, cover_size, resize_frames
+from tasks.config.params import DecodeParams, FilterParams
+from tasks.preprocessing.assessment import assess_video
+from tasks.preprocessing.clips import clip_starts, decode_clips, decode_video_clips
+from tasks.preprocessing.synthetic import render
+from tasks.stages.filter import filter_videos, report
+from tasks.storage.previews import write_mp4
+from tasks.storage.video_io import center_crop, cover_size, resize_frames
 
 GOOD = ["h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv"]
 EXPECTED_REASONS = {

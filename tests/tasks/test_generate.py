@@ -14,12 +14,18 @@ from PIL import Image
 from flows.cli import main as cli
 from model.controlnet import ControlledUNet, StyleAdapter, VideoControlNet
 from model.presets import get_preset
-from tasks.cache_latents import encode_captions, load_text
-from tasks.conditions import load_style_encoder
-from tasks.generate import GenerateRequest, generate, registered_folders
-from tasks.generation import VideoGenerator, load_unet
-from tasks.params import CacheLatentsParams, Params, TrainControlnetParams
-from tasks.train_controlnet import ControlNetRecipe, ControlTraining, save_controlnet
+from tasks.config.params import (
+    CacheLatentsParams,
+    Params,
+    TrainControlnetParams,
+    clip_shape,
+)
+from tasks.inference.conditions import load_style_encoder
+from tasks.inference.encoders import encode_captions, load_text
+from tasks.inference.generate import GenerateRequest, generate, registered_folders
+from tasks.inference.generation import VideoGenerator
+from tasks.inference.models import load_unet
+from tasks.training.controlnet import ControlNetRecipe, ControlTraining, save_controlnet
 from tests.conftest import write_tiny_models
 
 VIDEO = "h264_340x256_28fps.mp4"
@@ -74,9 +80,12 @@ def test_controlled_mp4_reads_back_with_the_requested_frames_and_size(project, m
 
 
 def test_a_seed_gives_the_same_video_and_control_and_style_change_it(project, fixture_videos):
-    from tasks.generate import control_frames
-    from tasks.conditions import ConditionExtractor, ConditionSettings, style_embeddings
-    from tasks.generate import read_image
+    from tasks.inference.conditions import (
+        ConditionExtractor,
+        ConditionSettings,
+        style_embeddings,
+    )
+    from tasks.inference.generate import control_frames, read_image
 
     generator = VideoGenerator(project / "models" / "unet", project / "models" / "decoder", project / "data" / "latents", CacheLatentsParams(),
                                controlnet_dir=project / "models" / "controlnet")
@@ -102,7 +111,7 @@ def test_prompts_file_batches_and_style_through_the_command_line(project, monkey
                 "--style", "red.png", "--control", "image", "--control-video", "blue.png", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     assert sorted(path.name for path in (project / "many").iterdir()) == ["clip_000.gif", "clip_000.mp4", "clip_001.gif", "clip_001.mp4"]
-    assert len(decord.VideoReader(str(project / "many" / "clip_001.mp4"))) == get_preset("smoke").frames
+    assert len(decord.VideoReader(str(project / "many" / "clip_001.mp4"))) == clip_shape("smoke")[0]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -129,8 +138,8 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(project, monkeypatch, fi
 def test_weights_from_a_registered_model_and_refused_once_changed(project, monkeypatch, tmp_path):
     from mlflow import MlflowClient
 
-    from tasks.lineage import EXPERIMENT
-    from tasks.promotion import log_model_manifest, promote_if_better
+    from tasks.operations.lineage import EXPERIMENT
+    from tasks.operations.promotion import log_model_manifest, promote_if_better
 
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

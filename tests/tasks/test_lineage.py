@@ -3,13 +3,13 @@
 import yaml
 from mlflow import MlflowClient
 
-from tasks.lineage import lineage_tags, record_stage, start_run
+from tasks.operations.lineage import lineage_tags, record_stage, start_run
 
 
 def write_lock(folder, latents_md5: str) -> None:
     lock = {"schema": "2.0", "stages": {"train_unet": {"cmd": "versvideo stage train_unet", "deps": [
         {"path": "data/latents", "md5": latents_md5, "size": 10, "nfiles": 2},
-        {"path": "tasks/train_unet.py", "md5": "code", "size": 1},
+        {"path": "tasks/stages/train_unet.py", "md5": "code", "size": 1},
     ]}}}
     (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
 
@@ -24,7 +24,7 @@ def test_a_stages_nested_runs_get_the_hashes_dvc_locked_for_this_run(tmp_path, m
     stage_run = start_run(client, uri, "stage:train_unet", {})
     monkeypatch.setenv("VERSVIDEO_MLFLOW_PARENT_RUN_ID", stage_run)
     tags = lineage_tags("train_unet")  # the training run starts before DVC locks the new inputs
-    assert tags["dvc.dep.data/latents"] == "previous.dir" and "dvc.dep.tasks/train_unet.py" not in tags
+    assert tags["dvc.dep.data/latents"] == "previous.dir" and "dvc.dep.tasks/stages/train_unet.py" not in tags
     training_run = start_run(client, uri, "train", tags)
     other_stage = start_run(client, uri, "stage:decode", {})
 

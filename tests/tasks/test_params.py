@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main as cli_main
-from tasks.params import ParamsError, flatten, load_params, params_to_dict
+from tasks.config.params import ParamsError, flatten, load_params, params_to_dict
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 

@@ -4,11 +4,12 @@ import json
 import pandas as pd
 import pytest
 
-from tasks import prepare as prepare_stage
-from tasks.params import load_params
-from tasks.synthetic import generate, iso_duration
-from tasks.video_io import probe_video
-from tasks.webvid import COLUMNS, CsvError, parse_iso_duration, read_webvid_csv
+from tasks.config.params import load_params
+from tasks.config.paths import PREPARE_REPORT
+from tasks.preprocessing.synthetic import generate, iso_duration
+from tasks.stages import prepare as prepare_stage
+from tasks.storage.video_io import probe_video
+from tasks.storage.webvid import COLUMNS, CsvError, parse_iso_duration, read_webvid_csv
 
 
 def digest(folder):
@@ -53,7 +54,7 @@ def test_prepare_webvid_keeps_the_last_caption_of_a_recrawled_videoid(tmp_path, 
     assert written["videoid"].tolist() == ["0008", "0007"]  # ids stay strings with their zeros
     assert written.set_index("videoid").loc["0007", "name"] == "new caption"
     assert summary["duplicates"] == [{"videoid": "0007", "name": "old caption"}]
-    assert json.loads((tmp_path / prepare_stage.REPORT).read_text())["duplicate_videoid_rows"] == 1
+    assert json.loads((tmp_path / PREPARE_REPORT).read_text())["duplicate_videoid_rows"] == 1
 
 
 def test_prepare_synthetic_writes_csv_and_videos(tmp_path, monkeypatch):

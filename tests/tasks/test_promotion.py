@@ -6,8 +6,8 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from tasks.lineage import start_run
-from tasks.promotion import ALIAS, log_model_manifest, promote_if_better
+from tasks.operations.lineage import start_run
+from tasks.operations.promotion import ALIAS, log_model_manifest, promote_if_better
 
 
 @pytest.fixture

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.cache_latents import encode_captions, load_text
-from tasks.latent_shards import write_latent_shard
-from tasks.params import CacheLatentsParams, Params, TrainControlnetParams, TrainUnetParams
-from tasks.train_controlnet import check_weights_given, control_dataset, train_controlnet
+from tasks.config.params import (
+    CacheLatentsParams,
+    Params,
+    TrainControlnetParams,
+    TrainUnetParams,
+    require_pretrained_weights,
+)
+from tasks.inference.encoders import encode_captions, load_text
+from tasks.stages.train_controlnet import control_dataset, train_controlnet
+from tasks.storage.latent_shards import write_latent_shard
 from tests.conftest import write_fixture_clips, write_tiny_models
 
 
@@ -73,6 +79,6 @@ def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_s
 def test_scale_presets_need_every_annotators_weights():
     needs = TrainControlnetParams(conditions="canny,hed,depth", style_weights="clip.pt", hed_weights="hed.pth")
     with pytest.raises(FileNotFoundError, match=r"^train_controlnet\.midas_weights: required for preset L"):
-        check_weights_given(Params(preset="L", train_controlnet=needs))
-    check_weights_given(Params(preset="L", train_controlnet=TrainControlnetParams(conditions="canny,hed", style_weights="clip.pt", hed_weights="hed.pth")))
-    check_weights_given(Params(preset="smoke", train_controlnet=needs))  # smoke: random stand-ins
+        require_pretrained_weights(Params(preset="L", train_controlnet=needs), "train_controlnet")
+    require_pretrained_weights(Params(preset="L", train_controlnet=TrainControlnetParams(conditions="canny,hed", style_weights="clip.pt", hed_weights="hed.pth")), "train_controlnet")
+    require_pretrained_weights(Params(preset="smoke", train_controlnet=needs), "train_controlnet")  # smoke: random stand-ins

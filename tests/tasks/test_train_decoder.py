@@ -9,9 +9,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tasks.clip_shards import read_clips, split_clips
-from tasks.params import Params, TrainDecoderParams
-from tasks.train_decoder import IMAGE_DECODER, load_decoder, train_decoder
+from tasks.config.params import Params, TrainDecoderParams
+from tasks.inference.models import load_decoder
+from tasks.stages.train_decoder import IMAGE_DECODER, train_decoder
+from tasks.storage.clip_shards import read_clips, split_clips
 
 SOURCES = ("h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv")
 
@@ -85,5 +86,5 @@ def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs
 
 def test_presets_at_scale_need_the_lpips_weights(stage_inputs, tmp_path):
     _, clips_dir, latents_dir = stage_inputs
-    with pytest.raises(FileNotFoundError, match="train_decoder.lpips_vgg_weights: required for preset L"):
+    with pytest.raises(FileNotFoundError, match="^train_decoder.lpips_vgg_weights, train_decoder.lpips_linear_weights: required for preset L"):
         train_decoder(Params(preset="L"), clips=clips_dir, latents=latents_dir, output_dir=tmp_path / "out", runs=tmp_path / "runs")

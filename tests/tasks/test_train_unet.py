@@ -15,10 +15,19 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from model.moe_attention import MoEFeedForward
-from tasks.bench_train import synthetic_cache
-from tasks.latent_shards import latent_dataset, read_index, read_latent_shard, shard_fingerprint, shard_name, write_latent_shard
-from tasks.params import CacheLatentsParams, Params, TrainUnetParams
-from tasks.train_unet import UNetRecipe, held_out_videos, train_unet
+from tasks.config.params import CacheLatentsParams, Params, TrainUnetParams
+from tasks.preprocessing.synthetic_latents import synthetic_cache
+from tasks.stages.train_unet import train_unet
+from tasks.storage.clip_shards import held_out_videos
+from tasks.storage.latent_shards import (
+    latent_dataset,
+    read_index,
+    read_latent_shard,
+    shard_fingerprint,
+    shard_name,
+    write_latent_shard,
+)
+from tasks.training.unet import UNetRecipe
 
 FRAMES, SIZE, WIDTH = 8, 8, 64  # the smoke preset's latent clip and context width
 
@@ -30,7 +39,7 @@ def latents_dir(tmp_path_factory):
 
 
 def recipe(**train) -> UNetRecipe:
-    return UNetRecipe("smoke", TrainUnetParams(**train), np.zeros((77, WIDTH), np.float16), ["a blob moves"], CacheLatentsParams(smoke_vae_fit_steps=0))
+    return UNetRecipe("smoke", TrainUnetParams(**train), np.zeros((77, WIDTH), np.float16), ["a blob moves"], CacheLatentsParams(smoke_vae_fit_steps=0), (FRAMES, 8 * SIZE, 8 * SIZE))
 
 
 def test_image_steps_are_a_seeded_share_and_train_single_frames():
@@ -158,10 +167,10 @@ def test_held_out_videos_never_reach_training(tmp_path, ray_session):
     """Rows of held-out videos are dropped when shards are read; the rest stream through whole."""
     folder = synthetic_cache(tmp_path / "latents", frames=2, size=8, width=WIDTH)
     index = read_index(folder)
-    assert held_out_videos(index, TrainUnetParams(held_out_share=0.0)) == frozenset()
+    assert held_out_videos(index, share=0.0, seed=0) == frozenset()
     index["video_id"] = [f"v{k % 5}" for k in range(len(index))]  # five videos instead of one
-    held = held_out_videos(index, TrainUnetParams(held_out_share=0.3))
-    assert held and len(held) < 5 and held == held_out_videos(index, TrainUnetParams(held_out_share=0.3))  # seeded: the same draw
+    held = held_out_videos(index, share=0.3, seed=0)
+    assert held and len(held) < 5 and held == held_out_videos(index, share=0.3, seed=0)  # seeded: the same draw
     kept = latent_dataset(folder, exclude_videos=frozenset({"synthetic"}))  # the cache's own video id: every row goes
     assert kept.count() == 0 and latent_dataset(folder).count() == len(index)
 

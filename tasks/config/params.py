@@ -1,0 +1,519 @@
+"""params.yaml -> typed, frozen dataclasses.
+
+Resolution order for every value: the dataclass default, then the preset's defaults
+(`PRESET_DEFAULTS`), then params.yaml, then `-S key=value` overrides from the command line.
+A key set to `null` in params.yaml takes its value from the preset, so switching
+`preset: L` changes it (DVC still tracks the key, and `preset` itself).
+An unknown key, a value of the wrong type or an out-of-range value is an error that names
+the key (`filter.min_motoin: unknown key (did you mean 'min_motion'?)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+PRESETS = ("smoke", "L", "H")
+
+
+class ParamsError(ValueError):
+    """A bad params.yaml or override; the message names the key and says what to do."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    csv: str = "data/raw/webvid.csv"  # WebVid-format CSV: videoid,contentUrl,duration,page_dir,name
+    videos_root: str = "data/raw/videos"  # a row's file is {videos_root}/{page_dir}/{videoid}.mp4
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    source: str = "synthetic"  # synthetic: the embedded default set | webvid: a user's CSV + videos
+    webvid_csv: str = ""  # source=webvid: the user's CSV (videos under data.videos_root)
+    num_videos: int = 64  # synthetic set size
+    seconds: float = 3.0  # synthetic clip length
+    fps: int = 24
+    width: int = 112
+    height: int = 80
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("prepare.source", self.source, ("synthetic", "webvid"))
+        if self.source == "webvid" and not self.webvid_csv:
+            raise ParamsError("prepare.webvid_csv: required when prepare.source is 'webvid' (path to your WebVid CSV)")
+        _check_positive("prepare.num_videos", self.num_videos)
+        _check_positive("prepare.seconds", self.seconds)
+        _check_positive("prepare.fps", self.fps)
+        for key in ("width", "height"):
+            value = getattr(self, key)
+            if value < 16 or value % 2:
+                raise ParamsError(f"prepare.{key}: {value} must be an even number >= 16 (H.264 needs even sizes)")
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    num_workers: int = 2  # Ray Data tasks probing videos in parallel
+    min_short_side: int = 64  # pixels; smaller sources would be upscaled
+    max_aspect_ratio: float = 2.4  # long side / short side
+    min_fps: float = 5.0
+    max_fps: float = 61.0
+    min_caption_words: int = 3
+    analysis_short_side: int = 64  # frames are decoded this small for motion / cut scores
+    max_analysis_frames: int = 96  # at the clip stride, from the start of the video
+    min_motion: float = 0.002  # mean |frame_t+1 - frame_t| on [0,1] grey frames; below = static
+    scene_cut_threshold: float = 0.45  # half L1 distance of successive grey histograms, in [0,1]
+    scene_cut_adaptive_ratio: float = 4.0  # also a cut: >= this times the local median distance...
+    scene_cut_min_distance: float = 0.15  # ...and at least this large (0 ratio = off)
+    scene_cut_policy: str = "longest_segment"  # reject | longest_segment
+    clip_min_score: float = 0.0  # with clip_weights set: reject below this CLIP text-frame similarity
+    clip_model: str = "ViT-B-32"  # open_clip model name, or a path to an open_clip config JSON
+    clip_weights: str = ""  # local open_clip checkpoint (.safetensors or .pt state dict); "" = no CLIP scoring
+
+    def __post_init__(self) -> None:
+        _check_choice("filter.scene_cut_policy", self.scene_cut_policy, ("reject", "longest_segment"))
+        _check_positive("filter.num_workers", self.num_workers)
+        _check_positive("filter.max_analysis_frames", self.max_analysis_frames)
+        if self.max_aspect_ratio < 1:
+            raise ParamsError(f"filter.max_aspect_ratio: {self.max_aspect_ratio} must be >= 1 (long side / short side)")
+        if not 0 < self.scene_cut_threshold <= 1:
+            raise ParamsError(f"filter.scene_cut_threshold: {self.scene_cut_threshold} must be in (0, 1]")
+        if self.clip_min_score > 0 and not self.clip_weights:
+            raise ParamsError(
+                "filter.clip_weights: required when filter.clip_min_score > 0 "
+                "(path to a local open_clip checkpoint; nothing is downloaded)"
+            )
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    frames: int = 8  # frames per clip (16 for L, 24 for H)
+    height: int = 64
+    width: int = 64
+    fps: float = 8.0  # target frame rate; the source stride is round(source_fps / fps)
+    clips_per_video: int = 2  # at most; fewer when the clean segment is short
+    clips_per_shard: int = 256
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for key in ("frames", "height", "width", "fps", "clips_per_video", "clips_per_shard", "num_workers"):
+            _check_positive(f"decode.{key}", getattr(self, key))
+        if self.height % 8 or self.width % 8:
+            raise ParamsError(f"decode.height/width: {self.height}x{self.width} must be multiples of 8 (VAE factor)")
+
+
+@dataclass(frozen=True)
+class CacheLatentsParams:
+    vae_weights: str = ""  # SD VAE: diffusers folder or original .ckpt/.safetensors; "" = tiny random VAE (smoke only)
+    text_model: str = "ViT-L-14"  # open_clip text tower (name or config JSON); ViT-L-14-quickgelu for OpenAI weights
+    text_weights: str = ""  # local open_clip checkpoint; "" = tiny random text tower (smoke only)
+    sample_posterior: bool = True  # cache z ~ q(z|x) with seeded per-clip noise (LDM's training input) or its mean
+    seed: int = 0
+    micro_batch_frames: int = 32  # frames per VAE forward: bounds activation memory
+    smoke_vae_fit_steps: int = 400  # without vae_weights (smoke): fit the tiny VAE on the clips this long first; 0 = leave it random
+    num_workers: int = 2  # CPU encoder actors; with GPUs in the cluster, one actor per GPU instead
+
+    def __post_init__(self) -> None:
+        _check_positive("cache_latents.micro_batch_frames", self.micro_batch_frames)
+        _check_positive("cache_latents.num_workers", self.num_workers)
+        if self.smoke_vae_fit_steps < 0:
+            raise ParamsError(f"cache_latents.smoke_vae_fit_steps: {self.smoke_vae_fit_steps} must be >= 0")
+
+    @property
+    def missing_weights(self) -> list[str]:
+        """The weight settings left empty: each gets a random stand-in (smoke only)."""
+        return [f"cache_latents.{key}" for key in ("vae_weights", "text_weights") if not getattr(self, key)]
+
+
+STRATEGIES = ("ddp", "fsdp")  # the training engine's data parallelism: replicated or sharded model
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """What the training engine (tasks/training/engine.py) reads; each training stage's section extends it.
+    Defaults are the smoke preset's."""
+
+    SECTION: ClassVar[str] = "training"
+    # why this model cannot train sharded ("" = it can): under FSDP no rank holds whole weights
+    # outside the forward pass, and every rank must use the same parameters in every step
+    NO_FSDP: ClassVar[str] = ""
+    steps: int = 300  # optimizer steps
+    batch_size: int = 4  # clips per worker per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global grad norm
+    ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.9999 for long runs (the exported weights are then the EMA's)
+    checkpoint_every: int = 100
+    sample_every: int = 150  # samples (MP4 + GIF) logged to MLflow every this many steps; 0 = at the end only
+    max_bad_steps: int = 5  # abort after this many non-finite losses in a row
+    shuffle_buffer: int = 64  # clips in each worker's local shuffle buffer
+    num_workers: int = 1
+    use_gpu: bool = False
+    # ddp: every worker holds the whole model; fsdp: weights, gradients and optimizer state sharded
+    # across the workers (torch's FSDP2), for models whose training state outgrows one GPU
+    strategy: str = "ddp"
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "lr", "checkpoint_every", "num_workers", "max_bad_steps"):
+            _check_positive(f"{self.SECTION}.{key}", getattr(self, key))
+        _check_choice(f"{self.SECTION}.strategy", self.strategy, STRATEGIES)
+        if self.strategy == "fsdp" and self.NO_FSDP:
+            raise ParamsError(f"{self.SECTION}.strategy: fsdp is not supported here ({self.NO_FSDP}); use ddp")
+        if not 0 <= self.ema_decay < 1:
+            raise ParamsError(f"{self.SECTION}.ema_decay: {self.ema_decay} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainUnetParams(TrainingParams):
+    SECTION: ClassVar[str] = "train_unet"
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 1e-3  # L/H: 5e-5 (the paper's); the smoke UNet is tiny and trains for minutes
+    sample_every: int = 250
+    text_dropout: float = 0.1  # the empty prompt instead of the caption (classifier-free guidance)
+    image_share: float = 0.25  # share of steps trained on single frames (joint image-video training)
+    expert_exchange_rate: float = 0.001  # lambda of eq. 7-8, applied after every optimizer step
+    gradient_checkpointing: bool = False
+    sample_count: int = 2
+    sample_steps: int = 20  # DDIM steps for those samples
+    held_out_share: float = 0.1  # share of videos (seeded by video id) never trained on: evaluate's heldout protocol; 0 = none
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("sample_count", "sample_steps"):
+            _check_positive(f"train_unet.{key}", getattr(self, key))
+        for key in ("text_dropout", "image_share", "expert_exchange_rate", "held_out_share"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ParamsError(f"train_unet.{key}: {getattr(self, key)} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainDecoderParams(TrainingParams):
+    SECTION: ClassVar[str] = "train_decoder"
+    NO_FSDP: ClassVar[str] = "the GAN loss calls the discriminator on detached weights and differentiates through the decoder's last layer; the decoder fits one GPU"
+    steps: int = 100
+    batch_size: int = 2
+    lr: float = 1e-4
+    sample_every: int = 0
+    temporal_compensation: bool = True  # the TCMs (eq. 13)
+    refinement: bool = True  # the refinement UNet (eq. 12, Figure 10)
+    refine_channels: int = 16  # L/H: 64
+    perceptual_weight: float = 1.0
+    lpips_vgg_weights: str = ""  # torchvision's vgg16-397923af.pth; "" = random VGG16 without linear layers (smoke only)
+    lpips_linear_weights: str = ""  # the lpips package's weights/v0.1/vgg.pth
+    perceptual_frames: int = 2  # frames per clip given to LPIPS (a seeded draw); 0 = all
+    disc_start: int = 40  # optimizer step at which the adversarial loss switches on
+    disc_weight: float = 0.5
+    disc_channels: int = 16  # L/H: 64
+    disc_layers: int = 3
+    consistency_weight: float = 1e-4  # lambda of eq. 9
+    compare_image_decoder: bool = True  # also fine-tune the plain image decoder as long, for a fair Table 3
+    held_out_share: float = 0.1  # share of videos (seeded by video id) kept out of training for the comparison
+    eval_clips: int = 64  # at most this many held-out clips in the comparison
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("refine_channels", "disc_channels", "disc_layers", "eval_clips"):
+            _check_positive(f"train_decoder.{key}", getattr(self, key))
+        if not 0 < self.held_out_share < 1:
+            raise ParamsError(f"train_decoder.held_out_share: {self.held_out_share} must be in (0, 1)")
+        if self.perceptual_frames < 0 or self.disc_start < 0:
+            raise ParamsError("train_decoder.perceptual_frames and disc_start must be >= 0")
+
+    @property
+    def missing_weights(self) -> list[str]:
+        """The LPIPS weight settings left empty: a random VGG16 stands in (smoke only)."""
+        return [f"train_decoder.{key}" for key in ("lpips_vgg_weights", "lpips_linear_weights") if not getattr(self, key)]
+
+
+CONTROL_CONDITIONS = ("canny", "hed", "depth", "image")  # model.controlnet.CONDITIONS, spelled here to keep torch out of params (a test pins them equal)
+IMAGE_MODES = ("repeat", "first_frame")  # the image condition: the reference frame repeated, or on frame 0 only
+
+
+@dataclass(frozen=True)
+class TrainControlnetParams(TrainingParams):
+    """The paper's stage 2 (section 2.4): the UNet frozen, the ControlNet, adapters and style adapter trained."""
+
+    SECTION: ClassVar[str] = "train_controlnet"
+    NO_FSDP: ClassVar[str] = "each rank draws its own condition per clip, so ranks train different adapters in a step; the frozen UNet needs no optimizer state"
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-3  # L/H: 1e-5 (ControlNet's); 2e-4 learnt the canny control 2-3x slower in 400-step smoke runs
+    sample_every: int = 0
+    # comma-separated, one drawn per clip (uniformly). Smoke: canny alone, as its 300 steps are too
+    # few to share (canny's edge agreement needed ~900 steps when split); L/H: canny,hed,depth,image
+    conditions: str = "canny"
+    condition_dropout: float = 0.1  # per clip: its condition map replaced by an empty one
+    all_condition_dropout: float = 0.05  # per step: every clip's condition map empty and no style (text only)
+    style_dropout: float = 0.5  # per step: no style tokens (style is optional at generation)
+    text_dropout: float = 0.5  # the empty prompt (ControlNet drops 50 % so the conditions are learnt)
+    canny_low: int = 100
+    canny_high: int = 200
+    image_mode: str = "repeat"  # the image condition: the first frame repeated, or on frame 0 only (first_frame)
+    hed_weights: str = ""  # network-bsds500.pth or ControlNetHED.pth; "" = seeded random HED (smoke only)
+    midas_weights: str = ""  # dpt_hybrid-midas-501f0c75.pt; "" = seeded random DPT-Hybrid (smoke only)
+    depth_resolution: int = 384  # the depth annotator's input short side (ControlNet's), a multiple of 64
+    style_model: str = "ViT-L-14"  # open_clip model whose frozen image tower embeds style images
+    style_weights: str = ""  # local open_clip checkpoint; "" = tiny random CLIP (smoke only)
+    sample_count: int = 2
+    sample_steps: int = 20
+    eval_clips: int = 8  # held-out clips whose canny control is checked after training (edge correlation)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in self.condition_list:
+            _check_choice("train_controlnet.conditions", name, CONTROL_CONDITIONS)
+        if not self.condition_list:
+            raise ParamsError("train_controlnet.conditions: name at least one of " + ", ".join(CONTROL_CONDITIONS))
+        for key in ("condition_dropout", "all_condition_dropout", "style_dropout", "text_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ParamsError(f"train_controlnet.{key}: {getattr(self, key)} must be in [0, 1)")
+        for key in ("sample_count", "sample_steps", "eval_clips"):
+            _check_positive(f"train_controlnet.{key}", getattr(self, key))
+        _check_choice("train_controlnet.image_mode", self.image_mode, IMAGE_MODES)
+        if not 0 <= self.canny_low <= self.canny_high:
+            raise ParamsError(f"train_controlnet.canny_low/canny_high: {self.canny_low}/{self.canny_high}; need 0 <= low <= high")
+        if self.depth_resolution < 64 or self.depth_resolution % 64:
+            raise ParamsError(f"train_controlnet.depth_resolution: {self.depth_resolution}; need a positive multiple of 64 (ControlNet's annotator: 384)")
+
+    @property
+    def condition_list(self) -> list[str]:
+        return [name.strip() for name in self.conditions.split(",") if name.strip()]
+
+    @property
+    def missing_weights(self) -> list[str]:
+        """The weight settings left empty that this run needs: each gets a random stand-in (smoke only)."""
+        needed = {"style_weights": True, "hed_weights": "hed" in self.condition_list, "midas_weights": "depth" in self.condition_list}
+        return [f"train_controlnet.{key}" for key, used in needed.items() if used and not getattr(self, key)]
+
+
+PROTOCOLS = ("heldout", "ucf101", "msrvtt")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    protocols: str = "heldout"  # comma-separated: heldout (the data's held-out videos), ucf101, msrvtt
+    num_videos: int = 16  # generated videos per protocol (heldout, ucf101); L/H: 2048 (StyleGAN-V's fvd2048)
+    max_real: int = 2048  # real videos behind the FVD statistics (a seeded subset when there are more)
+    steps: int = 20  # DDIM steps; L/H: 30 (Table 4)
+    guidance_scale: float = 7.5
+    fvd_frames: int = 16  # frames the I3D sees (the first ones; fewer when clips are shorter)
+    is_splits: int = 10
+    i3d_weights: str = ""  # StyleGAN-V's i3d_torchscript.pt; "" = seeded random stand-in (smoke only)
+    c3d_weights: str = ""  # StyleGAN-V's c3d_ucf101.pt; "" = seeded random stand-in (smoke only)
+    clip_model: str = "ViT-B-32"  # CLIPSIM / frame consistency: open_clip name or config JSON path
+    clip_weights: str = ""  # local open_clip checkpoint; "" = tiny random CLIP (smoke only)
+    ucf101_lists: str = ""  # ucfTrainTestlist/ (classInd.txt, trainlist0N.txt, testlist0N.txt)
+    ucf101_videos: str = ""  # UCF-101 video root: {Class}/v_{Class}_gNN_cNN.avi
+    ucf101_split: int = 1
+    ucf101_prompt_template: str = "a person {action}"  # {action}: 'applying eye makeup'; also {words}, {name}
+    msrvtt_annotations: str = ""  # test_videodatainfo.json (all 2990 test videos) or MSRVTT_JSFUSION_test.csv (1k-A)
+    msrvtt_videos: str = ""  # folder of {video_id}.mp4
+    msrvtt_num_videos: int = 0  # 0 = one per video of the split (2990 test, or 1000 for 1k-A); else a seeded subset
+    batch_size: int = 4  # videos per generation batch
+    sample_count: int = 4  # generated videos per protocol saved as MP4/GIF to MLflow
+    num_workers: int = 2  # Ray actors that generate and score (one per GPU when use_gpu)
+    use_gpu: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in self.protocol_list:
+            _check_choice("evaluate.protocols", name, PROTOCOLS)
+        if not self.protocol_list:
+            raise ParamsError(f"evaluate.protocols: empty; choose from {', '.join(PROTOCOLS)}")
+        for key in ("max_real", "steps", "fvd_frames", "is_splits", "batch_size", "num_workers"):
+            _check_positive(f"evaluate.{key}", getattr(self, key))
+        for key in ("num_videos", "msrvtt_num_videos", "sample_count"):
+            if getattr(self, key) < 0:
+                raise ParamsError(f"evaluate.{key}: {getattr(self, key)} must be >= 0")
+        _check_choice("evaluate.ucf101_split", self.ucf101_split, (1, 2, 3))
+        if "ucf101" in self.protocol_list and not (self.ucf101_lists and self.ucf101_videos):
+            raise ParamsError("evaluate.ucf101_lists and evaluate.ucf101_videos: required for the ucf101 protocol (local UCF-101 copy)")
+        if "msrvtt" in self.protocol_list and not (self.msrvtt_annotations and self.msrvtt_videos):
+            raise ParamsError("evaluate.msrvtt_annotations and evaluate.msrvtt_videos: required for the msrvtt protocol (local MSR-VTT copy)")
+
+    @property
+    def protocol_list(self) -> list[str]:
+        return [name.strip() for name in self.protocols.split(",") if name.strip()]
+
+    @property
+    def missing_weights(self) -> list[str]:
+        """The feature-network weight settings left empty: seeded random stand-ins (smoke only)."""
+        return [f"evaluate.{key}" for key in ("i3d_weights", "c3d_weights", "clip_weights") if not getattr(self, key)]
+
+
+@dataclass(frozen=True)
+class Params:
+    preset: str = "smoke"
+    data: DataParams = field(default_factory=DataParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    filter: FilterParams = field(default_factory=FilterParams)
+    decode: DecodeParams = field(default_factory=DecodeParams)
+    cache_latents: CacheLatentsParams = field(default_factory=CacheLatentsParams)
+    train_unet: TrainUnetParams = field(default_factory=TrainUnetParams)
+    train_decoder: TrainDecoderParams = field(default_factory=TrainDecoderParams)
+    train_controlnet: TrainControlnetParams = field(default_factory=TrainControlnetParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def __post_init__(self) -> None:
+        _check_choice("preset", self.preset, PRESETS)
+
+
+# TCM-VAE decoder fine-tuning at scale (the paper trains it on 100k videos; LDM's KL-f8 recipe for the GAN).
+DECODER_AT_SCALE = {
+    "steps": 50_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 500, "checkpoint_every": 1000, "sample_every": 5000,
+    "refine_channels": 64, "perceptual_frames": 0, "disc_start": 10_000, "disc_channels": 64, "use_gpu": True, "num_workers": 8,
+}
+
+# ControlNet's recipe at scale (lr 1e-5, the UNet frozen); the paper trains stage 2 on WebVid-10M.
+CONTROLNET_AT_SCALE = {
+    "steps": 50_000, "batch_size": 1, "lr": 1e-5, "warmup_steps": 500, "checkpoint_every": 1000, "sample_every": 5000,
+    "conditions": "canny,hed,depth,image", "eval_clips": 64, "use_gpu": True, "num_workers": 8,
+}
+
+# StyleGAN-V's fvd2048_16f protocol and the paper's sampler (Table 4: 30 DDIM steps, CFG 7.5).
+EVALUATE_AT_SCALE = {"num_videos": 2048, "steps": 30, "batch_size": 8, "use_gpu": True, "num_workers": 8}
+
+# What each preset changes from the dataclass defaults (the defaults are the smoke preset).
+# L and H follow the paper's Table 4: 16x256x256 and 24x320x576 (h x w) clips.
+PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {"decode": {"clips_per_shard": 64}},
+    "L": {
+        "filter": {"min_short_side": 256},
+        "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
+        "train_unet": {"steps": 100_000, "batch_size": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
+        "train_decoder": DECODER_AT_SCALE,
+        "train_controlnet": CONTROLNET_AT_SCALE,
+        "evaluate": EVALUATE_AT_SCALE,
+    },
+    "H": {
+        "filter": {"min_short_side": 320},
+        "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
+        "train_unet": {"steps": 100_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True, "strategy": "fsdp"},
+        "train_decoder": DECODER_AT_SCALE,
+        "train_controlnet": CONTROLNET_AT_SCALE,
+        "evaluate": EVALUATE_AT_SCALE,
+    },
+}
+
+
+def clip_shape(preset: str) -> tuple[int, int, int]:
+    """(frames, height, width) of the preset's training clips: its decode defaults (Table 4 for L/H)."""
+    decode = DecodeParams(**PRESET_DEFAULTS[preset].get("decode", {}))
+    return decode.frames, decode.height, decode.width
+
+
+def require_pretrained_weights(params: Params, section: str) -> None:
+    """The weights policy (DESIGN.md): only the smoke preset may run a stage with random stand-ins
+    for the pretrained networks its `section` names (`missing_weights`); L and H need every file."""
+    missing = getattr(params, section).missing_weights
+    if params.preset != "smoke" and missing:
+        raise FileNotFoundError(f"{', '.join(missing)}: required for preset {params.preset} (a local weight file; only the smoke preset may use random stand-ins)")
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml, apply the preset and `key=value` overrides, and type-check everything."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found (run from the project root or pass --params FILE)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        preset = raw.get("preset", Params.preset)
+        _check_choice("preset", preset, PRESETS)
+        merged: dict[str, Any] = {section: dict(values) for section, values in PRESET_DEFAULTS[preset].items()}
+        for key, value in raw.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **{name: v for name, v in value.items() if v is not None}}
+            else:
+                merged[key] = value
+        return _build(Params, merged, prefix="")
+    except ParamsError as error:
+        raise ParamsError(f"{path}: {error}") from None
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'decode': {'frames': 8}} -> {'decode.frames': 8} (for MLflow params and reports)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ParamsError(f"-S {item!r}: expected key=value, e.g. -S decode.frames=16")
+    value = yaml.safe_load(text) if text else ""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"-S {item!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ParamsError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(names)})"
+            raise ParamsError(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for name in names:
+        if values.get(name) is None:  # absent or null: the preset / default decides
+            continue
+        kind, value, key = hints[name], values[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(kind, value, key)
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ParamsError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ParamsError(f"{key}: {value!r} must be > 0")

@@ -1,0 +1,36 @@
+"""Where each stage writes: the one home of every stage output path (dvc.yaml's `outs`, relative
+to the repository root, where `versvideo stage` runs). Stages import these names; dvc.yaml spells
+the same paths, and tests/tasks/test_layout.py checks that the two agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# prepare: the embedded synthetic set (or nothing, for a user's WebVid CSV)
+RAW = Path("data/raw")
+PREPARE_REPORT = RAW / "prepare_report.json"
+# filter
+FILTERED = Path("data/filtered")
+KEPT = FILTERED / "kept.parquet"
+REJECTED = FILTERED / "rejected.parquet"
+FILTER_REPORT = FILTERED / "report.json"
+# decode: clips-NNNNN.npy shards + index.parquet
+CLIPS = Path("data/clips")
+# cache_latents: latent shards, text contexts, index.parquet, encoders.json, null_context.npy
+LATENTS = Path("data/latents")
+# the training stages' exports (weights + config.json + metrics.json) and their Ray Train runs
+UNET = Path("models/unet")
+DECODER = Path("models/decoder")
+CONTROLNET = Path("models/controlnet")
+RUNS = Path("models/runs")
+# evaluate: cached real-data feature statistics and the per-frame plots
+EVAL_STATS = Path("data/eval_stats")
+PLOTS = Path("plots/eval")
+# metrics files (DVC metrics, cache: false)
+METRICS = Path("metrics")
+CACHE_LATENTS_METRICS = METRICS / "cache_latents.json"
+TRAIN_UNET_METRICS = METRICS / "train_unet.json"
+RECONSTRUCTION_METRICS = METRICS / "reconstruction.json"
+CONTROLNET_METRICS = METRICS / "controlnet.json"
+EVAL_METRICS = METRICS / "eval.json"
+PIPELINE_SUMMARY = METRICS / "pipeline.md"

@@ -1,0 +1,37 @@
+"""Connecting to Ray: an existing cluster when RAY_ADDRESS is set, else a local one."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ray
+
+
+def ensure_ray() -> None:
+    """Start (or join) Ray once per process, before any Ray Data dataset exists: creating one
+    auto-starts Ray with its defaults, which would skip these settings (the training stages'
+    logs carried a placement-group cleaner's warning every second and every actor's progress
+    bars, and their stage runs lacked the ray.* tags)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # The cluster's workers must have this project installed (same uv.lock), like the driver.
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        # A local Ray has no dashboard to export Ray Train's metrics to (ours go to MLflow) and one
+        # machine gets no preemption notices: without the watcher each fit starts one actor fewer
+        # (a Python process importing Ray Train, seconds of a 2-core machine). Read by fit().
+        os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # "local": a new Ray of our own. ray.init() alone would join the cluster of the machine's
+        # last `ray start` (/tmp/ray/ray_current_cluster), or hang on it if it has since stopped.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    from tasks.operations.lineage import (
+        tag_stage_run,  # here: Ray Data read tasks import this module (via the dataset factories) and need no MLflow
+    )
+
+    runtime = ray.get_runtime_context()  # in a pipeline stage, its MLflow run says which cluster did the work
+    tag_stage_run({"ray.address": runtime.gcs_address, "ray.node_id": runtime.get_node_id(), "ray.job_id": runtime.get_job_id()})

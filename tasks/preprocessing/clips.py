@@ -1,0 +1,126 @@
+"""What the decode stage does to one kept video and to one shard of them: pick the clip windows
+inside the clean segment, decode them (decord, resized in the decoder, centre-cropped) and write
+one fixed-shape uint8 clip shard."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+
+from tasks.config.params import DecodeParams
+from tasks.operations.ray_runtime import ensure_ray
+from tasks.storage.atomic import write_npy
+from tasks.storage.clip_shards import shard_name
+from tasks.storage.video_io import (
+    VideoError,
+    center_crop,
+    cover_size,
+    open_reader,
+    read_frames,
+    window_length,
+)
+
+
+def clip_starts(segment_start: int, segment_end: int, stride: int, cfg: DecodeParams, keyframes: list[int] | None = None) -> list[int]:
+    """First source frame of each clip: up to clips_per_video windows, non-overlapping when the
+    segment is long enough, spread evenly from its start to its end.
+
+    With the video's keyframes, a start moves back to the latest keyframe that does not overlap
+    the previous clip: the decoder then seeks straight to it instead of decoding (and dropping)
+    every frame from the keyframe before the start up to the start.
+    """
+    window = window_length(cfg.frames, stride)
+    room = segment_end - segment_start - window  # the last start that still fits, relative
+    if room < 0:
+        return []
+    count = max(1, min(cfg.clips_per_video, (segment_end - segment_start) // window))
+    starts = [segment_start + int(round(offset)) for offset in np.linspace(0, room, count)]
+    for k in range(1, len(starts)):
+        free_from = starts[k - 1] + window  # first frame after the previous clip
+        candidates = [key for key in keyframes or () if free_from <= key <= starts[k]]
+        if candidates:
+            starts[k] = max(candidates)
+    return starts
+
+
+def decode_video_clips(path: str, height: int, width: int, segment_start: int, segment_end: int, stride: int, cfg: DecodeParams) -> tuple[list[int], np.ndarray]:
+    """One video's clips: (starts, (n_clips, frames, cfg.height, cfg.width, 3) uint8)."""
+    decoded_h, decoded_w = cover_size(height, width, cfg.height, cfg.width)
+    reader = open_reader(Path(path), decoded_h, decoded_w)
+    starts = clip_starts(segment_start, segment_end, stride, cfg, keyframes=list(reader.get_key_indices()))
+    if not starts:
+        raise VideoError("too_short", f"segment [{segment_start}, {segment_end}) is shorter than one clip")
+    indices = np.concatenate([start + stride * np.arange(cfg.frames) for start in starts])
+    frames = center_crop(read_frames(reader, Path(path), indices, decoded_h, decoded_w), cfg.height, cfg.width)
+    return starts, np.ascontiguousarray(frames).reshape(len(starts), cfg.frames, cfg.height, cfg.width, 3)
+
+
+def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str) -> pd.DataFrame:
+    """Ray Data UDF: decode the videos of each shard in the batch, write the shard, return its
+    index rows (kind=clip) and failed videos (kind=rejected)."""
+    rows = []
+    for shard, videos in batch.groupby("shard", sort=True):
+        clips = []
+        for row in videos.itertuples():
+            try:
+                starts, video_clips = decode_video_clips(row.path, row.height, row.width, row.segment_start, row.segment_end, row.stride, cfg)
+            except VideoError as error:
+                rows.append({"kind": "rejected", "video_id": row.videoid, "shard": shard, "reason": error.reason, "detail": error.detail})
+                continue
+            for start, clip in zip(starts, video_clips):
+                rows.append(
+                    {
+                        "kind": "clip",
+                        "clip_id": f"{row.videoid}-{start:06d}",
+                        "video_id": row.videoid,
+                        "shard": shard,
+                        "shard_row": len(clips),
+                        "start_frame": start,
+                        "stride": int(row.stride),
+                        "source_fps": float(row.fps),
+                        "caption": row.name,
+                    }
+                )
+                clips.append(clip)
+        if clips:
+            write_npy(np.stack(clips), Path(out_dir) / shard_name(int(shard)))
+    return pd.DataFrame.from_records(rows, columns=INDEX_COLUMNS)
+
+
+INDEX_COLUMNS = ["kind", "clip_id", "video_id", "shard", "shard_row", "start_frame", "stride", "source_fps", "caption", "reason", "detail"]
+
+
+def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode all kept videos into shards under out_dir; returns (clip index, rejected videos)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # no shard of an earlier run may survive under a reused name
+    out_dir.mkdir(parents=True)
+    videos_per_shard = max(1, cfg.clips_per_shard // cfg.clips_per_video)
+    kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // videos_per_shard)
+    columns = ["shard", "videoid", "path", "height", "width", "fps", "segment_start", "segment_end", "stride", "name"]
+    if len(kept):
+        ensure_ray()
+        result = (
+            ray.data.from_pandas([group for _, group in kept.loc[:, columns].groupby("shard")])
+            .map_batches(
+                decode_shard,
+                batch_format="pandas",
+                batch_size=None,  # one block = one shard
+                num_cpus=1,
+                compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
+                fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve())},  # Ray workers do not share our cwd
+            )
+            .to_pandas()
+        )
+    else:
+        result = pd.DataFrame(columns=INDEX_COLUMNS)
+    result = result.sort_values(["shard", "kind", "shard_row"], kind="stable")
+    index = result[result["kind"] == "clip"].drop(columns=["kind", "reason", "detail"]).reset_index(drop=True)
+    rejected = result[result["kind"] == "rejected"].loc[:, ["video_id", "reason", "detail"]].reset_index(drop=True)
+    for column in ("shard", "shard_row", "start_frame", "stride"):
+        index[column] = index[column].astype("int64")
+    return index, rejected

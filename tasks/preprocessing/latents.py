@@ -1,0 +1,103 @@
+"""The latent cache's batch inference: one row per clip shard flows to a pool of encoder actors
+(Ray Data; one actor per GPU, or `num_workers` CPU actors), each writing one latent shard under a
+temporary name with the fingerprint of everything it was computed from, so a rerun skips the
+shards that are already complete (tasks/storage/latent_shards.py describes the files)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+
+from model.weights import file_digest
+from tasks.config.params import CacheLatentsParams
+from tasks.inference.encoders import Encoders
+from tasks.operations.ray_runtime import ensure_ray
+from tasks.storage.atomic import remove_stale_temporaries
+from tasks.storage.clip_shards import shard_name as clip_shard_name
+from tasks.storage.latent_shards import (
+    shard_fingerprint,
+    shard_name,
+    write_latent_shard,
+)
+
+# A change to any of these files changes what a shard would contain, so it is part of the fingerprint.
+CODE = ("tasks/preprocessing/latents.py", "tasks/inference/encoders.py", "tasks/storage/latent_shards.py", "model/image_vae.py", "model/text_encoder.py")
+
+
+def config_fingerprint(cfg: CacheLatentsParams, info: dict[str, Any], device: str) -> str:
+    """Everything except the clip shard itself that decides a latent shard's bytes."""
+    code = file_digest(*(Path(__file__).resolve().parents[2] / name for name in CODE))
+    payload = {"encoders": info, "micro_batch_frames": cfg.micro_batch_frames, "code": code, "torch": torch.__version__, "device": device}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class ShardEncoder:
+    """Ray Data actor: encodes whole clip shards into latent shards, skipping complete ones."""
+
+    def __init__(self, cfg: CacheLatentsParams, fingerprint: str, clips_dir: str, out_dir: str, use_gpu: bool) -> None:
+        if not use_gpu:
+            torch.set_num_threads(1)  # one core per actor; also keeps CPU results bit-identical run to run
+        self.encoders = Encoders(cfg, device="cuda" if use_gpu else "cpu")
+        self.fingerprint, self.clips_dir, self.out_dir = fingerprint, Path(clips_dir), Path(out_dir)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame([self.encode_shard(int(shard), rows.sort_values("shard_row")) for shard, rows in batch.groupby("shard")])
+
+    def encode_shard(self, shard: int, rows: pd.DataFrame) -> dict[str, Any]:
+        started = time.perf_counter()
+        source = self.clips_dir / clip_shard_name(shard)
+        fingerprint = shard_input_fingerprint(self.fingerprint, source, rows)
+        target = self.out_dir / shard_name(shard)
+        if shard_fingerprint(target) == fingerprint:
+            return {"shard": shard, "clips": len(rows), "status": "skipped", "seconds": time.perf_counter() - started}
+        clips = np.load(source, mmap_mode="r")
+        if len(clips) != len(rows):
+            raise ValueError(f"{source}: {len(clips)} clips, but {self.clips_dir}/index.parquet lists {len(rows)} for shard {shard}; rerun the decode stage")
+        latents = np.stack([self.encoders.encode_clip(clips[row], clip_id) for row, clip_id in zip(rows["shard_row"], rows["clip_id"])])
+        context = self.encoders.encode_text(rows["caption"].astype(str).tolist())
+        write_latent_shard(target, rows, latents, context, fingerprint)
+        return {"shard": shard, "clips": len(rows), "status": "encoded", "seconds": time.perf_counter() - started}
+
+
+def shard_input_fingerprint(config: str, source: Path, rows: pd.DataFrame) -> str:
+    digest = hashlib.sha256(config.encode())
+    digest.update(file_digest(source).encode())
+    digest.update(json.dumps([rows["clip_id"].tolist(), rows["caption"].astype(str).tolist()]).encode())
+    return digest.hexdigest()
+
+
+def cache_latents(index: pd.DataFrame, cfg: CacheLatentsParams, info: dict[str, Any], clips_dir: Path, out_dir: Path) -> pd.DataFrame:
+    """Encode every clip shard listed in `index` into out_dir; returns one status row per shard."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # leftovers of a crashed run are never read, only removed
+    ensure_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    fingerprint = config_fingerprint(cfg, info, device="cuda" if gpus else "cpu")
+    shards = [rows for _, rows in index.groupby("shard", sort=True)]
+    results = []
+    if shards:
+        dataset = ray.data.from_pandas(shards).map_batches(
+            ShardEncoder,
+            batch_format="pandas",
+            batch_size=None,  # one block = one clip shard = one latent shard
+            compute=ray.data.ActorPoolStrategy(size=gpus or cfg.num_workers),
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+            fn_constructor_kwargs={"cfg": cfg, "fingerprint": fingerprint, "clips_dir": str(clips_dir.resolve()), "out_dir": str(out_dir.resolve()), "use_gpu": bool(gpus)},
+        )
+        for row in dataset.iter_rows():
+            results.append(row)
+            print(f"cache_latents: shard {row['shard']:5d} {row['status']} ({row['clips']} clips, {row['seconds']:.1f} s) [{len(results)}/{len(shards)}]", flush=True)
+    expected = {shard_name(int(rows["shard"].iloc[0])) for rows in shards}
+    for stale in out_dir.glob("latents-*.parquet"):
+        if stale.name not in expected:  # a shard of an earlier, larger input
+            stale.unlink()
+    return pd.DataFrame(results, columns=["shard", "clips", "status", "seconds"]).sort_values("shard").reset_index(drop=True)

@@ -1,0 +1,141 @@
+"""The embedded default dataset: short real H.264 MP4s of coloured shapes moving over textures.
+
+Every video is drawn from a seeded RNG and encoded single-threaded, so the same parameters give
+the same bytes (DVC sees an unchanged output). The caption states what moves and where, which is
+what a tiny text-to-video model can learn. A few rows are deliberately bad so that the filter
+stage has real work on the demo: static shots, a hard scene cut, an exact duplicate file, an
+empty caption and a re-crawled (duplicate) videoid.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from tasks.storage.previews import write_mp4
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 215, 40),
+    "white": (245, 245, 245),
+    "purple": (150, 60, 200),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+TEXTURES = ("striped", "checkered", "dotted", "gradient")
+
+# Which rows are deliberately bad (index modulo the period).
+STATIC_EVERY, CUT_EVERY = 16, 16
+CUT_OFFSET = 8
+
+
+def texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A dim background pattern (h, w, 3) in [0, 255], twice as wide/tall so it can pan."""
+    ys, xs = np.mgrid[0 : 2 * height, 0 : 2 * width].astype(np.float32)
+    tint = rng.uniform(40, 110, size=3).astype(np.float32)
+    period = rng.uniform(6, 14)
+    if kind == "striped":
+        pattern = 0.5 + 0.5 * np.sin(2 * np.pi * (xs + ys * rng.uniform(-0.5, 0.5)) / period)
+    elif kind == "checkered":
+        pattern = ((xs // period + ys // period) % 2).astype(np.float32)
+    elif kind == "dotted":
+        pattern = ((np.sin(2 * np.pi * xs / period) * np.sin(2 * np.pi * ys / period)) > 0.6).astype(np.float32)
+    else:
+        pattern = (xs + ys) / (2 * (height + width))
+    return np.clip(tint * (0.55 + 0.45 * pattern[..., None]), 0, 255)
+
+
+def draw_shape(frame: np.ndarray, shape: str, color: tuple[int, int, int], cy: float, cx: float, size: float) -> None:
+    height, width = frame.shape[:2]
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    if shape == "circle":
+        mask = (ys - cy) ** 2 + (xs - cx) ** 2 <= size**2
+    elif shape == "square":
+        mask = (np.abs(ys - cy) <= size) & (np.abs(xs - cx) <= size)
+    else:  # triangle pointing up: inside when below the two slanted edges and above the base
+        mask = (ys <= cy + size) & (np.abs(xs - cx) <= (ys - (cy - size)) * 0.6)
+    frame[mask] = color
+
+
+def render(
+    height: int, width: int, num_frames: int, rng: np.random.Generator, *, static: bool, cut_at: int | None
+) -> tuple[np.ndarray, str]:
+    """(num_frames, h, w, 3) uint8 frames and their caption."""
+
+    def scene() -> dict:
+        return {
+            "color": list(COLORS)[rng.integers(len(COLORS))],
+            "shape": SHAPES[rng.integers(len(SHAPES))],
+            "direction": list(DIRECTIONS)[rng.integers(len(DIRECTIONS))],
+            "texture": TEXTURES[rng.integers(len(TEXTURES))],
+            "size": rng.uniform(0.12, 0.2) * min(height, width),
+            "speed": rng.uniform(0.6, 1.0) * min(height, width) / num_frames,
+        }
+
+    scenes = [scene(), scene()]
+    backgrounds = [texture(s["texture"], height, width, rng) for s in scenes]
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        k = 1 if cut_at is not None and t >= cut_at else 0
+        s, background = scenes[k], backgrounds[k]
+        dy, dx = DIRECTIONS[s["direction"]]
+        step = 0 if static else (t - (cut_at if k else 0))
+        # The shape travels from one side to the other; the background pans gently the other way.
+        cy = height / 2 + dy * (step * s["speed"] - 0.35 * height)
+        cx = width / 2 + dx * (step * s["speed"] - 0.35 * width)
+        pan = 0 if static else int(step * 0.5)
+        frame = background[pan : pan + height, pan : pan + width].astype(np.uint8).copy()
+        draw_shape(frame, s["shape"], COLORS[s["color"]], cy, cx, s["size"])
+        frames[t] = frame
+    s = scenes[0]
+    motion = "stays still" if static else f"moves {s['direction']}"
+    return frames, f"a {s['color']} {s['shape']} {motion} on a {s['texture']} background"
+
+
+def iso_duration(seconds: float) -> str:
+    """WebVid's ISO-8601 duration: 15.4 -> 'PT00H00M15S'."""
+    total = int(round(seconds))
+    return f"PT{total // 3600:02d}H{total % 3600 // 60:02d}M{total % 60:02d}S"
+
+
+def generate(
+    videos_root: Path, *, num_videos: int, seconds: float, fps: int, height: int, width: int, seed: int
+) -> list[dict]:
+    """Write the videos under videos_root and return the raw CSV rows (duplicates included)."""
+    num_frames = max(2, int(round(seconds * fps)))
+    rows = []
+    for index in range(num_videos):
+        rng = np.random.default_rng([seed, index])
+        videoid = f"synth{index:05d}"
+        page_dir = f"{index // 100:03d}"
+        static = index % STATIC_EVERY == STATIC_EVERY - 1
+        cut_at = int(num_frames * 0.4) if index % CUT_EVERY == CUT_OFFSET else None
+        frames, caption = render(height, width, num_frames, rng, static=static, cut_at=cut_at)
+        path = videos_root / page_dir / f"{videoid}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_mp4(frames, path, fps)
+        rows.append(_row(videoid, page_dir, caption, num_frames / fps))
+    if num_videos >= 4:
+        # An exact copy of video 1 under a new id: the filter's content hash must catch it.
+        copy_id, page_dir = f"synth{num_videos:05d}", rows[1]["page_dir"]
+        shutil.copyfile(videos_root / page_dir / "synth00001.mp4", videos_root / page_dir / f"{copy_id}.mp4")
+        rows.append(_row(copy_id, page_dir, rows[1]["name"] + " again", num_frames / fps))
+        # A caption that says nothing: the filter rejects it.
+        rows[3] = {**rows[3], "name": ""}
+        # A re-crawled videoid: the earlier row's caption is replaced by the later one (prepare).
+        rows.insert(2, {**rows[2], "name": "an outdated caption from an earlier crawl"})
+    return rows
+
+
+def _row(videoid: str, page_dir: str, caption: str, seconds: float) -> dict:
+    return {
+        "videoid": videoid,
+        "contentUrl": f"synthetic://{page_dir}/{videoid}.mp4",
+        "duration": iso_duration(seconds),
+        "page_dir": page_dir,
+        "name": caption,
+    }

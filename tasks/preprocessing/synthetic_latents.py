@@ -1,0 +1,40 @@
+"""A synthetic latent cache in the cache_latents stage's format, for benchmarks and tests of
+training that need no videos and no encoders: moving-blob latents and random text contexts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.storage.atomic import write_json
+from tasks.storage.latent_shards import shard_name, write_latent_shard
+
+
+def moving_blob_latents(rng: np.random.Generator, clips: int, frames: int, height: int, width: int, channels: int = 4) -> np.ndarray:
+    """(clips, t, c, h, w) float32 latents, as the cache stores them: a bright cell on a dark
+    field, moving one cell per frame in a random diagonal direction (learnable, with motion)."""
+    latents = np.full((clips, frames, channels, height, width), -0.1, np.float32)
+    for clip in range(clips):
+        y, x, dy, dx = rng.integers(0, min(height, width), 2).tolist() + rng.choice([-1, 1], 2).tolist()
+        for t in range(frames):
+            latents[clip, t, :, (y + dy * t) % height, (x + dx * t) % width] = 1.5
+    return latents
+
+
+def synthetic_cache(folder: Path, frames: int = 8, size: int = 8, width: int = 64, seed: int = 0, shards: int = 4, clips_per_shard: int = 64) -> Path:
+    """A latent cache in the stage's format with moving-blob latents and random 77 x `width` contexts."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shard in range(shards):
+        latents = moving_blob_latents(rng, clips_per_shard, frames, size, size)
+        clips = pd.DataFrame({"clip_id": [f"s{shard}c{k}" for k in range(clips_per_shard)], "video_id": "synthetic", "caption": "a blob moves"})
+        context = (rng.standard_normal((clips_per_shard, 77, width)) * 0.1).astype(np.float16)
+        write_latent_shard(folder / shard_name(shard), clips, latents, context, fingerprint="bench")
+        rows.append(clips.assign(shard=shard, shard_row=np.arange(clips_per_shard)))
+    pd.concat(rows).to_parquet(folder / "index.parquet", index=False)
+    np.save(folder / "null_context.npy", np.zeros((77, width), np.float16))
+    write_json({"image_vae": {"weights": ""}}, folder / "encoders.json")
+    return folder

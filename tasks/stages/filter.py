@@ -1,0 +1,135 @@
+"""Stage `filter`: probe and score every CSV row's video; keep the usable ones, reject the rest
+with one specific reason each. Every input row lands in exactly one of kept.parquet and
+rejected.parquet; report.json counts rows per reason (a DVC metric).
+
+Per-video work (probe, decode sample frames, scores, content hash) runs on Ray Data; checks that
+compare rows with each other (re-crawled videoids, identical files) run on the driver.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import ray
+
+from tasks.config.params import DecodeParams, FilterParams, Params
+from tasks.config.paths import FILTER_REPORT, FILTERED, KEPT, REJECTED
+from tasks.operations.ray_runtime import ensure_ray
+from tasks.preprocessing.assessment import (
+    NUMERIC_FIELDS,
+    REASONS,
+    TEXT_FIELDS,
+    assess_batch,
+)
+from tasks.storage.atomic import remove_stale_temporaries, write_json, write_parquet
+from tasks.storage.webvid import read_webvid_csv
+
+
+def _assess_on_ray(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> pd.DataFrame:
+    """assess_video for every row, one row per task, `num_workers` tasks at a time."""
+    if rows.empty:
+        return pd.DataFrame(columns=[*rows.columns, *NUMERIC_FIELDS, *TEXT_FIELDS])
+    ensure_ray()
+    return (
+        ray.data.from_pandas(rows)
+        .repartition(max(1, min(len(rows), 4 * cfg.num_workers)))
+        .map_batches(
+            assess_batch,
+            batch_format="pandas",
+            batch_size=1,
+            num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
+            fn_kwargs={"videos_root": videos_root, "cfg": cfg, "decode": decode},
+        )
+        .to_pandas()
+    )
+
+
+def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rows: a WebVid CSV as strings. Returns (kept, rejected); together they hold every row once."""
+    rows = rows.reset_index(drop=True).assign(row_index=lambda frame: np.arange(len(frame)))
+    # Re-crawled videoids: the last row wins, as in prepare (the newest caption).
+    repeated = rows.duplicated(subset="videoid", keep="last")
+    unique = rows[~repeated]
+
+    # Absolute: workers on an existing cluster (RAY_ADDRESS) do not run in this stage's directory
+    assessed = _assess_on_ray(unique, os.path.abspath(videos_root), cfg, decode)
+    duplicates = rows[repeated].assign(**NUMERIC_FIELDS, **dict.fromkeys(TEXT_FIELDS, "")).assign(
+        reason="duplicate_videoid", detail="a later row has the same videoid (its caption is kept)"
+    )
+    assessed = pd.concat([assessed, duplicates], ignore_index=True).sort_values("row_index", kind="stable")
+    # Identical files under different ids: keep the first, reject the copies.
+    hashed = (assessed["reason"] == "") & (assessed["content_sha256"] != "")
+    copies = hashed & assessed["content_sha256"].where(hashed).duplicated(keep="first")
+    if copies.any():
+        first_row = assessed[hashed].drop_duplicates("content_sha256").set_index("content_sha256")["videoid"]
+        assessed.loc[copies, "reason"] = "duplicate_content"
+        assessed.loc[copies, "detail"] = "same bytes as videoid " + assessed.loc[copies, "content_sha256"].map(first_row)
+
+    if cfg.clip_weights:  # scores are recorded; rows below clip_min_score are rejected
+        assessed = _apply_clip_filter(assessed, cfg)
+
+    kept = assessed[assessed["reason"] == ""].drop(columns=["reason", "detail"]).reset_index(drop=True)
+    rejected = assessed[assessed["reason"] != ""].reset_index(drop=True)
+    assert len(kept) + len(rejected) == len(rows), "filter lost or duplicated rows"
+    return _typed(kept), _typed(rejected)
+
+
+def _apply_clip_filter(assessed: pd.DataFrame, cfg: FilterParams) -> pd.DataFrame:
+    from tasks.inference.clip_score import (
+        ClipFrameScorer,  # imports open_clip only when enabled
+    )
+
+    candidates = assessed[assessed["reason"] == ""]
+    if candidates.empty:
+        return assessed
+    scored = (
+        ray.data.from_pandas(candidates.loc[:, ["row_index", "path", "name", "segment_start", "segment_end", "height", "width"]])
+        .map_batches(
+            ClipFrameScorer,
+            batch_format="pandas",
+            batch_size=16,
+            compute=ray.data.ActorPoolStrategy(size=1),  # one CLIP model in memory
+            fn_constructor_kwargs={"model_name": cfg.clip_model, "weights": cfg.clip_weights},
+        )
+        .to_pandas()
+        .set_index("row_index")["clip_score"]
+    )
+    assessed = assessed.assign(clip_score=assessed["row_index"].map(scored).astype("float64"))
+    low = (assessed["reason"] == "") & (assessed["clip_score"] < cfg.clip_min_score)
+    assessed.loc[low, "reason"] = "low_clip_score"
+    assessed.loc[low, "detail"] = assessed.loc[low, "clip_score"].map(lambda s: f"CLIP text-frame similarity {s:.3f} < {cfg.clip_min_score}")
+    return assessed
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    for name, missing in NUMERIC_FIELDS.items():
+        if name in frame:
+            frame[name] = frame[name].astype("float64" if isinstance(missing, float) else "int64")
+    frame["row_index"] = frame["row_index"].astype("int64")
+    return frame
+
+
+def report(kept: pd.DataFrame, rejected: pd.DataFrame) -> dict:
+    counts = rejected["reason"].value_counts()
+    return {
+        "input_rows": len(kept) + len(rejected),
+        "kept": len(kept),
+        "rejected": len(rejected),
+        "reasons": {reason: int(counts.get(reason, 0)) for reason in REASONS},
+    }
+
+
+def main(params: Params) -> None:
+    remove_stale_temporaries(FILTERED)  # leftovers of a run that was killed mid-write
+    rows = read_webvid_csv(params.data.csv)
+    kept, rejected = filter_videos(rows, params.data.videos_root, params.filter, params.decode)
+    write_parquet(kept, KEPT)
+    write_parquet(rejected, REJECTED)
+    summary = report(kept, rejected)
+    write_json(summary, FILTER_REPORT)
+    reasons = ", ".join(f"{reason} {count}" for reason, count in summary["reasons"].items() if count)
+    print(f"filter: kept {summary['kept']} of {summary['input_rows']} rows; rejected: {reasons or 'none'}")

@@ -1,0 +1,177 @@
+"""Stage `train_controlnet`: the paper's stage 2 (section 2.4, Figure 4). The trained UNet is frozen;
+the shared ControlNet (a copy of the UNet's encoder and middle), the per-condition adapters (eq. 10)
+and the style adapter train on the engine (tasks/training/engine.py) with the UNet's v-loss.
+
+Per clip: a condition type drawn uniformly from `conditions`, its maps computed from the clip's own
+frames on the fly (canny with OpenCV, HED with its network, the image condition from the first
+frame; tasks/inference/conditions.py), so no condition cache goes stale when thresholds change. Dropout:
+per clip an empty condition map (`condition_dropout`), per step no visual condition and no style
+(`all_condition_dropout`), per step no style (`style_dropout`), per clip the empty prompt
+(`text_dropout`). The style image is one frame of the clip itself (IP-Adapter's recipe).
+
+Training reads the latent cache (latents + text context) and, row for row, the decode stage's clip
+shards (the pixels the conditions come from): latent shard k holds clip shard k's clips in order.
+Videos train_unet held out stay out, so evaluate's heldout protocol is still unseen.
+
+Output models/controlnet/: ControlNet + style adapter weights (model.safetensors), config.json
+(the UNet weights' sha256 it was trained on), metrics.json with the control check: on held-out
+clips, canny-controlled videos' edges against their control's edges and against another clip's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from eval.control import edge_correlation
+from model.presets import get_preset
+from tasks.config.params import (
+    Params,
+    flatten,
+    params_to_dict,
+    require_pretrained_weights,
+)
+from tasks.config.paths import (
+    CLIPS,
+    CONTROLNET,
+    CONTROLNET_METRICS,
+    DECODER,
+    LATENTS,
+    RUNS,
+    UNET,
+)
+from tasks.inference.conditions import (
+    canny,
+)
+from tasks.inference.encoders import resolved_encoders
+from tasks.inference.generation import VideoGenerator
+from tasks.operations.lineage import lineage_tags, tracking_uri
+from tasks.operations.ray_runtime import ensure_ray
+from tasks.storage.atomic import write_json
+from tasks.storage.clip_shards import held_out_videos, read_clips
+from tasks.storage.clip_shards import shard_name as clip_shard_name
+from tasks.storage.latent_shards import (
+    load_null_context,
+    read_index,
+    read_latent_shard,
+    shard_name,
+)
+from tasks.training.controlnet import (
+    ControlNetRecipe,
+    generate_controlled,
+)
+from tasks.training.launch import fit
+from tasks.training.tracking import history_summary, resumable_run_name
+
+
+def _read_shard_pair(batch: dict[str, np.ndarray], exclude_videos: frozenset[str]) -> dict[str, np.ndarray]:
+    latents = read_latent_shard(batch["latents_path"][0], ("latents", "context", "video_id", "clip_id"))
+    frames = np.asarray(np.load(batch["clips_path"][0], mmap_mode="r")[np.asarray(batch["rows"][0], dtype=np.int64)])
+    if len(frames) != len(latents["latents"]):
+        raise ValueError(f"{batch['latents_path'][0]} has {len(latents['latents'])} clips but {batch['clips_path'][0]} rows give {len(frames)}: rerun cache_latents")
+    keep = ~np.isin(latents["video_id"], list(exclude_videos))
+    return {"latents": latents["latents"][keep], "context": latents["context"][keep], "frames": frames[keep]}
+
+
+def control_dataset(latents_dir: Path, clips_dir: Path, seed: int, exclude_videos: frozenset[str]) -> ray.data.Dataset:
+    """Rows of `latents` (t, 4, h, w), `context` (77, d) and `frames` (t, H, W, 3) uint8 of the same
+    clip: one read task per shard pair, shards in a seeded order."""
+    ensure_ray()  # before the dataset exists (see ensure_ray)
+    index = read_index(latents_dir)
+    items = []
+    for shard, rows in index.groupby("shard", sort=True):
+        items.append({
+            "latents_path": str((latents_dir / shard_name(int(shard))).resolve()),
+            "clips_path": str((clips_dir / clip_shard_name(int(shard))).resolve()),
+            "rows": rows.sort_values("shard_row")["shard_row"].astype(int).tolist(),  # the latent shard's row order
+        })
+    items = [items[k] for k in np.random.default_rng(seed).permutation(len(items))]
+    return ray.data.from_items(items).map_batches(_read_shard_pair, batch_size=1, batch_format="numpy", fn_kwargs={"exclude_videos": frozenset(exclude_videos)})
+
+
+def other_video_rows(rows: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """For each row, a clip of another video (the k-th such clip, cyclically; the held-out ones in
+    `rows` first): the mismatched control of the check."""
+    pool = pd.concat([rows, index[~index["clip_id"].isin(rows["clip_id"])].sort_values("clip_id")])
+    picks = []
+    for k, video in enumerate(rows["video_id"]):
+        candidates = pool[pool["video_id"] != video]
+        if candidates.empty:
+            raise ValueError("the control check needs clips of at least two videos; cache more videos")
+        picks.append(candidates.iloc[k % len(candidates)])
+    return pd.DataFrame(picks).reset_index(drop=True)
+
+
+def control_check(generator: VideoGenerator, recipe: ControlNetRecipe, clips: np.ndarray, captions: list[str], other_clips: np.ndarray) -> dict[str, Any]:
+    """Edges of canny-controlled videos against their control's edges (matched) and against a
+    clip of another video (mismatched: the same generated video, that video's edges); and of
+    uncontrolled videos (same prompts and seeds) against the control's edges."""
+    videos, controls = generate_controlled(generator, recipe, clips, captions)
+    low, high = recipe.cfg.canny_low, recipe.cfg.canny_high
+    generated_edges = [canny(video, low, high) for video in videos]
+    matched = [edge_correlation(edges, control[..., 0]) for edges, control in zip(generated_edges, controls)]
+    others = [canny(clip, low, high) for clip in other_clips]
+    mismatched = [edge_correlation(edges, other) for edges, other in zip(generated_edges, others)]
+    uncontrolled = generator(captions[: len(clips)], list(range(len(clips))), frames=clips.shape[1], height=clips.shape[2], width=clips.shape[3],
+                             steps=recipe.cfg.sample_steps, guidance_scale=get_preset(recipe.preset).diffusion.guidance_scale)
+    baseline = [edge_correlation(canny(video, low, high), control[..., 0]) for video, control in zip(uncontrolled, controls)]
+    return {
+        "clips": len(clips),
+        "canny_edge_correlation_matched": float(np.mean(matched)),
+        "canny_edge_correlation_mismatched": float(np.mean(mismatched)),
+        "canny_edge_correlation_uncontrolled": float(np.mean(baseline)),
+        "matched_beats_mismatched_share": float(np.mean(np.array(matched) > np.array(mismatched))),
+    }
+
+
+def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet: Path = UNET, decoder: Path = DECODER,
+                     output_dir: Path = CONTROLNET, runs: Path = RUNS) -> dict[str, Any]:
+    """Train on the cache + clips with the UNet in `unet` frozen; exports to output_dir; returns the figures."""
+    require_pretrained_weights(params, "train_controlnet")
+    cfg = params.train_controlnet
+    index = read_index(latents)
+    held_out = held_out_videos(index, params.train_unet.held_out_share, params.train_unet.seed)
+    held_rows = index[index["video_id"].astype(str).isin(held_out)].sort_values("clip_id")
+    if held_rows.empty:  # train_unet.held_out_share = 0: check on training clips (said in the report)
+        held_rows = index.sort_values("clip_id")
+    held_rows = held_rows.iloc[: cfg.eval_clips].reset_index(drop=True)
+    held_clips = read_clips(clips, held_rows)
+    encoders = resolved_encoders(latents, params.cache_latents)
+    recipe = ControlNetRecipe(
+        preset=params.preset, cfg=cfg, unet_dir=str(unet.resolve()), null_context=load_null_context(latents),
+        allow_random=params.preset == "smoke", sample_clips=held_clips, sample_captions=held_rows["caption"].astype(str).tolist(),
+        generator_paths={"decoder": str(decoder.resolve()), "latents": str(latents.resolve()), "encoders": encoders},
+    )
+    flat = flatten({"preset": params.preset, "train_controlnet": params_to_dict(params)["train_controlnet"]})
+    result = fit(
+        recipe, cfg, control_dataset(latents, clips, cfg.seed, held_out),
+        run_name=resumable_run_name("train_controlnet", params.preset, params_to_dict(params)["train_controlnet"], latents / "index.parquet", latents / "encoders.json", unet / "model.safetensors"), storage=runs, output_dir=output_dir,
+        params={**flat, "held_out_videos": len(held_out)}, tags=lineage_tags("train_controlnet"),
+    )
+    generator = VideoGenerator(unet, decoder, latents, encoders, controlnet_dir=output_dir)
+    check = control_check(generator, recipe, held_clips, held_rows["caption"].astype(str).tolist(), read_clips(clips, other_video_rows(held_rows, index)))
+    check["held_out"] = bool(held_out)
+    report = {
+        "control_check": check, "steps": cfg.steps, "conditions": cfg.condition_list, "mlflow_run_id": result["mlflow_run_id"],
+        "comparable": params.preset != "smoke" and not cfg.missing_weights, **history_summary(result["mlflow_run_id"]),
+    }
+    client = MlflowClient(tracking_uri())
+    client.log_batch(result["mlflow_run_id"], metrics=[Metric(f"control/{key}", float(value), 0, cfg.steps) for key, value in check.items() if key != "held_out"])
+    write_json(report, output_dir / "metrics.json")
+    return report
+
+
+def main(params: Params) -> None:
+    report = train_controlnet(params)
+    write_json(report, CONTROLNET_METRICS)
+    check = report["control_check"]
+    print(f"train_controlnet: {report['steps']} steps on {', '.join(report['conditions'])}; loss {report.get('loss_first_10pct', float('nan')):.4f} -> "
+          f"{report.get('loss_last_10pct', float('nan')):.4f}; canny control on {check['clips']} held-out clips: edge r {check['canny_edge_correlation_matched']:.3f} "
+          f"with its control vs {check['canny_edge_correlation_mismatched']:.3f} with another clip's (uncontrolled {check['canny_edge_correlation_uncontrolled']:.3f}); "
+          f"weights in {CONTROLNET}/")

@@ -1,0 +1,127 @@
+"""Stage `train_decoder`: fine-tune the TCM-VAE decoder (paper section 2.3, eq. 9) on the clip
+shards with the image VAE's encoder frozen, on the training engine (tasks/training/engine.py), then put it
+beside the image decoder on held-out clips (the paper's Table 3 layout).
+
+For a fair comparison the plain image decoder is fine-tuned too, with the same loss (less the TCM
+consistency term, which has nothing to act on), data, steps and seed (`compare_image_decoder`).
+Videos are split seeded by video id (tasks/storage/clip_shards.py); the held-out ones never reach training.
+
+Outputs: models/decoder/ (TCM-VAE weights + config.json + metrics.json), models/decoder/image_decoder/
+(the fine-tuned image decoder) and metrics/reconstruction.json: PSNR/SSIM in YUV (Y and all three
+channels) and flicker for the pretrained image decoder, the fine-tuned image decoder and the TCM-VAE.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import AutoencoderKL
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from eval.reconstruction import reconstruction_metrics
+from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
+from tasks.config.params import (
+    Params,
+    flatten,
+    params_to_dict,
+    require_pretrained_weights,
+)
+from tasks.config.paths import CLIPS, DECODER, LATENTS, RECONSTRUCTION_METRICS, RUNS
+from tasks.inference.encoders import load_vae, resolved_encoders
+from tasks.inference.models import IMAGE_DECODER, load_decoder
+from tasks.operations.lineage import lineage_tags, tracking_uri
+from tasks.storage.atomic import write_json
+from tasks.storage.clip_shards import clip_dataset, read_clips, split_clips
+from tasks.training.decoder import DecoderRecipe, to_frames, to_video
+from tasks.training.launch import fit
+from tasks.training.tracking import history_summary, resumable_run_name
+
+
+@torch.no_grad()
+def reconstruct(encoder: FrozenEncoder, decoder: nn.Module, clips: np.ndarray, batch_size: int = 4) -> torch.Tensor:
+    """(n, t, h, w, 3) uint8 clips -> their reconstructions through the posterior mean, uint8."""
+    outputs = []
+    for start in range(0, len(clips), batch_size):
+        video = to_video(torch.from_numpy(np.ascontiguousarray(clips[start:start + batch_size])))
+        outputs.append(to_frames(decoder(encoder(video)[0])))
+    return torch.cat(outputs)
+
+
+def compare_decoders(vae: AutoencoderKL, decoders: dict[str, nn.Module], clips: np.ndarray) -> dict[str, dict[str, float]]:
+    """Table 3: every decoder on the same held-out clips and the same latents."""
+    encoder = FrozenEncoder(vae)
+    source = torch.from_numpy(clips)
+    return {name: reconstruction_metrics(source, reconstruct(encoder, decoder, clips)) for name, decoder in decoders.items()}
+
+
+def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, output_dir: Path = DECODER, runs: Path = RUNS) -> dict[str, Any]:
+    """Fine-tune the TCM-VAE (and the image decoder beside it), compare them on held-out clips;
+    returns the comparison (also written to output_dir/metrics.json)."""
+    require_pretrained_weights(params, "train_decoder")
+    cfg = params.train_decoder
+    index = pd.read_parquet(clips / "index.parquet")
+    train_rows, held_rows = split_clips(index, cfg.held_out_share, cfg.seed)
+    held_rows = held_rows.iloc[: cfg.eval_clips]
+    held_clips = read_clips(clips, held_rows)
+    encoders = resolved_encoders(latents, params.cache_latents)
+    variants = {"tcm_vae": TCMVAEConfig(cfg.temporal_compensation, cfg.refinement, cfg.refine_channels)}
+    if cfg.compare_image_decoder:
+        variants["image_decoder_finetuned"] = TCMVAEConfig(temporal_compensation=False, refinement=False)
+    flat = flatten({"preset": params.preset, "train_decoder": params_to_dict(params)["train_decoder"]})
+    runs_by_variant, folders = {}, {}
+    for name, variant in variants.items():
+        folders[name] = output_dir if name == "tcm_vae" else output_dir / IMAGE_DECODER
+        recipe = DecoderRecipe(params.preset, cfg, encoders, variant, held_clips[0])
+        result = fit(
+            recipe, cfg, clip_dataset(clips, train_rows, seed=cfg.seed),
+            run_name=resumable_run_name("train_decoder", params.preset, params_to_dict(params)["train_decoder"], clips / "index.parquet", latents / "encoders.json", variant=name), storage=runs, output_dir=folders[name],
+            params={**flat, "variant": name, "train_clips": len(train_rows), "held_out_clips": len(held_rows)}, tags=lineage_tags("train_decoder"),
+        )
+        runs_by_variant[name] = result["mlflow_run_id"]
+
+    vae = load_vae(encoders)
+    decoders = {"image_vae": TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False)).eval()}
+    decoders.update({name: load_decoder(folders[name]) for name in variants})
+    table = compare_decoders(vae, decoders, held_clips)
+    report = {
+        "table": table,
+        "held_out": {"clips": len(held_rows), "videos": int(held_rows["video_id"].nunique()), "share": cfg.held_out_share, "seed": cfg.seed},
+        "steps": cfg.steps,
+        "comparable": params.preset != "smoke" and not cfg.missing_weights and not encoders_random(latents),
+        "mlflow_run_ids": runs_by_variant,
+        "training": {name: history_summary(run_id) for name, run_id in runs_by_variant.items()},
+    }
+    log_comparison(report)
+    write_json(report, output_dir / "metrics.json")
+    return report
+
+
+def encoders_random(latents: Path) -> bool:
+    return bool(json.loads((latents / "encoders.json").read_text()).get("random_init", True))
+
+
+def log_comparison(report: dict[str, Any]) -> None:
+    """Each run gets the held-out figures of every row under heldout/{row}/{metric}; the TCM-VAE's
+    run also keeps the whole table as reconstruction.json."""
+    client = MlflowClient(tracking_uri())
+    metrics = [Metric(f"heldout/{row}/{key}", float(value), 0, report["steps"]) for row, figures in report["table"].items() for key, value in figures.items()]
+    for run_id in report["mlflow_run_ids"].values():
+        client.log_batch(run_id, metrics=metrics)
+    client.log_dict(report["mlflow_run_ids"]["tcm_vae"], report, "reconstruction.json")
+
+
+def main(params: Params) -> None:
+    report = train_decoder(params)
+    write_json(report, RECONSTRUCTION_METRICS)
+    print("train_decoder: held-out reconstruction (Table 3 layout), "
+          f"{report['held_out']['clips']} clips of {report['held_out']['videos']} videos, {report['steps']} steps each:")
+    print(f"  {'decoder':<26}{'PSNR-Y':>9}{'PSNR-YUV':>10}{'SSIM-Y':>8}{'SSIM-YUV':>10}{'flicker':>9}")
+    for row, figures in report["table"].items():
+        print(f"  {row:<26}{figures['psnr_y']:>9.3f}{figures['psnr_yuv']:>10.3f}{figures['ssim_y']:>8.4f}{figures['ssim_yuv']:>10.4f}{figures['flicker']:>9.3f}")

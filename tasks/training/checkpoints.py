@@ -1,0 +1,130 @@
+"""Checkpoints and RNG state: what a worker group writes every `checkpoint_every` steps and reads
+back after a crash, so that a resumed run continues the uninterrupted one exactly.
+
+A checkpoint folder holds model.safetensors (whole weights), ema.safetensors (when kept),
+trainer.pt (AdamW and scheduler state, every rank's RNG states; `torch.load(weights_only=True)`
+reads it), state.json (step and data position) and metrics.json (the per-step metrics it covers
+that MLflow may not have yet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from mlflow.entities import Metric
+from ray.train import Checkpoint
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+)
+
+from tasks.training.weights import ExponentialAverage, full_state_dict, gather_whole
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # the data position within the epoch
+    skipped_steps: int = 0  # non-finite losses so far
+    bad_in_a_row: int = 0
+
+
+def newest_checkpoint(reported: Checkpoint | None, found: str | None) -> Checkpoint | None:
+    """Ray Train's latest checkpoint, or the newest complete one on disk when that is newer."""
+    if not found:
+        return reported
+    if reported:
+        with reported.as_directory() as folder:
+            if json.loads(Path(folder, "state.json").read_text())["step"] >= json.loads(Path(found, "state.json").read_text())["step"]:
+                return reported
+    return Checkpoint.from_directory(found)
+
+
+def latest_complete_checkpoint(run_folder: Path) -> str | None:
+    """The checkpoint folder with the highest step whose files are all present and readable,
+    tried newest first: only the newest are opened, and only their headers."""
+    def step_of(folder: Path) -> int:
+        try:
+            return json.loads((folder / "state.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    for folder in sorted(run_folder.glob("checkpoint_*"), key=step_of, reverse=True):
+        if step_of(folder) < 0:
+            break
+        try:
+            with safe_open(str(folder / "model.safetensors"), framework="pt"):  # checks the header against the file size
+                pass
+            torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)  # reads the zip's directory at the end
+            (folder / "metrics.json").read_text()
+        except Exception:  # a copy cut short by a crash: not a checkpoint
+            continue
+        return str(folder)
+    return None
+
+
+def report_checkpoint(accelerator, model, ema: ExponentialAverage | None, optimizer, scheduler, state: TrainState, world: int, metrics: dict[str, float], pending: list[Metric]) -> None:
+    """Every rank gathers (FSDP) and reports (Ray Train needs all of them); rank 0 writes the folder."""
+    rng = [rng_state()]
+    if world > 1:  # every rank's RNG state, so each resumes its own stream
+        rng = [None] * world
+        torch.distributed.all_gather_object(rng, rng_state())
+    keep = accelerator.is_main_process
+    unwrapped = accelerator.unwrap_model(model)
+    weights = full_state_dict(unwrapped, keep)
+    ema_weights = gather_whole(ema.by_name(), keep) if ema is not None else None  # its parameters only: the rest is in weights
+    # keyed by parameter name and whole on rank 0, whatever the sharding
+    optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if keep:
+            save_file(weights, os.path.join(folder, "model.safetensors"))
+            if ema_weights is not None:
+                save_file(ema_weights, os.path.join(folder, "ema.safetensors"))
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng}, os.path.join(folder, "trainer.pt"))
+            Path(folder, "state.json").write_text(json.dumps(state.__dict__))
+            # the per-step metrics this checkpoint covers and MLflow may not have yet (flushed next)
+            Path(folder, "metrics.json").write_text(json.dumps([[m.key, m.value, m.timestamp, m.step] for m in pending]))
+            checkpoint = Checkpoint.from_directory(folder)
+        ray.train.report({**metrics, "step": state.step}, checkpoint=checkpoint)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, state: TrainState) -> dict[str, Any]:
+    """Whole weights into the (not yet sharded) model; the rest is returned for after `prepare`."""
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    state.__dict__.update(json.loads((folder / "state.json").read_text()))
+    restored = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+    restored["ema"] = load_file(str(folder / "ema.safetensors")) if (folder / "ema.safetensors").exists() else None
+    restored["metrics"] = json.loads((folder / "metrics.json").read_text())
+    return restored
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain containers (so torch.load(weights_only=True) reads them)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]], "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["torch"])
+    kind, keys, position, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss_next = saved["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])

@@ -1,0 +1,248 @@
+"""The training loop: one short loop for every model (UNet, TCM-VAE decoder, ControlNet).
+
+Ray Train's `TorchTrainer` runs `train_loop` on each worker (launch.py starts it); inside, an
+`accelerate.Accelerator` does device placement, data parallelism over Ray's gloo/NCCL process
+group (`strategy`: DDP, or FSDP2 sharding weights, gradients and optimizer state) and bf16
+autocast on GPU (fp32 on CPU). Each worker reads its own shard of the dataset
+(`get_dataset_shard`). What is specific to a model lives in a `Recipe` (unet.py, decoder.py,
+controlnet.py): how to build it, its loss for a batch, what to do after each optimizer step, how
+to export it and how to draw samples.
+
+Beside this file: weights.py gathers whole weights under FSDP and keeps the EMA; checkpoints.py
+writes and restores checkpoints and RNG state every `checkpoint_every` steps, so a killed worker
+group (Ray Train's `FailureConfig`) or a rerun with the same run name resumes exactly; tracking.py
+logs rank 0's per-step metrics to MLflow, flushed right after each checkpoint is reported, so a
+resumed run never logs a step twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray
+import ray.train
+import torch
+from ray import cloudpickle
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    set_optimizer_state_dict,
+)
+
+from tasks.training.checkpoints import (
+    TrainState,
+    latest_complete_checkpoint,
+    load_checkpoint,
+    newest_checkpoint,
+    report_checkpoint,
+    restore_rng,
+)
+from tasks.training.tracking import MetricBuffer, group_metrics
+from tasks.training.weights import ExponentialAverage, inference_copy, whole
+
+
+class Recipe(Protocol):
+    """What the engine needs to know about one model. Must pickle (it travels to the workers)."""
+
+    # True when some steps leave parameters out of the graph (the UNet's image steps skip its
+    # temporal layers); DDP must then look for unused parameters each step
+    skips_parameters: bool
+
+    # class names of the blocks FSDP shards as one unit each (their weights are gathered for their
+    # own forward and backward only); what lies outside them forms the root unit
+    fsdp_blocks: tuple[str, ...]
+
+    def build(self) -> nn.Module: ...
+
+    # the loss to minimise, or a dict with it under "loss" and detached parts to log beside it
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator) -> torch.Tensor | dict[str, torch.Tensor]: ...
+
+    # named groups of trainable parameters; each is clipped on its own (a GAN's discriminator must
+    # not eat the generator's share of the clipping budget), all in one AdamW
+    def parameter_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]: ...
+
+    def after_optimizer_step(self, model: nn.Module) -> None: ...
+
+    def export(self, model: nn.Module, folder: Path) -> None: ...
+
+    def samples(self, model: nn.Module, step: int, folder: Path) -> list[Path]: ...
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where a run lives and what it reports to (everything here is plain data for the workers)."""
+
+    train: Any  # a training params section: steps, batch_size, lr, checkpoint_every, num_workers, use_gpu, ...
+    output_dir: str  # absolute: the exported model
+    tracking_uri: str
+    mlflow_run_id: str
+
+
+def train_loop(train_loop_config: dict[str, bytes]) -> None:
+    """Runs on every Ray Train worker."""
+    config = cloudpickle.loads(train_loop_config["pickled"])
+    recipe: Recipe = config["recipe"]
+    setup: Setup = config["setup"]
+    cfg = setup.train
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    if not cfg.use_gpu:
+        torch.set_num_threads(config["threads_per_worker"])
+    accelerator = make_accelerator(cfg, recipe)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = recipe.build()
+    # frozen parts (an encoder, LPIPS) are in no group
+    optimizer = torch.optim.AdamW([{"params": params} for params in recipe.parameter_groups(model).values()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # linear warmup, then constant (the paper's schedule); stepped by us once per optimizer step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
+    state = TrainState()
+    # Ray's latest checkpoint, or a newer complete one on disk: a checkpoint persisted just before a
+    # crash (of the driver, or of this worker group) may never have reached Ray's records; checked
+    # on every (re)start of the group (its metrics are recovered below, whether flushed or not)
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), latest_complete_checkpoint(Path(config["run_folder"])))
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            restored = load_checkpoint(Path(folder), model, state)  # whole weights, before sharding
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP replaced the parameters by sharded ones: the groups (clipped apart) are taken again
+    groups = recipe.parameter_groups(accelerator.unwrap_model(model))
+    ema = ExponentialAverage(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay else None
+    if checkpoint:
+        # not strict: AdamW has no state yet for parameters no step has reached (an unused adapter)
+        set_optimizer_state_dict(model, optimizer.optimizer, restored["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False))
+        scheduler.load_state_dict(restored["scheduler"])
+        if ema is not None and restored["ema"] is not None:
+            ema.load_full(restored["ema"])
+        restore_rng(restored["rng"][min(rank, len(restored["rng"]) - 1)])
+
+    batches = iterate_batches(ray.train.get_dataset_shard("train"), cfg, state, rank, accelerator.device)
+    logger = MetricBuffer(setup) if accelerator.is_main_process else None
+    if logger and checkpoint:  # the resumed checkpoint's steps, if the crash came before their flush
+        logger.recover(restored["metrics"])
+    while state.step < cfg.steps:
+        started = time.perf_counter()
+        waited, losses, parts = 0.0, [], {}
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.grad_accum):
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - wait_start
+            # one generator per (seed, rank, step, micro): noise and timesteps are reproducible after a resume
+            generator = torch.Generator(accelerator.device).manual_seed(hash_seed(cfg.seed, rank, state.step, micro))
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss = recipe.loss(model, batch, state.step, generator)
+            if isinstance(loss, dict):  # rank 0 logs its own parts (averaged over micro-steps)
+                for name, value in loss.items():
+                    if name != "loss":
+                        parts[f"loss/{name}"] = parts.get(f"loss/{name}", 0.0) + float(value) / cfg.grad_accum
+                loss = loss["loss"]
+            loss = loss / cfg.grad_accum
+            if not all_finite(accelerator, loss):  # every rank takes the same branch
+                break
+            accelerator.backward(loss)
+            losses.append(loss.detach() * cfg.grad_accum)
+        if len(losses) < cfg.grad_accum:
+            state.skipped_steps += 1
+            state.bad_in_a_row += 1
+            if state.bad_in_a_row > cfg.max_bad_steps:
+                raise FloatingPointError(f"{state.bad_in_a_row} non-finite losses in a row at step {state.step}: lower the learning rate or check the data (max_bad_steps={cfg.max_bad_steps})")
+            continue
+        state.bad_in_a_row = 0
+        grad_norms = {name: float(whole(accelerator.clip_grad_norm_(params, cfg.grad_clip))) for name, params in groups.items()}
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        recipe.after_optimizer_step(accelerator.unwrap_model(model))
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
+
+        loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        seconds = time.perf_counter() - started
+        if logger:
+            logger.add(state.step, {
+                "loss": loss_mean, "lr": scheduler.get_last_lr()[0], **group_metrics("grad_norm", grad_norms),
+                "samples_per_s": cfg.batch_size * cfg.grad_accum * world / seconds,
+                "data_wait_share": waited / seconds, "skipped_steps": state.skipped_steps, **parts,
+            })
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            report_checkpoint(accelerator, model, ema, optimizer, scheduler, state, world, {"loss": loss_mean}, logger.pending if logger else [])
+            if logger:
+                logger.flush()
+        if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < cfg.steps:
+            log_samples(logger, recipe, inference_copy(accelerator, recipe, model, ema), state.step)
+    # the final samples and export; also when a resumed run finds its last checkpoint already
+    # final (a crash before the export)
+    plain = inference_copy(accelerator, recipe, model, ema)
+    log_samples(logger, recipe, plain, state.step)
+    if accelerator.is_main_process:
+        recipe.export(plain, Path(setup.output_dir))
+
+
+def log_samples(logger: MetricBuffer | None, recipe: Recipe, plain: nn.Module | None, step: int) -> None:
+    """Rank 0 draws the recipe's samples from the plain copy and logs them as MLflow artifacts."""
+    if logger is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for path in recipe.samples(plain, step, Path(folder)):
+            logger.client.log_artifact(logger.run_id, str(path), artifact_path=f"samples/step_{step:07d}")
+
+
+def make_accelerator(cfg, recipe: Recipe):
+    """DDP or FSDP2 (`cfg.strategy`) over Ray's process group; bf16 autocast on GPU, fp32 on CPU."""
+    from accelerate import (
+        Accelerator,
+        DistributedDataParallelKwargs,
+        FullyShardedDataParallelPlugin,
+    )
+    from accelerate.utils import DistributedType
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=recipe.skips_parameters)
+    fsdp = None
+    if cfg.strategy == "fsdp":
+        fsdp = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(recipe.fsdp_blocks))
+    accelerator = Accelerator(cpu=not cfg.use_gpu, mixed_precision="bf16" if cfg.use_gpu else "no", fsdp_plugin=fsdp, kwargs_handlers=[ddp])
+    if fsdp is not None and accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP:
+        # Accelerate switches FSDP on for accelerators only, while torch's FSDP2 shards over gloo on
+        # CPU too (how the tests run this path on 2 CPU workers); one worker has nothing to shard
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = fsdp
+    return accelerator
+
+
+def iterate_batches(shard, cfg, state: TrainState, rank: int, device: torch.device):
+    """Endless batches from this worker's shard, epoch after epoch, each epoch reshuffled with its
+    own seed; after a resume the batches of the interrupted epoch already consumed are skipped."""
+    while True:
+        seen = 0
+        iterator = shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, device=device,
+            local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=hash_seed(cfg.seed, rank, state.epoch),
+        )
+        for index, batch in enumerate(iterator):
+            seen += 1
+            if index < state.batches_in_epoch:
+                continue
+            state.batches_in_epoch = index + 1
+            yield batch
+        if seen == 0:
+            raise ValueError(f"a worker's data shard has fewer than batch_size={cfg.batch_size} rows: lower batch_size or num_workers, or cache more clips")
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def hash_seed(*parts: int) -> int:
+    return random.Random("/".join(map(str, parts))).getrandbits(62)
+
+
+def all_finite(accelerator, loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    return bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
+
+

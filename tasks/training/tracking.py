@@ -1,0 +1,112 @@
+"""MLflow for training runs: the driver creates (or, after a crash, reuses) the run and records
+where the checkpoint and weights files are; rank 0 buffers per-step metrics and flushes them
+right after each checkpoint is reported, so a resumed run never logs a step twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow.exceptions
+import numpy as np
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from model.weights import file_digest, file_sha256
+from tasks.operations.lineage import experiment_id, tracking_uri
+
+if TYPE_CHECKING:  # type hints only: the engine imports this module
+    from tasks.training.engine import Setup
+
+
+def group_metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    """{'decoder': 1.0, 'discriminator': 2.0} -> grad_norm (the first group's), grad_norm/discriminator."""
+    names = list(values)
+    return {prefix if name == names[0] else f"{prefix}/{name}": value for name, value in values.items()}
+
+
+class MetricBuffer:
+    """Rank 0's per-step metrics: held until the checkpoint that covers them is reported."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.client = MlflowClient(setup.tracking_uri)
+        self.run_id = setup.mlflow_run_id
+        self.pending: list[Metric] = []
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        for key, value in values.items():
+            self.pending.append(Metric(key, float(value), now, step))
+
+    def recover(self, saved: list[list]) -> None:
+        """Log a resumed checkpoint's metrics that MLflow lacks: the crash may have come after the
+        checkpoint was persisted but before its flush. Exactly once either way."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
+        self.pending = [Metric(key, value, timestamp, step) for key, value, timestamp, step in saved if step not in logged]
+        self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=self.pending[start:start + 1000])
+        self.pending = []
+
+
+def history_summary(run_id: str) -> dict[str, float]:
+    """From the run's whole MLflow history (all attempts): first and last 10% loss averages and
+    the mean throughput figures (step 1, which pays the warm-up, left out)."""
+    client = MlflowClient(tracking_uri())
+
+    def values(key: str) -> list[float]:
+        return [metric.value for metric in sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.step)]
+
+    losses = values("loss")
+    out: dict[str, float] = {}
+    if losses:
+        tenth = max(1, len(losses) // 10)
+        out.update(loss_first_10pct=float(np.mean(losses[:tenth])), loss_last_10pct=float(np.mean(losses[-tenth:])), logged_steps=len(losses))
+    for key in ("samples_per_s", "data_wait_share"):
+        series = values(key)
+        if series:
+            out[f"mean_{key}"] = float(np.mean(series[1:] or series))
+    skipped = values("skipped_steps")
+    out["skipped_steps"] = int(skipped[-1]) if skipped else 0
+    return out
+
+
+def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """The MLflow run of this training run: reused when `marker` holds its id (a resumed run)."""
+    client = MlflowClient(uri)
+    if marker.exists():
+        run_id = marker.read_text().strip()
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except mlflow.exceptions.MlflowException:  # the run lived in another tracking store: start a new one
+            pass
+    run = client.create_run(experiment_id(client, uri), run_name=run_name, tags=tags)
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):  # MLflow's params-per-batch limit
+        client.log_batch(run.info.run_id, params=[Param(key, str(value)[:6000]) for key, value in items[start:start + 100]])
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def record_files(client: MlflowClient, run_id: str, name: str, folder: Path, pattern: str = "*") -> None:
+    """Tags `{name}.path` and `{name}.sha256.{file}` for the files in `folder` matching `pattern`:
+    MLflow records where the large files are and what they hold; the files stay on disk and in DVC."""
+    files = sorted(path for path in folder.glob(pattern) if path.is_file())
+    tags = {f"{name}.path": str(folder), **{f"{name}.sha256.{path.name}": file_sha256(path) for path in files}}
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
+def resumable_run_name(stage: str, preset: str, section: dict[str, Any], *inputs: Path, variant: str = "") -> str:
+    """{stage}[-{variant}]-{preset}-{digest of the stage's params section and its input files}:
+    rerunning after a crash resumes the same run; changed params or data start a new one (a run
+    never resumes someone else's weights)."""
+    digest = hashlib.sha256(json.dumps(section, sort_keys=True).encode())
+    digest.update(file_digest(*inputs).encode())
+    return "-".join(part for part in (stage, variant, preset, digest.hexdigest()[:10]) if part)

@@ -1,0 +1,102 @@
+"""What one step of the paper's stage 1 is (section 2, Table 4), for the training engine: the
+v-prediction loss at a uniform timestep with text dropout, seeded single-frame image steps (joint
+image-video training), the experts pulled together after every optimizer step (eq. 7-8), samples
+decoded with the cache's VAE, and the merged-expert export (section 2.2)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.diffusion import Schedule, ddim_sample, drop_text, v_loss
+from model.moe_attention import average_experts, merge_experts
+from model.presets import get_preset
+from model.unet import VersVideoUNet
+from tasks.config.params import CacheLatentsParams, TrainUnetParams
+from tasks.storage.atomic import save_safetensors, write_json
+from tasks.storage.previews import PREVIEW_FPS, write_preview
+
+
+@dataclass
+class UNetRecipe:
+    preset: str
+    cfg: TrainUnetParams
+    null_context: np.ndarray  # (77, width) float16: the empty prompt
+    sample_captions: list[str]
+    encoders: CacheLatentsParams  # to decode samples with the cache's VAE
+    clip_shape: tuple[int, int, int]  # (frames, height, width) of the training clips: samples and the export's config
+
+    fsdp_blocks = ("ResBlock", "SpatialTemporalTransformer")  # a MEC residual block; a spatial or temporal transformer with its MoE
+
+    @property
+    def skips_parameters(self) -> bool:
+        return self.cfg.image_share > 0  # image steps (t = 1) leave the temporal layers out
+
+    def build(self) -> nn.Module:
+        unet = dataclasses.replace(get_preset(self.preset).unet, gradient_checkpointing=self.cfg.gradient_checkpointing)
+        return VersVideoUNet(unet)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator) -> torch.Tensor:
+        x0 = batch["latents"].float().permute(0, 2, 1, 3, 4)  # cache (b, t, c, h, w) -> (b, c, t, h, w)
+        if self.image_step(step):  # one random frame per clip: an image batch (t = 1)
+            frame = torch.randint(0, x0.shape[2], (x0.shape[0],), generator=generator, device=x0.device)
+            x0 = x0[torch.arange(x0.shape[0], device=x0.device), :, frame][:, :, None]
+        null = torch.from_numpy(self.null_context.astype(np.float32)).to(x0.device)
+        context = drop_text(batch["context"].float(), null, self.cfg.text_dropout, generator)
+        return v_loss(model, Schedule(get_preset(self.preset).diffusion), x0, context, generator)
+
+    def image_step(self, step: int) -> bool:
+        """Seeded by (seed, step) alone, so every worker trains the same kind of step (FSDP needs
+        every rank to use the same parameters: an image step leaves the temporal layers out)."""
+        return random.Random(f"{self.cfg.seed}/image/{step}").random() < self.cfg.image_share
+
+    def parameter_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return {"unet": list(model.parameters())}
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        average_experts(model, self.cfg.expert_exchange_rate)  # eq. 7-8
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Merged-expert inference weights (FFN_S = mean of the experts, section 2.2) + config."""
+        merged = merge_experts(copy.deepcopy(model).cpu().eval())
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors({name: tensor.contiguous() for name, tensor in merged.state_dict().items()}, folder / "model.safetensors")
+        frames, height, width = self.clip_shape
+        write_json({"preset": self.preset, "unet": dataclasses.asdict(merged.config), "merged_experts": True,
+                    "clip": {"frames": frames, "height": height, "width": width}}, folder / "config.json")
+
+    @torch.no_grad()
+    def samples(self, model: nn.Module, step: int, folder: Path) -> list[Path]:
+        """DDIM samples for the first captions, decoded with the cache's VAE: MP4 + GIF each."""
+        # imported here, on the one rank that samples: the encoders' libraries (diffusers,
+        # open_clip) took 8 s of every training worker's start on 2 cores
+        from model.image_vae import decode_latents, pixels_to_frames
+        from tasks.inference.encoders import encode_captions, load_text, load_vae
+
+        preset = get_preset(self.preset)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        text, tokenizer = load_text(self.encoders)
+        captions = self.sample_captions[: self.cfg.sample_count]
+        context = torch.from_numpy(encode_captions(text, tokenizer, captions).astype(np.float32)).to(device)
+        null = torch.from_numpy(self.null_context.astype(np.float32)).to(device)
+        frames, height, width = self.clip_shape[0], self.clip_shape[1] // 8, self.clip_shape[2] // 8
+        channels = preset.unet.in_channels
+        noise = torch.randn((len(captions), channels, frames, height, width), generator=torch.Generator().manual_seed(self.cfg.seed)).to(device)
+        latents = ddim_sample(model, Schedule(preset.diffusion), noise, context, null, steps=self.cfg.sample_steps, guidance_scale=preset.diffusion.guidance_scale)
+        model.train(was_training)
+        vae = load_vae(self.encoders)
+        paths = []
+        for k, (clip, caption) in enumerate(zip(latents.float().cpu(), captions)):
+            video = pixels_to_frames(decode_latents(vae, clip.permute(1, 0, 2, 3), micro_batch=16))  # (t, h, w, 3)
+            stem = f"sample{k}_" + "_".join(caption.split()[:6])
+            paths += write_preview(video, folder, stem, PREVIEW_FPS)
+        return paths
