@@ -14,18 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.caption_probe import DIRECTIONS, SHAPES
+from eval.caption_probe import (
+    PALETTE as COLORS,  # the world the caption probe reads back
+)
 from tasks.storage.previews import write_mp4
 
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (40, 80, 230),
-    "yellow": (235, 215, 40),
-    "white": (245, 245, 245),
-    "purple": (150, 60, 200),
-}
-SHAPES = ("circle", "square", "triangle")
-DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 TEXTURES = ("striped", "checkered", "dotted", "gradient")
 
 # Which rows are deliberately bad (index modulo the period).
