@@ -85,7 +85,9 @@ def render(
         frame = background[pan : pan + height, pan : pan + width].astype(np.uint8).copy()
         draw_shape(frame, s["shape"], COLORS[s["color"]], cy, cx, s["size"])
         frames[t] = frame
-    s = scenes[0]
+    # The caption tells the longer scene: the filter keeps a cut video's longest clean segment,
+    # and a caption of the other scene would train (and probe) the wrong colour and direction.
+    s = scenes[1] if cut_at is not None and num_frames - cut_at > cut_at else scenes[0]
     motion = "stays still" if static else f"moves {s['direction']}"
     return frames, f"a {s['color']} {s['shape']} {motion} on a {s['texture']} background"
 
