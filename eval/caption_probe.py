@@ -34,6 +34,7 @@ PALETTE = {
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per step
+TEXTURES = ("striped", "checkered", "dotted", "gradient")  # the dim backgrounds the captions name
 STATIC = "static"  # what a caption's "stays still" reads as
 CHANCE = {"color": 1 / len(PALETTE), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS)}
 

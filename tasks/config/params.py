@@ -296,12 +296,13 @@ class TrainControlnetParams(TrainingParams):
         return [f"train_controlnet.{key}" for key, used in needed.items() if used and not getattr(self, key)]
 
 
-PROTOCOLS = ("heldout", "ucf101", "msrvtt")
+PROTOCOLS = ("heldout", "captions", "ucf101", "msrvtt")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    protocols: str = "heldout"  # comma-separated: heldout (the data's held-out videos), ucf101, msrvtt
+    protocols: str = "heldout,captions"  # comma-separated: heldout (the data's held-out videos), captions (prompt following, demo world), ucf101, msrvtt
+    caption_prompts: int = 24  # captions protocol: at most this many training captions and as many unseen combinations (seeded)
     num_videos: int = 16  # generated videos per protocol (heldout, ucf101); L/H: 2048 (StyleGAN-V's fvd2048)
     max_real: int = 2048  # real videos behind the FVD statistics (a seeded subset when there are more)
     steps: int = 20  # DDIM steps; L/H: 30 (Table 4)
@@ -330,7 +331,7 @@ class EvaluateParams:
             _check_choice("evaluate.protocols", name, PROTOCOLS)
         if not self.protocol_list:
             raise ParamsError(f"evaluate.protocols: empty; choose from {', '.join(PROTOCOLS)}")
-        for key in ("max_real", "steps", "fvd_frames", "is_splits", "batch_size", "num_workers"):
+        for key in ("max_real", "steps", "fvd_frames", "is_splits", "batch_size", "num_workers", "caption_prompts"):
             _check_positive(f"evaluate.{key}", getattr(self, key))
         for key in ("num_videos", "msrvtt_num_videos", "sample_count"):
             if getattr(self, key) < 0:

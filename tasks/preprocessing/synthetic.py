@@ -14,13 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.caption_probe import DIRECTIONS, SHAPES
-from eval.caption_probe import (
-    PALETTE as COLORS,  # the world the caption probe reads back
-)
+from eval.caption_probe import DIRECTIONS, SHAPES, TEXTURES
+from eval.caption_probe import PALETTE as COLORS  # the world the caption probe reads back
 from tasks.storage.previews import write_mp4
-
-TEXTURES = ("striped", "checkered", "dotted", "gradient")
 
 # Which rows are deliberately bad (index modulo the period).
 STATIC_EVERY, CUT_EVERY = 16, 16

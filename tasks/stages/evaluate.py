@@ -11,8 +11,12 @@ score generated and real videos alike; the driver reduces the per-video outputs 
 
 Protocols:
     heldout  the videos train_unet held out (train_unet.held_out_share, seeded by video id): their
-             captions are the prompts (cycled to num_videos), their clips the real set. The default
-             data's only protocol, with random feature networks, so `comparable: false`.
+             captions are the prompts (cycled to num_videos), their clips the real set. With the
+             smoke preset's random feature networks its numbers carry `comparable: false`.
+    captions prompt following on the demo world (eval/caption_probe.py): one video per prompt for
+             training captions and for colour/shape/direction combinations no training video has;
+             the share whose probed colour, shape and direction match the prompt, beside chance and
+             beside the probe's agreement with the held-out real clips' captions.
     ucf101   prompts from class names (classes in turn), real set = testlist0N videos.
     msrvtt   one seeded caption per test video as the prompt (all 2990 when msrvtt_num_videos = 0,
              or the 1k-A split's 1000), real set = those videos.
@@ -30,6 +34,7 @@ and consistency, generated vs real) and an MLflow run with the same figures and 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import tempfile
@@ -45,47 +50,15 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from eval.clip_metrics import (
-    build_tiny_clip,
-    frame_embeddings,
-    successive_similarity,
-    text_embeddings,
-    text_frame_similarity,
-)
-from eval.datasets import (
-    class_prompt,
-    read_msrvtt_1ka,
-    read_msrvtt_test,
-    read_ucf101_split,
-)
+from eval.caption_probe import CHANCE, DIRECTIONS, PALETTE, SHAPES, TEXTURES, ProbeResult, agreement, parse_caption, probe
+from eval.clip_metrics import build_tiny_clip, frame_embeddings, successive_similarity, text_embeddings, text_frame_similarity
+from eval.datasets import class_prompt, read_msrvtt_1ka, read_msrvtt_test, read_ucf101_split
 from eval.frechet import FeatureStats, stats_distance
 from eval.inception import inception_score
-from eval.video_features import (
-    I3D_FEATURES,
-    UCF101_CLASSES,
-    fvd_network,
-    fvd_weights_id,
-    is_network,
-    is_weights_id,
-)
+from eval.video_features import I3D_FEATURES, UCF101_CLASSES, fvd_network, fvd_weights_id, is_network, is_weights_id
 from model.weights import file_digest
-from tasks.config.params import (
-    CacheLatentsParams,
-    EvaluateParams,
-    Params,
-    flatten,
-    params_to_dict,
-    require_pretrained_weights,
-)
-from tasks.config.paths import (
-    CLIPS,
-    DECODER,
-    EVAL_METRICS,
-    EVAL_STATS,
-    LATENTS,
-    PLOTS,
-    UNET,
-)
+from tasks.config.params import CacheLatentsParams, EvaluateParams, Params, flatten, params_to_dict, require_pretrained_weights
+from tasks.config.paths import CLIPS, DECODER, EVAL_METRICS, EVAL_STATS, LATENTS, PLOTS, UNET
 from tasks.inference.clip_score import load_clip
 from tasks.inference.encoders import resolved_encoders
 from tasks.inference.generation import VideoGenerator, read_video_clip
@@ -108,6 +81,7 @@ class Protocol:
     prompts: list[str]  # one per generated video
     real: pd.DataFrame  # path, shard_row (-1: a video file), caption
     details: dict[str, Any] = field(default_factory=dict)  # protocol facts to record (e.g. the prompt template)
+    groups: list[str] = field(default_factory=list)  # captions: each prompt's group (training, unseen)
 
 
 @dataclass(frozen=True)
@@ -185,6 +159,7 @@ def score_rows(scorer: VideoScorer, batch: pd.DataFrame, videos: np.ndarray | No
     shapes = {"fvd_features": (I3D_FEATURES,), "is_probabilities": (UCF101_CLASSES,), "clipsim_frames": (frames,), "consistency_pairs": (frames - 1,)}
     columns: dict[str, list] = {name: list(np.full((len(batch), *shape), np.nan)) for name, shape in shapes.items()}
     columns["preview"] = [b""] * len(batch)  # raw uint8 bytes of the sample videos; the driver writes MP4/GIF
+    columns["probe"] = [""] * len(batch)  # captions protocol: the probed [colour, shape, direction] as JSON
     if videos is not None:
         tensor = torch.from_numpy(videos).permute(0, 4, 1, 2, 3)  # (b, t, h, w, 3) -> uint8 (b, 3, t, h, w)
         embedded = frame_embeddings(scorer.clip, videos)
@@ -200,6 +175,9 @@ def score_rows(scorer: VideoScorer, batch: pd.DataFrame, videos: np.ndarray | No
                 columns[name][positions[label]] = values[k].astype(np.float64)
             if batch.at[label, "kind"] == "generated" and batch.at[label, "index"] < scorer.settings.cfg.sample_count:
                 columns["preview"][positions[label]] = videos[k].tobytes()
+            if batch.at[label, "protocol"] == "captions":
+                found = probe(videos[k])
+                columns["probe"][positions[label]] = json.dumps([found.color, found.shape, found.direction])
     for name, values in columns.items():
         out[name] = values
     return out
@@ -231,6 +209,47 @@ def heldout_protocol(params: Params, clips: Path) -> Protocol:
     })
     split = f"train_unet held out (share {share}, seed {params.train_unet.seed}): {held['video_id'].nunique()} videos, {len(held)} clips"
     return Protocol("heldout", "clips", split, [captions[k % len(captions)] for k in range(count)], real)
+
+
+def captions_protocol(params: Params, clips: Path) -> Protocol:
+    """Prompt following on the demo world: up to `caption_prompts` training captions (of videos
+    train_unet trained on) and as many colour/shape/direction combinations that no training video
+    has, each on a seeded texture; the real set is heldout's (the probe's baseline)."""
+    cfg = params.evaluate
+    heldout = heldout_protocol(params, clips)
+    index = pd.read_parquet(clips / "index.parquet")
+    training, _ = split_clips(index, params.train_unet.held_out_share, params.train_unet.seed)
+    try:
+        seen = sorted(set(training["caption"].astype(str)))
+        combinations = {tuple(parse_caption(caption).values()) for caption in seen}
+    except ValueError as error:
+        raise ValueError(f"evaluate.protocols: 'captions' needs the demo world's captions (prepare.source: synthetic): {error}") from None
+    rng = np.random.default_rng(cfg.seed)
+    unseen = [f"a {color} {shape} moves {direction} on a {TEXTURES[rng.integers(len(TEXTURES))]} background"
+              for color, shape, direction in itertools.product(PALETTE, SHAPES, DIRECTIONS) if (color, shape, direction) not in combinations]
+    pick = lambda items: [items[k] for k in sorted(rng.choice(len(items), min(cfg.caption_prompts, len(items)), replace=False))]  # noqa: E731
+    trained, novel = pick(seen), pick(unseen)
+    return Protocol("captions", heldout.dataset, heldout.split, trained + novel, heldout.real,
+                    {"training_captions": len(seen), "unseen_combinations": len(unseen)}, ["training"] * len(trained) + ["unseen"] * len(novel))
+
+
+def caption_following(protocol: Protocol, probed: list[list[str | None]], real: pd.DataFrame) -> dict[str, Any]:
+    """Per group, the share of generated videos whose probed colour, shape and direction match
+    the prompt's (eval/caption_probe.py), with chance; and the probe's agreement with the real
+    clips' own captions, the ceiling of what it can confirm."""
+    results = [ProbeResult(color, shape, direction, np.empty((0, 2)), 0) for color, shape, direction in probed]
+    figures: dict[str, Any] = {}
+    for group in ("training", "unseen"):
+        members = [k for k, name in enumerate(protocol.groups) if name == group]
+        if members:
+            scores = agreement([results[k] for k in members], [protocol.prompts[k] for k in members])
+            figures.update({f"{key}_accuracy_{group}": round(scores[key], 4) for key in ("color", "shape", "direction")})
+            figures[f"videos_{group}"] = len(members)
+    clips = [read_real(row.path, int(row.shard_row), None) for row in real.itertuples()]
+    scores = agreement([probe(clip) for clip in clips], real["prompt"].tolist())
+    figures.update({f"{key}_accuracy_real_clips": round(scores[key], 4) for key in ("color", "shape", "direction")})
+    figures.update({f"{key}_chance": round(CHANCE[key], 4) for key in ("color", "shape", "direction")})
+    return figures
 
 
 def ucf101_protocol(params: Params) -> Protocol:
@@ -340,7 +359,8 @@ def score(protocols: list[Protocol], s: Settings, ids: dict[str, str], samples: 
             real = reduce_rows(mine[mine["kind"] == "real"])
             if real["fvd"].count >= 2:
                 save_real_stats(stats_path(keys[protocol.name]), real, keys[protocol.name])
-        results[protocol.name] = {"generated": generated, "real": real, "real_cached": cached[protocol.name] is not None}
+        probed = [json.loads(text) for text in mine[mine["kind"] == "generated"].sort_values("index")["probe"]] if protocol.name == "captions" else []
+        results[protocol.name] = {"generated": generated, "real": real, "real_cached": cached[protocol.name] is not None, "probed": probed}
     return results
 
 
@@ -359,6 +379,7 @@ def protocol_metrics(protocol: Protocol, result: dict[str, Any], s: Settings, id
         "frame_consistency": round(float(generated["consistency_pairs"].mean()), 5),
         "real_clipsim": round(float(real["clipsim_frames"].mean()), 5),
         "real_frame_consistency": round(float(real["consistency_pairs"].mean()), 5),
+        **(caption_following(protocol, result["probed"], protocol.real) if protocol.name == "captions" else {}),
         "comparable": comparable,
         "protocol": {
             "generated_videos": len(protocol.prompts), "real_videos": int(real["fvd"].count), "real_skipped": int(real["skipped"]),
@@ -411,7 +432,7 @@ def evaluate(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet:
     cfg = params.evaluate
     frames, height, width, fps = params.decode.frames, params.decode.height, params.decode.width, params.decode.fps
     check_inputs(params, frames)
-    builders = {"heldout": lambda: heldout_protocol(params, clips), "ucf101": lambda: ucf101_protocol(params), "msrvtt": lambda: msrvtt_protocol(params)}
+    builders = {"heldout": lambda: heldout_protocol(params, clips), "captions": lambda: captions_protocol(params, clips), "ucf101": lambda: ucf101_protocol(params), "msrvtt": lambda: msrvtt_protocol(params)}
     protocols = [builders[name]() for name in cfg.protocol_list]
     encoders_random = bool(load_encoders_info(latents).get("random_init", True))
     comparable = not (cfg.missing_weights or encoders_random or params.preset == "smoke")

@@ -10,16 +10,12 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.config.params import (
-    CacheLatentsParams,
-    EvaluateParams,
-    Params,
-    TrainUnetParams,
-)
+from tasks.config.params import CacheLatentsParams, EvaluateParams, Params, TrainUnetParams
 from tasks.inference.encoders import encode_captions, load_text
 from tasks.inference.generation import VideoGenerator
 from tasks.inference.models import load_unet
 from tasks.stages.evaluate import evaluate
+from tasks.storage.clip_shards import held_out_videos
 from tests.conftest import FIXTURE_SOURCES, write_fixture_clips, write_tiny_models
 
 SOURCES = FIXTURE_SOURCES
@@ -129,3 +125,52 @@ def test_the_exported_unet_loads_back_with_merged_experts(project):
     assert preset == "smoke" and not any(p.requires_grad for p in unet.parameters())
     with pytest.raises(FileNotFoundError, match="run the train_unet stage first"):
         load_unet(project / "nowhere")
+
+
+def world_clips(clips_dir, videos: int = 6) -> list[str]:
+    """A clip folder of the demo world: `videos` drawn videos (2 clips each, 8 x 64 x 64) whose
+    captions say which coloured shape moves which way; returns the captions."""
+    from tasks.preprocessing.synthetic import render
+
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    rows, clips, captions = [], [], []
+    for v in range(videos):
+        frames, caption = render(64, 64, 16, np.random.default_rng([7, v]), static=False, cut_at=None)
+        captions.append(caption)
+        for k in range(2):
+            rows.append({"clip_id": f"w{v}-{k}", "video_id": f"w{v}", "shard": 0, "shard_row": len(clips), "caption": caption})
+            clips.append(frames[8 * k : 8 * k + 8])
+    np.save(clips_dir / "clips-00000.npy", np.stack(clips))
+    pd.DataFrame(rows).to_parquet(clips_dir / "index.parquet")
+    return captions
+
+
+def test_captions_protocol_scores_prompt_following_beside_chance_and_the_real_clips(tmp_path, monkeypatch, ray_session):
+    """Training captions and unseen combinations, each probed on its generated video; the probe
+    reads the real held-out clips' captions back (drawn clips: all of them)."""
+    root = tmp_path
+    captions = world_clips(root / "data" / "clips")
+    latents_dir = root / "data" / "latents"
+    latents_dir.mkdir(parents=True)
+    (latents_dir / "encoders.json").write_text(json.dumps({"image_vae": {"weights": ""}, "random_init": True}))
+    text, tokenizer = load_text(CacheLatentsParams())
+    np.save(latents_dir / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
+    write_tiny_models(root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+
+    params = Params(evaluate=EvaluateParams(protocols="captions", caption_prompts=3, steps=2, batch_size=3, sample_count=1, num_workers=1),
+                    train_unet=TrainUnetParams(held_out_share=0.34))
+    figures = evaluate(params)["protocols"]["captions"]
+    assert figures["videos_training"] == 3 and figures["videos_unseen"] == 3 and figures["protocol"]["generated_videos"] == 6
+    held = held_out_videos(pd.read_parquet(root / "data" / "clips" / "index.parquet"), 0.34, 0)
+    trained = {caption.split(" on ")[0] for v, caption in enumerate(captions) if f"w{v}" not in held}
+    assert figures["protocol"]["unseen_combinations"] == 72 - len(trained)  # colour x shape x direction, less the trained ones
+    assert (figures["color_chance"], figures["shape_chance"], figures["direction_chance"]) == (round(1 / 6, 4), round(1 / 3, 4), 0.25)
+    assert figures["color_accuracy_real_clips"] == figures["direction_accuracy_real_clips"] == 1.0
+    for key in ("color", "shape", "direction"):
+        for group in ("training", "unseen"):
+            assert 0.0 <= figures[f"{key}_accuracy_{group}"] <= 1.0
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("versvideo").experiment_id])[0]
+    assert run.data.metrics["captions/direction_accuracy_unseen"] == figures["direction_accuracy_unseen"]

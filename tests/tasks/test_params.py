@@ -51,7 +51,7 @@ def test_explicit_values_and_overrides_beat_the_preset(tmp_path):
         ("filter:\n  scene_cut_policy: ignore\n", "filter.scene_cut_policy: 'ignore' is not one of"),
         ("decode:\n  height: 60\n", "must be multiples of 8"),
         ("filter:\n  clip_min_score: 0.2\n", "filter.clip_weights: required"),
-        ("evaluate:\n  protocols: heldout,kinetics\n", "evaluate.protocols: 'kinetics' is not one of heldout, ucf101, msrvtt"),
+        ("evaluate:\n  protocols: heldout,kinetics\n", "evaluate.protocols: 'kinetics' is not one of heldout, captions, ucf101, msrvtt"),
         ("evaluate:\n  protocols: ucf101\n", "evaluate.ucf101_lists and evaluate.ucf101_videos: required for the ucf101 protocol"),
         ("evaluate:\n  ucf101_split: 4\n", "evaluate.ucf101_split: 4 is not one of 1, 2, 3"),
         ("train_unet:\n  strategy: zero3\n", "train_unet.strategy: 'zero3' is not one of ddp, fsdp"),
