@@ -29,13 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks.config.paths import PIPELINE_SUMMARY
-from tasks.operations.lineage import (
-    PARENT_RUN_ENV,
-    git_commit,
-    record_stage,
-    start_run,
-    tracking_uri,
-)
+from tasks.operations.lineage import PARENT_RUN_ENV, git_commit, record_stage, start_run, tracking_uri
 from tasks.storage.atomic import atomic_path
 
 

@@ -25,11 +25,7 @@ from flows.pipeline import pipeline
 from tasks.config.params import load_params
 from tasks.config.paths import CONTROLNET, DECODER, EVAL_METRICS, UNET
 from tasks.operations.lineage import tracking_uri
-from tasks.operations.promotion import (
-    eval_metric,
-    log_model_manifest,
-    promote_if_better,
-)
+from tasks.operations.promotion import eval_metric, log_model_manifest, promote_if_better
 from tasks.preprocessing.incoming import append_new_rows
 
 MODEL_FOLDERS = {"unet": UNET, "decoder": DECODER, "controlnet": CONTROLNET}

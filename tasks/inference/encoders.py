@@ -14,22 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.image_vae import (
-    SCALE_FACTOR,
-    build_tiny_image_vae,
-    encode_posterior,
-    frames_to_pixels,
-    load_image_vae,
-    scaling_factor,
-    weights_digest,
-)
-from model.text_encoder import (
-    TINY_TEXT_CONFIG,
-    build_text_encoder,
-    clip_config,
-    load_text_encoder,
-    tokenizer_for,
-)
+from model.image_vae import SCALE_FACTOR, build_tiny_image_vae, encode_posterior, frames_to_pixels, load_image_vae, scaling_factor, weights_digest
+from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, clip_config, load_text_encoder, tokenizer_for
 from model.weights import file_digest
 from tasks.config.params import CacheLatentsParams
 

@@ -28,12 +28,7 @@ from tqdm import tqdm
 from model.weights import WeightsError, file_digest
 from tasks.config.params import Params
 from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
-from tasks.inference.conditions import (
-    ConditionExtractor,
-    condition_index,
-    load_style_encoder,
-    style_embeddings,
-)
+from tasks.inference.conditions import ConditionExtractor, condition_index, load_style_encoder, style_embeddings
 from tasks.inference.generation import VideoGenerator, read_video_clip
 from tasks.inference.models import trained_clip_shape
 from tasks.operations.lineage import tracking_uri

@@ -22,14 +22,7 @@ from tasks.config.params import CacheLatentsParams
 from tasks.inference.encoders import encode_captions, load_text
 from tasks.inference.models import load_controlnet, load_decoder, load_unet
 from tasks.storage.latent_shards import load_null_context
-from tasks.storage.video_io import (
-    VideoError,
-    center_crop,
-    clip_stride,
-    cover_size,
-    decode_frames,
-    probe_video,
-)
+from tasks.storage.video_io import VideoError, center_crop, clip_stride, cover_size, decode_frames, probe_video
 
 LATENT_CHANNELS = 4
 VAE_FACTOR = 8

@@ -29,9 +29,7 @@ def ensure_ray() -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
-    from tasks.operations.lineage import (
-        tag_stage_run,  # here: Ray Data read tasks import this module (via the dataset factories) and need no MLflow
-    )
+    from tasks.operations.lineage import tag_stage_run  # here: Ray Data read tasks import this module (via the dataset factories) and need no MLflow
 
     runtime = ray.get_runtime_context()  # in a pipeline stage, its MLflow run says which cluster did the work
     tag_stage_run({"ray.address": runtime.gcs_address, "ray.node_id": runtime.get_node_id(), "ray.job_id": runtime.get_job_id()})

@@ -12,15 +12,7 @@ import pandas as pd
 from eval import curation
 from model.weights import file_sha256
 from tasks.config.params import DecodeParams, FilterParams
-from tasks.storage.video_io import (
-    VideoError,
-    clip_stride,
-    cover_size,
-    decode_frames,
-    probe_video,
-    video_path,
-    window_length,
-)
+from tasks.storage.video_io import VideoError, clip_stride, cover_size, decode_frames, probe_video, video_path, window_length
 
 REASONS = (
     "malformed_row",

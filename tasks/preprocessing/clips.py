@@ -15,14 +15,7 @@ from tasks.config.params import DecodeParams
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import write_npy
 from tasks.storage.clip_shards import shard_name
-from tasks.storage.video_io import (
-    VideoError,
-    center_crop,
-    cover_size,
-    open_reader,
-    read_frames,
-    window_length,
-)
+from tasks.storage.video_io import VideoError, center_crop, cover_size, open_reader, read_frames, window_length
 
 
 def clip_starts(segment_start: int, segment_end: int, stride: int, cfg: DecodeParams, keyframes: list[int] | None = None) -> list[int]:

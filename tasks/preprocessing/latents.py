@@ -22,11 +22,7 @@ from tasks.inference.encoders import Encoders
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import remove_stale_temporaries
 from tasks.storage.clip_shards import shard_name as clip_shard_name
-from tasks.storage.latent_shards import (
-    shard_fingerprint,
-    shard_name,
-    write_latent_shard,
-)
+from tasks.storage.latent_shards import shard_fingerprint, shard_name, write_latent_shard
 
 # A change to any of these files changes what a shard would contain, so it is part of the fingerprint.
 CODE = ("tasks/preprocessing/latents.py", "tasks/inference/encoders.py", "tasks/storage/latent_shards.py", "model/image_vae.py", "model/text_encoder.py")

@@ -17,12 +17,7 @@ import ray
 from tasks.config.params import DecodeParams, FilterParams, Params
 from tasks.config.paths import FILTER_REPORT, FILTERED, KEPT, REJECTED
 from tasks.operations.ray_runtime import ensure_ray
-from tasks.preprocessing.assessment import (
-    NUMERIC_FIELDS,
-    REASONS,
-    TEXT_FIELDS,
-    assess_batch,
-)
+from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
 from tasks.storage.atomic import remove_stale_temporaries, write_json, write_parquet
 from tasks.storage.webvid import read_webvid_csv
 
@@ -78,9 +73,7 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
 
 
 def _apply_clip_filter(assessed: pd.DataFrame, cfg: FilterParams) -> pd.DataFrame:
-    from tasks.inference.clip_score import (
-        ClipFrameScorer,  # imports open_clip only when enabled
-    )
+    from tasks.inference.clip_score import ClipFrameScorer  # imports open_clip only when enabled
 
     candidates = assessed[assessed["reason"] == ""]
     if candidates.empty:

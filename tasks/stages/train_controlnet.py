@@ -31,24 +31,9 @@ from mlflow.tracking import MlflowClient
 
 from eval.control import edge_correlation
 from model.presets import get_preset
-from tasks.config.params import (
-    Params,
-    flatten,
-    params_to_dict,
-    require_pretrained_weights,
-)
-from tasks.config.paths import (
-    CLIPS,
-    CONTROLNET,
-    CONTROLNET_METRICS,
-    DECODER,
-    LATENTS,
-    RUNS,
-    UNET,
-)
-from tasks.inference.conditions import (
-    canny,
-)
+from tasks.config.params import Params, flatten, params_to_dict, require_pretrained_weights
+from tasks.config.paths import CLIPS, CONTROLNET, CONTROLNET_METRICS, DECODER, LATENTS, RUNS, UNET
+from tasks.inference.conditions import canny
 from tasks.inference.encoders import resolved_encoders
 from tasks.inference.generation import VideoGenerator
 from tasks.operations.lineage import lineage_tags, tracking_uri
@@ -56,16 +41,8 @@ from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import write_json
 from tasks.storage.clip_shards import held_out_videos, read_clips
 from tasks.storage.clip_shards import shard_name as clip_shard_name
-from tasks.storage.latent_shards import (
-    load_null_context,
-    read_index,
-    read_latent_shard,
-    shard_name,
-)
-from tasks.training.controlnet import (
-    ControlNetRecipe,
-    generate_controlled,
-)
+from tasks.storage.latent_shards import load_null_context, read_index, read_latent_shard, shard_name
+from tasks.training.controlnet import ControlNetRecipe, generate_controlled
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary, resumable_run_name
 

@@ -27,12 +27,7 @@ from torch import nn
 
 from eval.reconstruction import reconstruction_metrics
 from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
-from tasks.config.params import (
-    Params,
-    flatten,
-    params_to_dict,
-    require_pretrained_weights,
-)
+from tasks.config.params import Params, flatten, params_to_dict, require_pretrained_weights
 from tasks.config.paths import CLIPS, DECODER, LATENTS, RECONSTRUCTION_METRICS, RUNS
 from tasks.inference.encoders import load_vae, resolved_encoders
 from tasks.inference.models import IMAGE_DECODER, load_decoder

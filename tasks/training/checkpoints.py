@@ -26,10 +26,7 @@ from ray.train import Checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from tasks.training.weights import ExponentialAverage, full_state_dict, gather_whole
 

@@ -30,19 +30,9 @@ import ray.train
 import torch
 from ray import cloudpickle
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from tasks.training.checkpoints import (
-    TrainState,
-    latest_complete_checkpoint,
-    load_checkpoint,
-    newest_checkpoint,
-    report_checkpoint,
-    restore_rng,
-)
+from tasks.training.checkpoints import TrainState, latest_complete_checkpoint, load_checkpoint, newest_checkpoint, report_checkpoint, restore_rng
 from tasks.training.tracking import MetricBuffer, group_metrics
 from tasks.training.weights import ExponentialAverage, inference_copy, whole
 
@@ -196,11 +186,7 @@ def log_samples(logger: MetricBuffer | None, recipe: Recipe, plain: nn.Module | 
 
 def make_accelerator(cfg, recipe: Recipe):
     """DDP or FSDP2 (`cfg.strategy`) over Ray's process group; bf16 autocast on GPU, fp32 on CPU."""
-    from accelerate import (
-        Accelerator,
-        DistributedDataParallelKwargs,
-        FullyShardedDataParallelPlugin,
-    )
+    from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
     from accelerate.utils import DistributedType
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=recipe.skips_parameters)

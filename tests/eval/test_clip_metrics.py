@@ -7,14 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from eval.clip_metrics import (
-    build_tiny_clip,
-    clip_input,
-    clipsim,
-    frame_consistency,
-    frame_embeddings,
-    text_embeddings,
-)
+from eval.clip_metrics import build_tiny_clip, clip_input, clipsim, frame_consistency, frame_embeddings, text_embeddings
 
 
 @pytest.fixture(scope="module")

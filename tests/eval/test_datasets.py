@@ -5,14 +5,7 @@ import json
 
 import pytest
 
-from eval.datasets import (
-    DatasetFileError,
-    class_prompt,
-    read_class_index,
-    read_msrvtt_1ka,
-    read_msrvtt_test,
-    read_ucf101_split,
-)
+from eval.datasets import DatasetFileError, class_prompt, read_class_index, read_msrvtt_1ka, read_msrvtt_test, read_ucf101_split
 
 CLASSES = ["ApplyEyeMakeup", "Archery", "HandstandPushups", "PlayingCello", "YoYo"]
 

@@ -4,13 +4,7 @@ the ControlNet as a copy of the UNet's encoder, and style tokens reaching cross-
 import pytest
 import torch
 
-from model.controlnet import (
-    CONDITIONS,
-    ConditionAdapters,
-    ControlledUNet,
-    StyleAdapter,
-    VideoControlNet,
-)
+from model.controlnet import CONDITIONS, ConditionAdapters, ControlledUNet, StyleAdapter, VideoControlNet
 from model.moe_attention import merge_experts
 from model.presets import get_preset
 from model.unet import VersVideoUNet

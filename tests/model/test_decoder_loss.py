@@ -8,15 +8,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from model.decoder_loss import (
-    DecoderLossConfig,
-    DecoderTraining,
-    PatchDiscriminator3D,
-    adaptive_weight,
-    hinge_discriminator_loss,
-    load_lpips,
-    random_lpips,
-)
+from model.decoder_loss import DecoderLossConfig, DecoderTraining, PatchDiscriminator3D, adaptive_weight, hinge_discriminator_loss, load_lpips, random_lpips
 from model.image_vae import build_tiny_image_vae, frames_to_pixels
 from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
 from model.weights import WeightsError

@@ -8,16 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.image_vae import (
-    SCALE_FACTOR,
-    build_image_vae,
-    build_tiny_image_vae,
-    decode_latents,
-    encode_posterior,
-    frames_to_pixels,
-    load_image_vae,
-    pixels_to_frames,
-)
+from model.image_vae import SCALE_FACTOR, build_image_vae, build_tiny_image_vae, decode_latents, encode_posterior, frames_to_pixels, load_image_vae, pixels_to_frames
 from model.weights import WeightsError
 
 

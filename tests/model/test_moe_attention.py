@@ -3,13 +3,7 @@
 import pytest
 import torch
 
-from model.moe_attention import (
-    FeedForward,
-    MoEFeedForward,
-    SpatialTemporalTransformer,
-    average_experts,
-    merge_experts,
-)
+from model.moe_attention import FeedForward, MoEFeedForward, SpatialTemporalTransformer, average_experts, merge_experts
 
 
 def test_eq_7_8_on_known_weights():

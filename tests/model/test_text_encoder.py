@@ -7,13 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.text_encoder import (
-    TINY_TEXT_CONFIG,
-    build_text_encoder,
-    clip_config,
-    load_text_encoder,
-    tokenizer_for,
-)
+from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, clip_config, load_text_encoder, tokenizer_for
 from model.weights import WeightsError
 
 TINY_CLIP = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}, "text_cfg": TINY_TEXT_CONFIG["text_cfg"]}

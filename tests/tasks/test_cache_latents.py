@@ -21,22 +21,9 @@ import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from model.image_vae import (
-    build_tiny_image_vae,
-    decode_latents,
-    encode_posterior,
-    frames_to_pixels,
-    load_image_vae,
-)
+from model.image_vae import build_tiny_image_vae, decode_latents, encode_posterior, frames_to_pixels, load_image_vae
 from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, tokenizer_for
-from tasks.config.params import (
-    CacheLatentsParams,
-    DecodeParams,
-    FilterParams,
-    Params,
-    load_params,
-    require_pretrained_weights,
-)
+from tasks.config.params import CacheLatentsParams, DecodeParams, FilterParams, Params, load_params, require_pretrained_weights
 from tasks.inference.encoders import clip_noise_seed, encoder_info
 from tasks.preprocessing.clips import decode_clips
 from tasks.preprocessing.latents import cache_latents

@@ -10,15 +10,7 @@ import torch
 from eval.clip_metrics import frame_embeddings
 from model.controlnet import CONDITIONS
 from tasks.config.params import CONTROL_CONDITIONS, ParamsError, TrainControlnetParams
-from tasks.inference.conditions import (
-    ConditionExtractor,
-    ConditionSettings,
-    annotator_size,
-    condition_index,
-    depth,
-    load_style_encoder,
-    style_embeddings,
-)
+from tasks.inference.conditions import ConditionExtractor, ConditionSettings, annotator_size, condition_index, depth, load_style_encoder, style_embeddings
 
 
 def test_canny_equals_opencv_on_the_fixture_frames(fixture_clip_reader):

@@ -14,12 +14,7 @@ from PIL import Image
 from flows.cli import main as cli
 from model.controlnet import ControlledUNet, StyleAdapter, VideoControlNet
 from model.presets import get_preset
-from tasks.config.params import (
-    CacheLatentsParams,
-    Params,
-    TrainControlnetParams,
-    clip_shape,
-)
+from tasks.config.params import CacheLatentsParams, Params, TrainControlnetParams, clip_shape
 from tasks.inference.conditions import load_style_encoder
 from tasks.inference.encoders import encode_captions, load_text
 from tasks.inference.generate import GenerateRequest, generate, registered_folders
@@ -80,11 +75,7 @@ def test_controlled_mp4_reads_back_with_the_requested_frames_and_size(project, m
 
 
 def test_a_seed_gives_the_same_video_and_control_and_style_change_it(project, fixture_videos):
-    from tasks.inference.conditions import (
-        ConditionExtractor,
-        ConditionSettings,
-        style_embeddings,
-    )
+    from tasks.inference.conditions import ConditionExtractor, ConditionSettings, style_embeddings
     from tasks.inference.generate import control_frames, read_image
 
     generator = VideoGenerator(project / "models" / "unet", project / "models" / "decoder", project / "data" / "latents", CacheLatentsParams(),

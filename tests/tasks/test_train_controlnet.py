@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.config.params import (
-    CacheLatentsParams,
-    Params,
-    TrainControlnetParams,
-    TrainUnetParams,
-    require_pretrained_weights,
-)
+from tasks.config.params import CacheLatentsParams, Params, TrainControlnetParams, TrainUnetParams, require_pretrained_weights
 from tasks.inference.encoders import encode_captions, load_text
 from tasks.stages.train_controlnet import control_dataset, train_controlnet
 from tasks.storage.latent_shards import write_latent_shard

@@ -19,14 +19,7 @@ from tasks.config.params import CacheLatentsParams, Params, TrainUnetParams
 from tasks.preprocessing.synthetic_latents import synthetic_cache
 from tasks.stages.train_unet import train_unet
 from tasks.storage.clip_shards import held_out_videos
-from tasks.storage.latent_shards import (
-    latent_dataset,
-    read_index,
-    read_latent_shard,
-    shard_fingerprint,
-    shard_name,
-    write_latent_shard,
-)
+from tasks.storage.latent_shards import latent_dataset, read_index, read_latent_shard, shard_fingerprint, shard_name, write_latent_shard
 from tasks.training.unet import UNetRecipe
 
 FRAMES, SIZE, WIDTH = 8, 8, 64  # the smoke preset's latent clip and context width
