@@ -16,6 +16,7 @@ that adds per-frame noise scores high even when every single frame looks right.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,19 +69,42 @@ def flicker(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return (difference(test) - difference(reference)).abs().flatten(1).mean(dim=1)
 
 
-def reconstruction_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
-    """Table 3's figures for (b, t, h, w, 3) uint8 source and reconstructed clips, averaged over
-    every frame of every clip: psnr_y, psnr_yuv, ssim_y, ssim_yuv (YUV BT.601) and flicker."""
+def per_clip_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Table 3's figures per clip of (b, t, h, w, 3) uint8 source and reconstructed clips, each
+    averaged over the clip's frames: psnr_y, psnr_yuv, ssim_y, ssim_yuv (YUV BT.601), flicker."""
     if reference.shape != test.shape:
         raise ValueError(f"reference {tuple(reference.shape)} and reconstruction {tuple(test.shape)} differ in shape")
+    clips, frames = reference.shape[:2]
     ref_yuv, test_yuv = rgb_to_yuv(reference.flatten(0, 1)), rgb_to_yuv(test.flatten(0, 1))
     per_channel_ssim = ssim(ref_yuv, test_yuv)
-    return {
-        "psnr_y": float(psnr(ref_yuv[:, :1], test_yuv[:, :1]).mean()),
-        "psnr_yuv": float(psnr(ref_yuv, test_yuv).mean()),
-        "ssim_y": float(per_channel_ssim[:, 0].mean()),
-        "ssim_yuv": float(per_channel_ssim.mean()),
-        "flicker": float(flicker(reference, test).mean()),
-        "clips": int(reference.shape[0]),
-        "frames": int(reference.shape[0] * reference.shape[1]),
+    per_frame = {
+        "psnr_y": psnr(ref_yuv[:, :1], test_yuv[:, :1]),
+        "psnr_yuv": psnr(ref_yuv, test_yuv),
+        "ssim_y": per_channel_ssim[:, 0],
+        "ssim_yuv": per_channel_ssim.mean(dim=1),
     }
+    return {**{name: values.view(clips, frames).mean(dim=1) for name, values in per_frame.items()}, "flicker": flicker(reference, test)}
+
+
+def reconstruction_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+    """Table 3's figures averaged over every frame of every clip (clips have equal lengths, so
+    this is the mean of the per-clip figures)."""
+    per_clip = per_clip_metrics(reference, test)
+    return {**{name: float(values.mean()) for name, values in per_clip.items()}, "clips": int(reference.shape[0]), "frames": int(reference.shape[0] * reference.shape[1])}
+
+
+def grouped_bootstrap(values: np.ndarray, groups: np.ndarray, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """Means of `values` (n,) over `resamples` bootstrap draws of whole groups (a video's clips
+    share its scene, so clips are not independent draws): (resamples,) float64."""
+    names, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=values, minlength=len(names))
+    counts = np.bincount(inverse, minlength=len(names))
+    draws = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
+    return sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+
+
+def spread(values: np.ndarray, groups: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean, bootstrap standard error and 95 % interval of the mean (videos resampled)."""
+    means = grouped_bootstrap(values, groups, resamples, seed)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(values.mean()), "std_error": float(means.std()), "low": float(low), "high": float(high)}

@@ -25,7 +25,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from eval.reconstruction import reconstruction_metrics
+from eval.reconstruction import per_clip_metrics, spread
 from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
 from tasks.config.params import Params, flatten, params_to_dict, require_pretrained_weights
 from tasks.config.paths import CLIPS, DECODER, LATENTS, RECONSTRUCTION_METRICS, RUNS
@@ -49,11 +49,34 @@ def reconstruct(encoder: FrozenEncoder, decoder: nn.Module, clips: np.ndarray, b
     return torch.cat(outputs)
 
 
-def compare_decoders(vae: AutoencoderKL, decoders: dict[str, nn.Module], clips: np.ndarray) -> dict[str, dict[str, float]]:
-    """Table 3: every decoder on the same held-out clips and the same latents."""
+def compare_decoders(vae: AutoencoderKL, decoders: dict[str, nn.Module], clips: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Table 3: every decoder on the same held-out clips and the same latents, per clip."""
     encoder = FrozenEncoder(vae)
     source = torch.from_numpy(clips)
-    return {name: reconstruction_metrics(source, reconstruct(encoder, decoder, clips)) for name, decoder in decoders.items()}
+    return {name: {key: values.numpy() for key, values in per_clip_metrics(source, reconstruct(encoder, decoder, clips)).items()} for name, decoder in decoders.items()}
+
+
+LOWER_IS_BETTER = ("flicker",)
+
+
+def spread_table(per_clip: dict[str, dict[str, np.ndarray]], videos: np.ndarray, seed: int) -> dict[str, Any]:
+    """Each decoder's figures with their spread, and the TCM-VAE against each other decoder: the
+    mean paired difference per clip with its 95 % interval, resampling held-out videos. `better`
+    is claimed only where the whole interval lies on the better side of zero."""
+    spreads = {name: {key: spread(values, videos, seed=seed) for key, values in figures.items()} for name, figures in per_clip.items()}
+    differences = {}
+    for other in (name for name in per_clip if name != "tcm_vae"):
+        rows = {}
+        for key, values in per_clip["tcm_vae"].items():
+            figures = spread(values - per_clip[other][key], videos, seed=seed)
+            if key in LOWER_IS_BETTER:
+                better, worse = figures["high"] < 0, figures["low"] > 0
+            else:
+                better, worse = figures["low"] > 0, figures["high"] < 0
+            verdict = "better" if better else "worse" if worse else "within spread"
+            rows[key] = {**figures, "verdict": verdict if len(set(videos)) >= 2 else "one video: no spread"}
+        differences[f"tcm_vae - {other}"] = rows
+    return {"spread": spreads, "differences": differences}
 
 
 def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, output_dir: Path = DECODER, runs: Path = RUNS) -> dict[str, Any]:
@@ -84,9 +107,12 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
     vae = load_vae(encoders)
     decoders = {"image_vae": TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False)).eval()}
     decoders.update({name: load_decoder(folders[name]) for name in variants})
-    table = compare_decoders(vae, decoders, held_clips)
+    per_clip = compare_decoders(vae, decoders, held_clips)
+    counts = {"clips": len(held_clips), "frames": len(held_clips) * held_clips.shape[1]}
+    table = {name: {**{key: float(values.mean()) for key, values in figures.items()}, **counts} for name, figures in per_clip.items()}
     report = {
         "table": table,
+        **spread_table(per_clip, held_rows["video_id"].astype(str).to_numpy(), cfg.seed),
         "held_out": {"clips": len(held_rows), "videos": int(held_rows["video_id"].nunique()), "share": cfg.held_out_share, "seed": cfg.seed},
         "steps": cfg.steps,
         "comparable": params.preset != "smoke" and not cfg.missing_weights and not encoders_random(latents),
@@ -120,3 +146,6 @@ def main(params: Params) -> None:
     print(f"  {'decoder':<26}{'PSNR-Y':>9}{'PSNR-YUV':>10}{'SSIM-Y':>8}{'SSIM-YUV':>10}{'flicker':>9}")
     for row, figures in report["table"].items():
         print(f"  {row:<26}{figures['psnr_y']:>9.3f}{figures['psnr_yuv']:>10.3f}{figures['ssim_y']:>8.4f}{figures['ssim_yuv']:>10.4f}{figures['flicker']:>9.3f}")
+    print("  TCM-VAE minus each other decoder, 95 % interval over held-out videos (resampled):")
+    for pair, rows in report["differences"].items():
+        print(f"  {pair:<40}" + "  ".join(f"{key} {row['mean']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}] {row['verdict']}" for key, row in rows.items()))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from eval.reconstruction import flicker, psnr, reconstruction_metrics, rgb_to_yuv, ssim
+from eval.reconstruction import flicker, grouped_bootstrap, psnr, reconstruction_metrics, rgb_to_yuv, spread, ssim
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,16 @@ def test_shape_mismatch_is_an_error(fixture_clip):
     clip = torch.from_numpy(fixture_clip)[None]
     with pytest.raises(ValueError, match="differ in shape"):
         reconstruction_metrics(clip, clip[:, :4])
+
+
+def test_the_spread_resamples_whole_videos_and_covers_only_real_differences():
+    videos = np.repeat(np.arange(6), 3)  # 6 videos of 3 clips
+    rng = np.random.default_rng(0)
+    same_per_video = np.repeat(rng.normal(size=6), 3)
+    assert grouped_bootstrap(same_per_video, videos, resamples=500).min() >= same_per_video.min()  # means of whole videos
+    assert spread(np.ones(18), videos)["std_error"] == 0.0
+    assert spread(np.ones(3), np.zeros(3))["low"] == spread(np.ones(3), np.zeros(3))["high"] == 1.0  # one video: nothing to resample
+    shift = spread(1.0 + 0.1 * rng.normal(size=18), videos)  # a clear improvement: the interval excludes 0
+    assert 0 < shift["low"] < 1 < shift["high"] < 1.2
+    noise = spread(rng.normal(size=18), videos)  # no difference: the interval straddles 0
+    assert noise["low"] < 0 < noise["high"]

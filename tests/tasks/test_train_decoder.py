@@ -64,6 +64,9 @@ def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs
     held_frames = report["held_out"]["clips"] * 8
     assert all(row["frames"] == held_frames and np.isfinite(row["psnr_y"]) for row in report["table"].values())
     assert json.loads((out / "metrics.json").read_text())["table"] == report["table"]
+    psnr = report["differences"]["tcm_vae - image_vae"]["psnr_y"]  # one held-out video: no spread, so no claim
+    assert psnr["low"] == psnr["mean"] == psnr["high"] and psnr["verdict"] == "one video: no spread"
+    assert report["spread"]["tcm_vae"]["ssim_y"]["mean"] == pytest.approx(report["table"]["tcm_vae"]["ssim_y"])
     assert not (out / IMAGE_DECODER).exists()
 
     tcm = load_decoder(out)
