@@ -1,5 +1,6 @@
 """train_unet on the engine: the step recipe, worker-kill resume, and 1 vs 2 workers."""
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -130,11 +131,13 @@ def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_t
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             if list(runs.glob("*/checkpoint_*")):
-                for process in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
-                        process.kill()
-                        killed.append(process.pid)
-                        return
+                # this session's local Ray only (its raylet is our child): never another run's worker on the machine
+                for process in psutil.Process().children(recursive=True):
+                    with contextlib.suppress(psutil.Error):  # a process that ended while we looked
+                        if "RayTrainWorker" in " ".join(process.cmdline()):
+                            process.kill()
+                            killed.append(process.pid)
+                            return
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
