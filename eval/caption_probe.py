@@ -136,6 +136,15 @@ def probe(video: np.ndarray, min_travel: float = 0.04) -> ProbeResult:
     )
 
 
+def centroid_error(track: np.ndarray, reference: np.ndarray, size: tuple[int, int]) -> float:
+    """Mean distance in pixels between two (t, 2) centroid tracks over the frames where both are
+    seen; the frame's diagonal (the worst case) when no frame has both."""
+    both = ~(np.isnan(track).any(axis=1) | np.isnan(reference).any(axis=1))
+    if not both.any():
+        return float(np.hypot(*size))
+    return float(np.linalg.norm(track[both] - reference[both], axis=1).mean())
+
+
 def agreement(results: list[ProbeResult], captions: list[str]) -> dict[str, float]:
     """Share of videos whose probed colour, shape and direction match their caption's (None
     counts as wrong), with the chance level of each beside it."""

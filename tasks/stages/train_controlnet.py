@@ -29,6 +29,7 @@ import ray
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from eval.caption_probe import centroid_error, probe
 from eval.control import edge_correlation
 from model.presets import get_preset
 from tasks.config.params import Params, flatten, params_to_dict, require_pretrained_weights
@@ -86,9 +87,11 @@ def other_video_rows(rows: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
 
 
 def control_check(generator: VideoGenerator, recipe: ControlNetRecipe, clips: np.ndarray, captions: list[str], other_clips: np.ndarray) -> dict[str, Any]:
-    """Edges of canny-controlled videos against their control's edges (matched) and against a
-    clip of another video (mismatched: the same generated video, that video's edges); and of
-    uncontrolled videos (same prompts and seeds) against the control's edges."""
+    """Where canny-controlled videos put their shape, against where the control clip has it
+    (matched) and where a clip of another video has it (mismatched: the same generated video);
+    and uncontrolled videos (same prompts and seeds) against the control clip: mean centroid
+    distances in pixels (the caption probe's tracks). The same three comparisons of edge maps
+    (Pearson's r of blurred canny edges) follow as a second figure."""
     videos, controls = generate_controlled(generator, recipe, clips, captions)
     low, high = recipe.cfg.canny_low, recipe.cfg.canny_high
     generated_edges = [canny(video, low, high) for video in videos]
@@ -98,8 +101,17 @@ def control_check(generator: VideoGenerator, recipe: ControlNetRecipe, clips: np
     uncontrolled = generator(captions[: len(clips)], list(range(len(clips))), frames=clips.shape[1], height=clips.shape[2], width=clips.shape[3],
                              steps=recipe.cfg.sample_steps, guidance_scale=get_preset(recipe.preset).diffusion.guidance_scale)
     baseline = [edge_correlation(canny(video, low, high), control[..., 0]) for video, control in zip(uncontrolled, controls)]
+    # Where the shape is: the caption probe's centroid track of each video (eval/caption_probe.py)
+    size = clips.shape[2:4]
+    tracks = {name: [probe(video).track for video in group] for name, group in (("generated", videos), ("uncontrolled", uncontrolled), ("control", clips), ("other", other_clips))}
+    error = lambda name, reference: np.array([centroid_error(a, b, size) for a, b in zip(tracks[name], tracks[reference])])  # noqa: E731
+    matched_px, mismatched_px, uncontrolled_px = error("generated", "control"), error("generated", "other"), error("uncontrolled", "control")
     return {
         "clips": len(clips),
+        "centroid_error_matched_px": float(matched_px.mean()),
+        "centroid_error_mismatched_px": float(mismatched_px.mean()),
+        "centroid_error_uncontrolled_px": float(uncontrolled_px.mean()),
+        "centroid_matched_below_mismatched_share": float(np.mean(matched_px < mismatched_px)),
         "canny_edge_correlation_matched": float(np.mean(matched)),
         "canny_edge_correlation_mismatched": float(np.mean(mismatched)),
         "canny_edge_correlation_uncontrolled": float(np.mean(baseline)),
@@ -149,6 +161,8 @@ def main(params: Params) -> None:
     write_json(report, CONTROLNET_METRICS)
     check = report["control_check"]
     print(f"train_controlnet: {report['steps']} steps on {', '.join(report['conditions'])}; loss {report.get('loss_first_10pct', float('nan')):.4f} -> "
-          f"{report.get('loss_last_10pct', float('nan')):.4f}; canny control on {check['clips']} held-out clips: edge r {check['canny_edge_correlation_matched']:.3f} "
-          f"with its control vs {check['canny_edge_correlation_mismatched']:.3f} with another clip's (uncontrolled {check['canny_edge_correlation_uncontrolled']:.3f}); "
-          f"weights in {CONTROLNET}/")
+          f"{report.get('loss_last_10pct', float('nan')):.4f}; weights in {CONTROLNET}/")
+    print(f"  canny control on {check['clips']} held-out clips: the shape lands {check['centroid_error_matched_px']:.1f} px from the control clip's "
+          f"(another clip's: {check['centroid_error_mismatched_px']:.1f} px; uncontrolled: {check['centroid_error_uncontrolled_px']:.1f} px), closer to its own on "
+          f"{check['centroid_matched_below_mismatched_share']:.0%} of clips; edge r {check['canny_edge_correlation_matched']:.3f} with its control vs "
+          f"{check['canny_edge_correlation_mismatched']:.3f} with another clip's (uncontrolled {check['canny_edge_correlation_uncontrolled']:.3f})")

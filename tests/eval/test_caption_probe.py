@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from eval.caption_probe import CHANCE, DIRECTIONS, PALETTE, SHAPES, STATIC, agreement, parse_caption, probe
+from eval.caption_probe import CHANCE, DIRECTIONS, PALETTE, SHAPES, STATIC, agreement, centroid_error, parse_caption, probe
 from tasks.config.params import DecodeParams, FilterParams
 from tasks.preprocessing.assessment import assess_video
 from tasks.preprocessing.clips import decode_video_clips
@@ -88,3 +88,12 @@ def test_the_probe_agrees_with_the_captions_of_the_real_decoded_demo_clips(tmp_p
     scores = agreement(results, captions)
     assert scores["videos"] >= 40
     assert scores["color"] >= 0.95 and scores["direction"] >= 0.95 and scores["shape"] >= 0.9, scores
+
+
+def test_centroid_error_in_pixels_over_frames_seen_in_both():
+    track = np.array([[10.0, 10.0], [12.0, 10.0], [np.nan, np.nan]])
+    assert centroid_error(track, track, (64, 64)) == 0.0
+    assert centroid_error(track, track + [3.0, 4.0], (64, 64)) == pytest.approx(5.0)
+    assert centroid_error(track, np.full((3, 2), np.nan), (64, 48)) == pytest.approx(80.0)  # never both seen: the diagonal
+    moving = probe(drawn_video("white", "circle", "right")).track
+    assert centroid_error(moving, probe(drawn_video("white", "circle", "left")).track, (64, 64)) > 5

@@ -55,6 +55,9 @@ def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_s
     assert check["clips"] == 2 and check["held_out"] is True
     for key in ("canny_edge_correlation_matched", "canny_edge_correlation_mismatched", "canny_edge_correlation_uncontrolled"):
         assert -1 <= check[key] <= 1
+    for key in ("centroid_error_matched_px", "centroid_error_mismatched_px", "centroid_error_uncontrolled_px"):
+        assert 0 <= check[key] <= np.hypot(64, 64)  # pixels; the diagonal when a shape is never seen
+    assert 0 <= check["centroid_matched_below_mismatched_share"] <= 1
     assert report["comparable"] is False and report["logged_steps"] == 4
     folder = project / "models" / "controlnet"
     saved = json.loads((folder / "config.json").read_text())
