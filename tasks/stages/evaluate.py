@@ -468,5 +468,10 @@ def main(params: Params) -> None:
               f"(real {figures['real_clipsim']:.4f})  frame consistency {figures['frame_consistency']:.4f} (real {figures['real_frame_consistency']:.4f})")
         print(f"  protocol: {p['generated_videos']} generated vs {p['real_videos']} real videos ({p['split']}), {p['frames']} frames "
               f"{p['resolution']} at {p['fps']} fps, DDIM {p['sampler_steps']} steps, CFG {p['cfg']}, seed {p['seed']}; comparable: {figures['comparable']}")
+        if name == "captions":
+            for group in ("training", "unseen", "real_clips"):
+                label = {"training": f"{figures['videos_training']} training captions", "unseen": f"{figures['videos_unseen']} unseen combinations",
+                         "real_clips": f"the {p['real_videos']} real clips (the probe)"}[group]
+                print(f"  prompt following, {label}: " + ", ".join(f"{key} {figures[f'{key}_accuracy_{group}']:.0%} (chance {figures[f'{key}_chance']:.0%})" for key in ("color", "shape", "direction")))
     print(f"evaluate: {report['seconds']} s; metrics/eval.json, plots/eval/, MLflow run {report['mlflow_run_id']}")
 
