@@ -61,6 +61,9 @@ def run_stage(stage: str, parent_run_id: str, force: bool = False) -> dict[str, 
     client, uri = MlflowClient(tracking_uri()), tracking_uri()
     run_id = start_run(client, uri, f"stage:{stage}", {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or "")}, parent=parent_run_id)
     env = {**os.environ, PARENT_RUN_ENV: run_id, "PREFECT__FLOW_RUN_ID": str(flow_run.id or "")}
+    # dvc.yaml's commands call `versvideo`: this environment's, also when it was started as
+    # .venv/bin/versvideo (or by a scheduler) without the environment's bin/ on PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)

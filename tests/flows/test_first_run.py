@@ -1,6 +1,6 @@
 """A new user's first command on a fresh machine: no ~/.prefect, no MLflow database, no Prefect
-or MLflow server in the environment. `versvideo pipeline` must start Prefect's temporary server
-(creating its database), run the stage and print no traceback."""
+or MLflow server in the environment, the environment not activated. `versvideo pipeline` must
+start Prefect's temporary server (creating its database), run the stage and print no traceback."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def test_first_pipeline_run_with_a_fresh_home_prints_no_traceback(tmp_path):
     for folder in ("tasks", "model", "eval"):  # dvc.yaml's code deps
         shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "MLFLOW_", "RAY_"))}
-    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    # the environment's bin/ not on PATH, as when a user runs .venv/bin/versvideo or a scheduler does:
+    # dvc.yaml's `versvideo stage ...` commands must still find this environment's versvideo
+    env.update(HOME=str(home), PATH=os.pathsep.join(entry for entry in env.get("PATH", "").split(os.pathsep) if Path(entry) != BIN))
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=work, env=env, check=True)
 
     result = subprocess.run([str(BIN / "versvideo"), "pipeline", "--stages", "prepare"], cwd=work, env=env,
