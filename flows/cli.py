@@ -16,9 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from tasks.config.params import ParamsError, load_params
+from tasks.config.params import PREVIEW_FPS, ParamsError, load_params
 from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
-from tasks.storage.previews import PREVIEW_FPS
 
 # Stage name (as in dvc.yaml and params.yaml) -> module with main(params).
 STAGES = {

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import yaml
 
 PRESETS = ("smoke", "L", "H")
+PREVIEW_FPS = 8  # frame rate of every sample MP4/GIF the stages log and of `generate`'s output (the clips' decode.fps default)
 
 
 class ParamsError(ValueError):

@@ -26,13 +26,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.weights import WeightsError, file_digest
-from tasks.config.params import Params
+from tasks.config.params import PREVIEW_FPS, Params
 from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
 from tasks.inference.conditions import ConditionExtractor, condition_index, load_style_encoder, style_embeddings
 from tasks.inference.generation import VideoGenerator, read_video_clip
 from tasks.inference.models import trained_clip_shape
 from tasks.operations.lineage import tracking_uri
-from tasks.storage.previews import PREVIEW_FPS, write_preview
+from tasks.storage.previews import write_preview
 from tasks.storage.video_io import VideoError, center_crop, cover_size, resize_frames
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -156,8 +156,10 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
     generator = VideoGenerator(folders["unet"], folders["decoder"], request.latents, params.cache_latents, device=device,
                                controlnet_dir=folders["controlnet"] if steered else None)
     preset = generator.preset
-    trained = trained_clip_shape(folders["unet"]) if None in (request.frames, request.height, request.width) else (0, 0, 0)
-    frames, height, width = (given or default for given, default in zip((request.frames, request.height, request.width), trained))
+    frames, height, width = request.frames, request.height, request.width
+    if None in (frames, height, width):  # the UNet's training clips fill in what the request leaves out
+        trained = trained_clip_shape(folders["unet"])
+        frames, height, width = (given or default for given, default in zip((frames, height, width), trained))
     generator.check_size(height, width)
     steps = request.steps or preset.diffusion.sampling_steps
     guidance_scale = preset.diffusion.guidance_scale if request.cfg is None else request.cfg

@@ -57,7 +57,7 @@ from eval.frechet import FeatureStats, stats_distance
 from eval.inception import inception_score
 from eval.video_features import I3D_FEATURES, UCF101_CLASSES, fvd_network, fvd_weights_id, is_network, is_weights_id
 from model.weights import file_digest
-from tasks.config.params import CacheLatentsParams, EvaluateParams, Params, flatten, params_to_dict, require_pretrained_weights
+from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, EvaluateParams, Params, flatten, params_to_dict, require_pretrained_weights
 from tasks.config.paths import CLIPS, DECODER, EVAL_METRICS, EVAL_STATS, LATENTS, PLOTS, UNET
 from tasks.inference.clip_score import load_clip
 from tasks.inference.encoders import resolved_encoders
@@ -67,7 +67,7 @@ from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import atomic_path, write_json
 from tasks.storage.clip_shards import split_clips
 from tasks.storage.latent_shards import load_encoders_info
-from tasks.storage.previews import PREVIEW_FPS, write_preview
+from tasks.storage.previews import write_preview
 from tasks.storage.video_io import VideoError
 
 C3D_FRAMES = 16  # the UCF-101 C3D's input length

@@ -9,9 +9,6 @@ import av
 import numpy as np
 from PIL import Image
 
-PREVIEW_FPS = 8  # frame rate of every sample MP4/GIF the stages log (the clips' decode.fps default)
-
-
 
 def write_preview(frames: np.ndarray, folder: Path, stem: str, fps: int) -> list[Path]:
     """`stem`.mp4 and `stem`.gif of (t, h, w, 3) uint8 frames in `folder`; returns both paths."""

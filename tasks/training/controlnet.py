@@ -22,12 +22,12 @@ from model.controlnet import CONDITIONS, ControlledUNet, StyleAdapter, VideoCont
 from model.diffusion import Schedule, drop_text, v_loss
 from model.presets import get_preset
 from model.weights import file_digest
-from tasks.config.params import TrainControlnetParams
+from tasks.config.params import PREVIEW_FPS, TrainControlnetParams
 from tasks.inference.conditions import ConditionExtractor, load_style_encoder, style_embedding_dim, style_embeddings
 from tasks.inference.generation import VideoGenerator
 from tasks.inference.models import load_unet
 from tasks.storage.atomic import save_safetensors, write_json
-from tasks.storage.previews import PREVIEW_FPS, write_preview
+from tasks.storage.previews import write_preview
 
 
 class ControlTraining(nn.Module):

@@ -16,10 +16,10 @@ from torch import nn
 from model.decoder_loss import DecoderLossConfig, DecoderTraining, PatchDiscriminator3D, load_lpips, random_lpips
 from model.image_vae import frames_to_pixels, pixels_to_frames
 from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
-from tasks.config.params import CacheLatentsParams, TrainDecoderParams
+from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, TrainDecoderParams
 from tasks.inference.encoders import load_vae
 from tasks.inference.models import save_decoder
-from tasks.storage.previews import PREVIEW_FPS, write_preview
+from tasks.storage.previews import write_preview
 
 
 def to_video(frames: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from model.diffusion import Schedule, ddim_sample, drop_text, v_loss
 from model.moe_attention import average_experts, merge_experts
 from model.presets import get_preset
 from model.unet import VersVideoUNet
-from tasks.config.params import CacheLatentsParams, TrainUnetParams
+from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, TrainUnetParams
 from tasks.storage.atomic import save_safetensors, write_json
-from tasks.storage.previews import PREVIEW_FPS, write_preview
+from tasks.storage.previews import write_preview
 
 
 @dataclass
