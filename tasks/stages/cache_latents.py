@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from model.image_vae import build_tiny_image_vae, frames_to_pixels
+from model.image_vae import LATENT_CHANNELS, build_tiny_image_vae, frames_to_pixels
 from model.presets import get_preset
 from model.weights import file_digest
 from tasks.config.params import CacheLatentsParams, Params, require_pretrained_weights
@@ -38,29 +38,36 @@ from tasks.preprocessing.latents import cache_latents
 from tasks.storage.atomic import atomic_path, write_json, write_npy, write_parquet
 from tasks.storage.clip_shards import shard_name as clip_shard_name
 
+FIT_THREADS = 2  # the smoke VAE fit's threads on every machine: another count sums in another order, and the weights change
+
 
 def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: CacheLatentsParams) -> Path:
     """The smoke preset's VAE: the tiny seeded VAE fitted for `smoke_vae_fit_steps` on frames of
-    the clips (L1 reconstruction + 1e-6 KL, LDM's weighting without its perceptual and GAN terms),
-    so latents decode back to recognisable frames and samples can be looked at. One thread and a
-    seeded frame order make the weights, and so the cache, byte-identical run to run. Saved as a
-    diffusers folder; refitted only when the clips, steps or seed change."""
+    the clips (squared error + 1e-6 KL), so latents decode back to recognisable frames, with
+    the shapes' colours, and samples can be looked at. LDM fits L1 beside a perceptual and a GAN
+    term; alone, L1 pulls the few shape pixels to the background's median colour (after 800
+    steps the caption probe read 31 % of the reconstructed clips' colours, against 90 % with the
+    squared error). A fixed thread count and a seeded frame order make the weights, and so the
+    cache, byte-identical run to run. Saved as a diffusers folder; refitted only when the clips,
+    steps or seed change."""
     shards = [clips_dir / clip_shard_name(int(shard)) for shard in sorted(index["shard"].unique())]
     stamp = {"clips": file_digest(*shards), "steps": cfg.smoke_vae_fit_steps, "seed": cfg.seed, "code": file_digest(Path(__file__))}
     if (folder / "fit.json").exists() and json.loads((folder / "fit.json").read_text()) == stamp:
         return folder
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(FIT_THREADS)
     try:
         frames = np.concatenate([np.load(path, mmap_mode="r").reshape(-1, *np.load(path, mmap_mode="r").shape[2:]) for path in shards])
         vae = build_tiny_image_vae(seed=cfg.seed).train().requires_grad_(True)
+        with torch.no_grad():  # posterior std ~0.02 at the start, not ~1: the decoder sees the content, not noise
+            vae.quant_conv.bias[LATENT_CHANNELS:] -= 8.0
         optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(cfg.seed)
         for _ in range(cfg.smoke_vae_fit_steps):
             pixels = frames_to_pixels(frames[np.sort(torch.randint(0, len(frames), (8,), generator=generator).numpy())])
             posterior = vae.encode(pixels).latent_dist
             reconstruction = vae.decode(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)).sample
-            loss = (reconstruction - pixels).abs().mean() + 1e-6 * posterior.kl().mean()
+            loss = (reconstruction - pixels).square().mean() + 1e-6 * posterior.kl().mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -82,7 +89,7 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
         (tmp / "fit.json").write_text(json.dumps(stamp))
         if folder.exists():
             shutil.rmtree(folder)  # the old fit, replaced by the rename on the next line
-    print(f"cache_latents: fitted the smoke VAE for {cfg.smoke_vae_fit_steps} steps (final L1 {loss.item():.3f}, latent scale {config['scaling_factor']})", flush=True)
+    print(f"cache_latents: fitted the smoke VAE for {cfg.smoke_vae_fit_steps} steps (final squared error {loss.item():.4f}, latent scale {config['scaling_factor']})", flush=True)
     return folder
 
 
