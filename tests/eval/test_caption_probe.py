@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eval.caption_probe import CHANCE, DIRECTIONS, PALETTE, SHAPES, STATIC, agreement, centroid_error, parse_caption, probe
-from tasks.config.params import DecodeParams, FilterParams
+from tasks.config.params import DecodeParams, FilterParams, PrepareParams
 from tasks.preprocessing.assessment import assess_video
 from tasks.preprocessing.clips import decode_video_clips
 from tasks.preprocessing.synthetic import draw_shape, generate, texture
@@ -75,7 +75,8 @@ def test_chance_levels_and_a_prompt_blind_model_scores_at_chance():
 def test_the_probe_agrees_with_the_captions_of_the_real_decoded_demo_clips(tmp_path):
     """The embedded set's own H.264 files (prepare's generator), assessed and cut into clips by
     the filter's and decode stage's code: colour, shape and direction agree with the captions."""
-    rows = generate(tmp_path, num_videos=32, seconds=3.0, fps=24, height=80, width=112, seed=0)
+    demo = PrepareParams()  # the demo's own videos: its size, length and frame rate
+    rows = generate(tmp_path, num_videos=64, seconds=demo.seconds, fps=demo.fps, height=demo.height, width=demo.width, seed=0)
     cfg = DecodeParams()
     results, captions = [], []
     for row in {row["videoid"]: row for row in rows}.values():  # a re-crawled id keeps its last caption

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main as cli_main
+from model.presets import get_preset
 from tasks.config.params import ParamsError, flatten, load_params, params_to_dict
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -21,6 +22,14 @@ def test_repo_params_load_as_the_smoke_preset():
 def test_presets_set_the_paper_clip_shapes_where_params_yaml_says_null(preset, shape):
     decode = load_params(REPO_PARAMS, [f"preset={preset}"]).decode
     assert (decode.frames, decode.height, decode.width) == shape
+
+
+@pytest.mark.parametrize("preset", ["smoke", "L", "H"])
+def test_evaluation_guides_as_the_preset_trained_samples_are_guided(preset):
+    """Table 4's CFG 7.5 for L and H; the smoke preset's own scale, the same in train_unet's
+    samples (model/presets.py) and in evaluate."""
+    assert load_params(REPO_PARAMS, [f"preset={preset}"]).evaluate.guidance_scale == get_preset(preset).diffusion.guidance_scale
+    assert get_preset("L").diffusion.guidance_scale == get_preset("H").diffusion.guidance_scale == 7.5
 
 
 def test_h_shards_the_unet_whose_training_state_outgrows_a_gpu():

@@ -1,12 +1,15 @@
 import hashlib
+import itertools
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from eval.caption_probe import DIRECTIONS, PALETTE, SHAPES, parse_caption
 from tasks.config.params import load_params
 from tasks.config.paths import PREPARE_REPORT
-from tasks.preprocessing.synthetic import generate, iso_duration
+from tasks.preprocessing.synthetic import generate, iso_duration, never_drawn, render
 from tasks.stages import prepare as prepare_stage
 from tasks.storage.video_io import probe_video
 from tasks.storage.webvid import COLUMNS, CsvError, parse_iso_duration, read_webvid_csv
@@ -84,3 +87,16 @@ def test_prepare_clears_leftovers_of_a_killed_run(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("prepare:\n  num_videos: 2\n  seconds: 1.0\n")
     prepare_stage.prepare(load_params("params.yaml"))
     assert not list((tmp_path / "data").rglob(".tmp-*"))
+
+
+def test_the_demo_set_leaves_combinations_unseen_but_shows_every_word_with_every_other():
+    """A quarter of colour x shape x direction is never drawn (evaluate's unseen prompts), while
+    every pair of words still occurs together, so an unseen prompt is new only as a whole."""
+    scenes = [parse_caption(render(16, 16, 2, np.random.default_rng([0, k]), static=False, cut_at=None)[1]) for k in range(600)]
+    drawn = {(scene["color"], scene["shape"], scene["direction"]) for scene in scenes}
+    held_out = {combination for combination in itertools.product(PALETTE, SHAPES, DIRECTIONS) if never_drawn(*combination)}
+    assert len(held_out) == len(PALETTE) * len(SHAPES) and not drawn & held_out
+    assert drawn == set(itertools.product(PALETTE, SHAPES, DIRECTIONS)) - held_out  # all the others do occur
+    sizes = {"color": len(PALETTE), "shape": len(SHAPES), "direction": len(DIRECTIONS)}
+    for first, second in itertools.combinations(sizes, 2):
+        assert len({(scene[first], scene[second]) for scene in scenes}) == sizes[first] * sizes[second], (first, second)
