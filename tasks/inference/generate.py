@@ -51,7 +51,7 @@ class GenerateRequest:
     width: int | None = None
     fps: float = PREVIEW_FPS
     steps: int | None = None  # None: the UNet preset's sampler (Table 4: 30 DDIM steps)
-    cfg: float | None = None  # None: the preset's guidance scale (Table 4: 7.5)
+    cfg: float | None = None  # None: the preset's guidance scale (L/H: Table 4's 7.5; smoke: 3)
     seed: int = 0
     batch_size: int = 1
     model: str = ""  # models:/NAME@ALIAS, or "" for the local folders below
