@@ -15,15 +15,15 @@ from tasks.benchmarks.train import training_step_figures
 
 def test_meta_device_flop_count_matches_a_real_training_step():
     """Counted on the meta device (free for H), the model FLOPs equal a real CPU step's, up to how
-    attention is counted (the CPU's fused kernel vs its matrix products: measured 0.4% of the
-    smoke UNet's total), and scale with the batch."""
+    attention is counted (the CPU's fused kernel vs its matrix products: measured 1.1 % of the
+    smoke UNet's total with attention at all three levels, 0.4 % at two), and scale with the batch."""
     preset = get_preset("smoke")
     torch.manual_seed(0)
     model = VersVideoUNet(preset.unet).train()
     x, context = torch.randn(2, *latent_shape(preset.name)), torch.randn(2, 77, preset.unet.context_dim)
     with FlopCounterMode(display=False) as real:
         model(x, torch.tensor([10, 900]), context).float().square().mean().backward()
-    assert real.get_total_flops() == pytest.approx(2 * unet_training_flops(preset.unet, latent_shape(preset.name)), rel=0.01)
+    assert real.get_total_flops() == pytest.approx(2 * unet_training_flops(preset.unet, latent_shape(preset.name)), rel=0.02)
     assert unet_training_flops(replace(preset.unet, gradient_checkpointing=True), latent_shape(preset.name)) == unet_training_flops(preset.unet, latent_shape(preset.name))  # recomputation is no model FLOP
     assert unet_training_flops(get_preset("H").unet, latent_shape("H")) > 20 * unet_training_flops(get_preset("L").unet, latent_shape("L"))
 
