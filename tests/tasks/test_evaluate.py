@@ -78,7 +78,7 @@ def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_
         assert figures["comparable"] is False and figures["fvd"] > 0 and figures["is_mean"] >= 1.0
         assert -1 <= figures["clipsim"] <= 1 and -1 <= figures["frame_consistency"] <= 1
         protocol = figures["protocol"]
-        assert (protocol["frames"], protocol["resolution"], protocol["sampler_steps"], protocol["cfg"], protocol["seed"]) == (8, "64x64", 2, 7.5, 0)
+        assert (protocol["frames"], protocol["resolution"], protocol["sampler_steps"], protocol["cfg"], protocol["seed"]) == (8, "64x64", 2, cfg.guidance_scale, 0)
         assert protocol["weights"]["i3d"] == "random-i3d-seed0" and len(protocol["weights"]["unet"]) == 64
         assert protocol["real_stats_cached"] is False
     assert ucf["protocol"]["split"] == "testlist01" and ucf["protocol"]["prompt_template"] == "a person {action}"
