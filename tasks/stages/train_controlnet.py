@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import ray
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -38,39 +37,12 @@ from tasks.inference.conditions import canny
 from tasks.inference.encoders import resolved_encoders
 from tasks.inference.generation import VideoGenerator
 from tasks.operations.lineage import lineage_tags, tracking_uri
-from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import write_json
 from tasks.storage.clip_shards import held_out_videos, read_clips
-from tasks.storage.clip_shards import shard_name as clip_shard_name
-from tasks.storage.latent_shards import load_null_context, read_index, read_latent_shard, shard_name
+from tasks.storage.latent_shards import latent_clip_dataset, load_null_context, read_index
 from tasks.training.controlnet import ControlNetRecipe, generate_controlled
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary, resumable_run_name
-
-
-def _read_shard_pair(batch: dict[str, np.ndarray], exclude_videos: frozenset[str]) -> dict[str, np.ndarray]:
-    latents = read_latent_shard(batch["latents_path"][0], ("latents", "context", "video_id", "clip_id"))
-    frames = np.asarray(np.load(batch["clips_path"][0], mmap_mode="r")[np.asarray(batch["rows"][0], dtype=np.int64)])
-    if len(frames) != len(latents["latents"]):
-        raise ValueError(f"{batch['latents_path'][0]} has {len(latents['latents'])} clips but {batch['clips_path'][0]} rows give {len(frames)}: rerun cache_latents")
-    keep = ~np.isin(latents["video_id"], list(exclude_videos))
-    return {"latents": latents["latents"][keep], "context": latents["context"][keep], "frames": frames[keep]}
-
-
-def control_dataset(latents_dir: Path, clips_dir: Path, seed: int, exclude_videos: frozenset[str]) -> ray.data.Dataset:
-    """Rows of `latents` (t, 4, h, w), `context` (77, d) and `frames` (t, H, W, 3) uint8 of the same
-    clip: one read task per shard pair, shards in a seeded order."""
-    ensure_ray()  # before the dataset exists (see ensure_ray)
-    index = read_index(latents_dir)
-    items = []
-    for shard, rows in index.groupby("shard", sort=True):
-        items.append({
-            "latents_path": str((latents_dir / shard_name(int(shard))).resolve()),
-            "clips_path": str((clips_dir / clip_shard_name(int(shard))).resolve()),
-            "rows": rows.sort_values("shard_row")["shard_row"].astype(int).tolist(),  # the latent shard's row order
-        })
-    items = [items[k] for k in np.random.default_rng(seed).permutation(len(items))]
-    return ray.data.from_items(items).map_batches(_read_shard_pair, batch_size=1, batch_format="numpy", fn_kwargs={"exclude_videos": frozenset(exclude_videos)})
 
 
 def other_video_rows(rows: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
@@ -139,7 +111,7 @@ def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENT
     )
     flat = flatten({"preset": params.preset, "train_controlnet": params_to_dict(params)["train_controlnet"]})
     result = fit(
-        recipe, cfg, control_dataset(latents, clips, cfg.seed, held_out),
+        recipe, cfg, latent_clip_dataset(latents, clips, cfg.seed, held_out),
         run_name=resumable_run_name("train_controlnet", params.preset, params_to_dict(params)["train_controlnet"], latents / "index.parquet", latents / "encoders.json", unet / "model.safetensors"), storage=runs, output_dir=output_dir,
         params={**flat, "held_out_videos": len(held_out)}, tags=lineage_tags("train_controlnet"),
     )

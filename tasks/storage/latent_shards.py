@@ -30,6 +30,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import atomic_path
+from tasks.storage.clip_shards import shard_name as clip_shard_name
 
 FINGERPRINT_KEY = b"versvideo.fingerprint"
 TENSOR_COLUMNS = ("latents", "context")
@@ -123,3 +124,33 @@ def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[s
     return ray.data.from_items([{"path": path} for path in paths]).map_batches(
         _read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"columns": tuple(columns), "exclude_videos": frozenset(exclude_videos)}
     )
+
+
+def _read_shard_pair(batch: dict[str, np.ndarray], exclude_videos: frozenset[str]) -> dict[str, np.ndarray]:
+    latents = read_latent_shard(batch["latents_path"][0], ("latents", "context", "video_id", "clip_id"))
+    frames = np.asarray(np.load(batch["clips_path"][0], mmap_mode="r")[np.asarray(batch["rows"][0], dtype=np.int64)])
+    if len(frames) != len(latents["latents"]):
+        raise ValueError(f"{batch['latents_path'][0]} has {len(latents['latents'])} clips but {batch['clips_path'][0]} rows give {len(frames)}: rerun cache_latents")
+    keep = ~np.isin(latents["video_id"], list(exclude_videos))
+    return {"latents": latents["latents"][keep], "context": latents["context"][keep], "frames": frames[keep]}
+
+
+def latent_clip_dataset(latents_dir: Path, clips_dir: Path, seed: int, exclude_videos: frozenset[str]) -> ray.data.Dataset:
+    """Rows of `latents` (t, 4, h, w), `context` (77, d) and `frames` (t, H, W, 3) uint8 of the same
+    clip (train_controlnet computes its conditions from the frames): one read task per shard pair,
+    latent shard k beside clip shard k, shards in a seeded order.
+
+    The reader lives here, with the formats, so that Ray's data workers import only numpy, pandas
+    and pyarrow to run it (the stage's module pulls in torch, open_clip and MLflow: 12 s a worker
+    on 2 cores, which the first training step waited for)."""
+    ensure_ray()  # before the dataset exists (see ensure_ray)
+    index = read_index(latents_dir)
+    items = []
+    for shard, rows in index.groupby("shard", sort=True):
+        items.append({
+            "latents_path": str((Path(latents_dir) / shard_name(int(shard))).resolve()),
+            "clips_path": str((Path(clips_dir) / clip_shard_name(int(shard))).resolve()),
+            "rows": rows.sort_values("shard_row")["shard_row"].astype(int).tolist(),  # the latent shard's row order
+        })
+    items = [items[k] for k in np.random.default_rng(seed).permutation(len(items))]
+    return ray.data.from_items(items).map_batches(_read_shard_pair, batch_size=1, batch_format="numpy", fn_kwargs={"exclude_videos": frozenset(exclude_videos)})

@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from tasks.config.params import CacheLatentsParams, Params, TrainControlnetParams, TrainUnetParams, require_pretrained_weights
 from tasks.inference.encoders import encode_captions, load_text
-from tasks.stages.train_controlnet import control_dataset, train_controlnet
-from tasks.storage.latent_shards import write_latent_shard
+from tasks.stages.train_controlnet import train_controlnet
+from tasks.storage.latent_shards import latent_clip_dataset, write_latent_shard
 from tests.conftest import write_fixture_clips, write_tiny_models
 
 
@@ -34,7 +34,7 @@ def project(tmp_path_factory, fixture_videos):
 
 
 def test_latents_and_pixels_of_a_clip_stay_paired_and_held_out_videos_stay_out(project, ray_session):
-    rows = control_dataset(project / "data" / "latents", project / "data" / "clips", seed=0, exclude_videos=frozenset({"v1"})).take_all()
+    rows = latent_clip_dataset(project / "data" / "latents", project / "data" / "clips", seed=0, exclude_videos=frozenset({"v1"})).take_all()
     assert len(rows) == 4
     clips = np.load(project / "data" / "clips" / "clips-00000.npy")
     for row in rows:
