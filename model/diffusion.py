@@ -57,9 +57,27 @@ def drop_text(context: torch.Tensor, empty_context: torch.Tensor, probability: f
     return torch.where(keep[:, None, None], context, empty_context.expand_as(context).to(context.dtype))
 
 
-def v_loss(model: Denoiser, schedule: Schedule, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """MSE between the predicted and the true v at uniformly drawn timesteps (the training loss)."""
-    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+# How training draws timesteps: "uniform" (DDPM), or "cubic", T2I-Adapter's non-uniform sampling
+# t = (1 - u^3) T, u ~ U[0, 1): most draws at high noise, where a video's layout and motion are
+# decided, so a condition that sets them (an edge map) is learnt in fewer steps
+TIMESTEP_SAMPLINGS = ("uniform", "cubic")
+
+
+def draw_timesteps(count: int, num_train_timesteps: int, sampling: str = "uniform", generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """`count` training timesteps in [0, num_train_timesteps), drawn as `sampling` says."""
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (count,), device=device, generator=generator)
+    if sampling == "cubic":
+        u = torch.rand(count, device=device, generator=generator, dtype=torch.float64)
+        return ((1 - u**3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+
+
+def v_loss(model: Denoiser, schedule: Schedule, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None,
+           timestep_sampling: str = "uniform") -> torch.Tensor:
+    """MSE between the predicted and the true v at drawn timesteps (the training loss)."""
+    timesteps = draw_timesteps(x0.shape[0], schedule.config.num_train_timesteps, timestep_sampling, generator, x0.device)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     prediction = model(schedule.add_noise(x0, noise, timesteps), timesteps, context)
     return F.mse_loss(prediction.float(), schedule.velocity(x0, noise, timesteps).float())

@@ -94,7 +94,7 @@ class ControlNetRecipe:
         def controlled(z, timesteps, text):
             return model(z, timesteps, text, condition, kind, style_frames)
 
-        return v_loss(controlled, Schedule(get_preset(self.preset).diffusion), x0, context, generator)
+        return v_loss(controlled, Schedule(get_preset(self.preset).diffusion), x0, context, generator, cfg.timestep_sampling)
 
     def parameter_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
         return {"controlnet": list(model.controlled.controlnet.parameters()), "style": list(model.controlled.style.parameters())}

@@ -50,7 +50,7 @@ class UNetRecipe:
             x0 = x0[torch.arange(x0.shape[0], device=x0.device), :, frame][:, :, None]
         null = torch.from_numpy(self.null_context.astype(np.float32)).to(x0.device)
         context = drop_text(batch["context"].float(), null, self.cfg.text_dropout, generator)
-        return v_loss(model, Schedule(get_preset(self.preset).diffusion), x0, context, generator)
+        return v_loss(model, Schedule(get_preset(self.preset).diffusion), x0, context, generator, self.cfg.timestep_sampling)
 
     def image_step(self, step: int) -> bool:
         """Seeded by (seed, step) alone, so every worker trains the same kind of step (FSDP needs

@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from model.diffusion import Schedule, ddim_sample, ddim_timesteps, drop_text, v_loss
+from model.diffusion import TIMESTEP_SAMPLINGS, Schedule, ddim_sample, ddim_timesteps, draw_timesteps, drop_text, v_loss
 from model.presets import DiffusionConfig
+from tasks.config.params import TIMESTEP_SAMPLINGS as PARAMS_TIMESTEP_SAMPLINGS
 
 
 def reference_scheduler() -> DDIMScheduler:
@@ -63,6 +64,20 @@ def test_v_loss_is_zero_for_the_exact_v_predictor():
 
     assert v_loss(oracle, schedule, x0, torch.zeros(3, 1, 1), generator) < 1e-8
     assert seen["t"].shape == (3,)
+
+
+def test_cubic_timesteps_favour_high_noise_as_t2i_adapter_draws_them():
+    """t = (1 - u^3) T: P(t < s T) = P(u^3 > 1 - s) = 1 - (1 - s)^(1/3), so a quarter of the draws
+    fall below t = 0.58 T (uniform: 58 %), and the mean is 3/4 T (uniform: 1/2 T)."""
+    generator = torch.Generator().manual_seed(0)
+    cubic = draw_timesteps(200_000, 1000, "cubic", generator).double()
+    uniform = draw_timesteps(200_000, 1000, "uniform", generator).double()
+    assert cubic.min() >= 0 and cubic.max() <= 999 and cubic.dtype == uniform.dtype
+    assert abs(cubic.mean().item() / 1000 - 0.75) < 0.005 and abs(uniform.mean().item() / 1000 - 0.5) < 0.005
+    assert abs((cubic < 578).double().mean().item() - (1 - 0.422 ** (1 / 3))) < 0.005
+    assert PARAMS_TIMESTEP_SAMPLINGS == TIMESTEP_SAMPLINGS  # params' spelling of the choices
+    with pytest.raises(ValueError, match="unknown timestep sampling 'logit'; choose one of uniform, cubic"):
+        draw_timesteps(2, 1000, "logit")
 
 
 def test_timesteps_match_diffusers():

@@ -32,6 +32,15 @@ def test_evaluation_guides_as_the_preset_trained_samples_are_guided(preset):
     assert get_preset("L").diffusion.guidance_scale == get_preset("H").diffusion.guidance_scale == 7.5
 
 
+@pytest.mark.parametrize("preset, sampling", [("smoke", "cubic"), ("L", "uniform"), ("H", "uniform")])
+def test_only_the_smoke_controlnet_draws_training_timesteps_at_high_noise(preset, sampling):
+    """L and H train on uniform timesteps (the paper's, ControlNet's); the smoke ControlNet draws most at high noise."""
+    params = load_params(REPO_PARAMS, [f"preset={preset}"])
+    assert params.train_controlnet.timestep_sampling == sampling and params.train_unet.timestep_sampling == "uniform"
+    with pytest.raises(ParamsError, match="train_unet.timestep_sampling: 'normal' is not one of uniform, cubic"):
+        load_params(REPO_PARAMS, ["train_unet.timestep_sampling=normal"])
+
+
 def test_h_shards_the_unet_whose_training_state_outgrows_a_gpu():
     assert load_params(REPO_PARAMS, ["preset=H"]).train_unet.strategy == "fsdp"
     assert load_params(REPO_PARAMS, ["preset=L"]).train_unet.strategy == "ddp"
