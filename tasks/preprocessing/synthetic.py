@@ -1,7 +1,7 @@
 """The embedded default dataset: short real H.264 MP4s of coloured shapes moving over textures.
 
 Every video is drawn from a seeded RNG and encoded single-threaded, so the same parameters give
-the same bytes (DVC sees an unchanged output). The caption states what moves and where, which is
+the same bytes (DVC sees an unchanged output). The caption states what moves and which way, which is
 what a tiny text-to-video model can learn. A few rows are deliberately bad so that the filter
 stage has real work on the demo: static shots, a hard scene cut, an exact duplicate file, an
 empty caption and a re-crawled (duplicate) videoid.
@@ -73,6 +73,9 @@ def render(
             "texture": TEXTURES[rng.integers(len(TEXTURES))],
             "size": rng.uniform(0.16, 0.24) * min(height, width),
             "speed": rng.uniform(0.8, 1.0) * min(height, width) / num_frames,
+            # across the motion: where the shape's path lies (a share of the frame), so that where a
+            # shape is is not given by its direction alone and a control map carries news
+            "lane": rng.uniform(0.3, 0.7),
         }
 
     scenes = [scene(), scene()]
@@ -83,9 +86,9 @@ def render(
         s, background = scenes[k], backgrounds[k]
         dy, dx = DIRECTIONS[s["direction"]]
         step = 0 if static else (t - (cut_at if k else 0))
-        # The shape travels from one side to the other; the background pans gently the other way.
-        cy = height / 2 + dy * (step * s["speed"] - 0.35 * height)
-        cx = width / 2 + dx * (step * s["speed"] - 0.35 * width)
+        # The shape travels from one side to the other along its lane; the background pans gently.
+        cy = height * (0.5 if dy else s["lane"]) + dy * (step * s["speed"] - 0.35 * height)
+        cx = width * (0.5 if dx else s["lane"]) + dx * (step * s["speed"] - 0.35 * width)
         pan = 0 if static else int(step * 0.5)
         frame = background[pan : pan + height, pan : pan + width].astype(np.uint8).copy()
         draw_shape(frame, s["shape"], PALETTE[s["color"]], cy, cx, s["size"])

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval.caption_probe import DIRECTIONS, PALETTE, SHAPES, parse_caption
+from eval.caption_probe import DIRECTIONS, PALETTE, SHAPES, parse_caption, probe
 from tasks.config.params import load_params
 from tasks.config.paths import PREPARE_REPORT
 from tasks.preprocessing.synthetic import generate, iso_duration, never_drawn, render
@@ -100,3 +100,16 @@ def test_the_demo_set_leaves_combinations_unseen_but_shows_every_word_with_every
     sizes = {"color": len(PALETTE), "shape": len(SHAPES), "direction": len(DIRECTIONS)}
     for first, second in itertools.combinations(sizes, 2):
         assert len({(scene[first], scene[second]) for scene in scenes}) == sizes[first] * sizes[second], (first, second)
+
+
+def test_where_a_demo_shape_travels_is_not_told_by_its_direction_alone():
+    """Shapes moving the same way keep to lanes across the frame that differ from video to video, so
+    a control map says where the shape is, which the caption does not (train_controlnet's check)."""
+    lanes: dict[str, list[float]] = {direction: [] for direction in DIRECTIONS}
+    for k in range(120):
+        frames, caption = render(64, 64, 8, np.random.default_rng([0, k]), static=False, cut_at=None)
+        direction = parse_caption(caption)["direction"]
+        across = 0 if DIRECTIONS[direction][0] == 0 else 1  # horizontal travel: the lane is y
+        lanes[direction].append(float(np.nanmean(probe(frames).track[:, across])))
+    for direction, seen in lanes.items():
+        assert len(seen) >= 10 and np.std(seen) > 3.0, (direction, np.round(seen, 1))  # px on a 64 px frame
