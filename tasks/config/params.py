@@ -176,7 +176,7 @@ class TrainingParams:
 @dataclass(frozen=True)
 class TrainUnetParams(TrainingParams):
     SECTION: ClassVar[str] = "train_unet"
-    steps: int = 1500  # smoke: the caption probe read the prompt's colour in 79 % of samples after 1000 steps, 92 % after 1500
+    steps: int = 1500  # smoke (fixed-lane demo set): the prompt's colour in 79 % of samples after 1000 steps, 92 % after 1500
     batch_size: int = 8
     lr: float = 1e-3  # L/H: 5e-5 (the paper's); the smoke UNet is tiny and trains for minutes
     checkpoint_every: int = 500
