@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -21,15 +22,31 @@ def read_webvid_csv(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise CsvError(f"{path}: WebVid CSV not found (set data.csv, or run the prepare stage first)")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        ragged = rows_of_another_width(path)
+        # index_col=False: pandas would otherwise take a row's surplus leading fields as an index
+        # and shift every column of the file (an unquoted comma in the first row's caption)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except Exception as error:
         raise CsvError(f"{path}: not a readable CSV ({type(error).__name__}: {error})") from None
+    if ragged:
+        shown = ", ".join(f"line {line} has {width}" for line, width in ragged[:5]) + (", ..." if len(ragged) > 5 else "")
+        raise CsvError(f"{path}: {len(ragged)} row(s) do not have the header's {len(frame.columns)} fields ({shown}); "
+                       "quote fields that contain commas (\"a, b\")")
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
         raise CsvError(
             f"{path}: missing column(s) {', '.join(missing)}; a WebVid CSV has the header {','.join(COLUMNS)}"
         )
     return frame
+
+
+def rows_of_another_width(path: Path) -> list[tuple[int, int]]:
+    """(line, fields) of every record whose field count differs from the header's (blank lines
+    aside); quoted fields may hold commas and newlines."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        return [(reader.line_num, len(record)) for record in reader if record and len(record) != len(header)]
 
 
 def parse_iso_duration(text: str) -> float:

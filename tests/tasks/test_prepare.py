@@ -79,6 +79,18 @@ def test_malformed_csv_names_the_missing_column(tmp_path):
         read_webvid_csv(tmp_path / "absent.csv")
 
 
+def test_an_unquoted_comma_is_named_by_its_line_not_read_as_a_shifted_file(tmp_path):
+    """pandas took the first row's surplus field as an index and shifted every column; now the
+    row is named, and a quoted comma still reads."""
+    header = ",".join(COLUMNS)
+    (tmp_path / "ragged.csv").write_text(f"{header}\n1,https://x/1.mp4,PT00H00M05S,p,a red, round ball\n2,https://x/2.mp4,PT00H00M05S,p,fine\n")
+    with pytest.raises(CsvError, match=r"1 row\(s\) do not have the header's 5 fields \(line 2 has 6\); quote fields"):
+        read_webvid_csv(tmp_path / "ragged.csv")
+    (tmp_path / "quoted.csv").write_text(f'{header}\n1,https://x/1.mp4,PT00H00M05S,p,"a red, round ball"\n')
+    frame = read_webvid_csv(tmp_path / "quoted.csv")
+    assert frame.loc[0, "name"] == "a red, round ball" and frame.loc[0, "videoid"] == "1"
+
+
 def test_prepare_clears_leftovers_of_a_killed_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/raw").mkdir(parents=True)
