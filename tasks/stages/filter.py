@@ -98,10 +98,13 @@ def _apply_clip_filter(assessed: pd.DataFrame, cfg: FilterParams) -> pd.DataFram
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numeric columns to their schema's dtype, whatever Ray's to_pandas inferred: a batch whose
+    rows all failed comes back as object columns mixing None and pd.NA, which astype refuses."""
     frame = frame.copy()
     for name, missing in NUMERIC_FIELDS.items():
         if name in frame:
-            frame[name] = frame[name].astype("float64" if isinstance(missing, float) else "int64")
+            values = pd.to_numeric(frame[name].astype(object).where(frame[name].notna(), np.nan), errors="coerce").fillna(missing)
+            frame[name] = values.astype("float64" if isinstance(missing, float) else "int64")
     frame["row_index"] = frame["row_index"].astype("int64")
     return frame
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from tasks.config.params import DecodeParams, FilterParams
-from tasks.preprocessing.assessment import assess_video
+from tasks.preprocessing.assessment import NUMERIC_FIELDS, assess_video
 from tasks.preprocessing.clips import clip_starts, decode_clips, decode_video_clips
 from tasks.preprocessing.synthetic import render
-from tasks.stages.filter import filter_videos, report
+from tasks.stages.filter import _typed, filter_videos, report
 from tasks.storage.previews import write_mp4
 from tasks.storage.video_io import center_crop, cover_size, resize_frames
 
@@ -190,6 +190,24 @@ def test_a_csv_whose_videos_are_all_missing_is_rejected_row_by_row(tmp_path, ray
     assert kept.empty and rejected["reason"].tolist() == ["missing_file"] * 3
     index, decode_rejected = decode_clips(kept, DecodeParams(), tmp_path / "clips")
     assert index.empty and decode_rejected.empty
+
+
+def test_missing_files_between_good_videos_are_rejected_whatever_the_order(tmp_path, ray_session):
+    """Two good videos, nine missing files, a good one: Ray's to_pandas returned the all-failed
+    batch's numeric columns as objects mixing None and pd.NA, and the stage crashed in _typed."""
+    good = [synthetic_video(tmp_path, name) for name in ("first", "second", "last")]
+    missing = [{**good[0], "videoid": f"gone{i}"} for i in range(9)]
+    rows = pd.DataFrame(good[:2] + missing + good[2:])
+    kept, rejected = filter_videos(rows, str(tmp_path), FilterParams(num_workers=2), DecodeParams())
+    assert kept["videoid"].tolist() == ["first", "second", "last"] and rejected["reason"].tolist() == ["missing_file"] * 9
+    assert all(kept[name].dtype == rejected[name].dtype == ("float64" if isinstance(fill, float) else "int64")
+               for name, fill in NUMERIC_FIELDS.items() if name in kept)
+
+    mixed = pd.DataFrame({"row_index": [0, 1, 2], "fps": pd.Series([None, pd.NA, "24.0"], dtype=object),
+                          "num_frames": pd.Series([pd.NA, None, 48], dtype=object)})
+    typed = _typed(mixed)
+    assert typed["fps"].isna().tolist() == [True, True, False] and typed["fps"].iloc[2] == 24.0
+    assert typed["num_frames"].tolist() == [NUMERIC_FIELDS["num_frames"]] * 2 + [48] and typed["num_frames"].dtype == "int64"
 
 
 def test_decode_rejects_a_video_that_fails_and_keeps_the_rest(fixture_run, fixture_videos, tmp_path):
