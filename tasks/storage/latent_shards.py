@@ -127,7 +127,7 @@ def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[s
 
 
 def _read_shard_pair(batch: dict[str, np.ndarray], exclude_videos: frozenset[str]) -> dict[str, np.ndarray]:
-    latents = read_latent_shard(batch["latents_path"][0], ("latents", "context", "video_id", "clip_id"))
+    latents = read_latent_shard(batch["latents_path"][0], ("latents", "context", "video_id"))
     frames = np.asarray(np.load(batch["clips_path"][0], mmap_mode="r")[np.asarray(batch["rows"][0], dtype=np.int64)])
     if len(frames) != len(latents["latents"]):
         raise ValueError(f"{batch['latents_path'][0]} has {len(latents['latents'])} clips but {batch['clips_path'][0]} rows give {len(frames)}: rerun cache_latents")
