@@ -5,13 +5,16 @@ Resolution order for every value: the dataclass default, then the preset's defau
 A key set to `null` in params.yaml takes its value from the preset, so switching
 `preset: L` changes it (DVC still tracks the key, and `preset` itself).
 An unknown key, a value of the wrong type or an out-of-range value is an error that names
-the key (`filter.min_motoin: unknown key (did you mean 'min_motion'?)`).
+the key (`filter.min_motoin: unknown key (did you mean 'min_motion'?)`). Every number must be finite
+and, except where a section's check says otherwise, >= 0; a YAML error or a key written twice in
+one mapping names the file and line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,9 @@ import yaml
 
 PRESETS = ("smoke", "L", "H")
 PREVIEW_FPS = 8  # frame rate of every sample MP4/GIF the stages log and of `generate`'s output (the clips' decode.fps default)
+MAX_FRAME_SIDE = 4096  # pixels: beyond 4K a frame size is a typo (8 bytes of float per pixel would not fit a GPU)
+MAX_FPS = 240.0  # frames per second: the fastest cameras WebVid-style footage comes from
+SIGNED_KEYS = frozenset({"filter.clip_min_score"})  # the only numbers that may be negative (a cosine similarity)
 
 
 class ParamsError(ValueError):
@@ -51,10 +57,12 @@ class PrepareParams:
         _check_positive("prepare.num_videos", self.num_videos)
         _check_positive("prepare.seconds", self.seconds)
         _check_positive("prepare.fps", self.fps)
+        _check_at_most("prepare.fps", self.fps, MAX_FPS)
         for key in ("width", "height"):
             value = getattr(self, key)
             if value < 16 or value % 2:
                 raise ParamsError(f"prepare.{key}: {value} must be an even number >= 16 (H.264 needs even sizes)")
+            _check_at_most(f"prepare.{key}", value, MAX_FRAME_SIDE)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,15 @@ class FilterParams:
             raise ParamsError(f"filter.max_aspect_ratio: {self.max_aspect_ratio} must be >= 1 (long side / short side)")
         if not 0 < self.scene_cut_threshold <= 1:
             raise ParamsError(f"filter.scene_cut_threshold: {self.scene_cut_threshold} must be in (0, 1]")
+        _check_positive("filter.min_fps", self.min_fps)
+        _check_at_most("filter.max_fps", self.max_fps, MAX_FPS)
+        if self.min_fps > self.max_fps:
+            raise ParamsError(f"filter.min_fps: {self.min_fps} is above filter.max_fps ({self.max_fps}); every video would be rejected")
+        for key in ("min_short_side", "analysis_short_side"):
+            _check_positive(f"filter.{key}", getattr(self, key))
+            _check_at_most(f"filter.{key}", getattr(self, key), MAX_FRAME_SIDE)
+        if not -1 <= self.clip_min_score <= 1:
+            raise ParamsError(f"filter.clip_min_score: {self.clip_min_score} must be in [-1, 1] (a cosine similarity)")
         if self.clip_min_score > 0 and not self.clip_weights:
             raise ParamsError(
                 "filter.clip_weights: required when filter.clip_min_score > 0 "
@@ -106,6 +123,9 @@ class DecodeParams:
             _check_positive(f"decode.{key}", getattr(self, key))
         if self.height % 8 or self.width % 8:
             raise ParamsError(f"decode.height/width: {self.height}x{self.width} must be multiples of 8 (VAE factor)")
+        for key in ("height", "width"):
+            _check_at_most(f"decode.{key}", getattr(self, key), MAX_FRAME_SIDE)
+        _check_at_most("decode.fps", self.fps, MAX_FPS)
 
 
 @dataclass(frozen=True)
@@ -164,7 +184,7 @@ class TrainingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "lr", "checkpoint_every", "num_workers", "max_bad_steps"):
+        for key in ("steps", "batch_size", "grad_accum", "lr", "grad_clip", "checkpoint_every", "num_workers", "max_bad_steps", "shuffle_buffer"):
             _check_positive(f"{self.SECTION}.{key}", getattr(self, key))
         _check_choice(f"{self.SECTION}.strategy", self.strategy, STRATEGIES)
         if self.strategy == "fsdp" and self.NO_FSDP:
@@ -439,11 +459,7 @@ def require_pretrained_weights(params: Params, section: str) -> None:
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read params.yaml, apply the preset and `key=value` overrides, and type-check everything."""
     path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: params file not found (run from the project root or pass --params FILE)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path)
     for item in overrides:
         _apply_override(raw, item)
     try:
@@ -458,6 +474,42 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         return _build(Params, merged, prefix="")
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key written twice in one mapping is an error: PyYAML silently keeps
+    the last value, so a second `lr:` further down a section would override the first unnoticed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ParamsError(f"line {line}: key {key!r} appears twice in one section (first on line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The params file as a mapping; every way it can be unreadable is a ParamsError naming the file (and line)."""
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found (run from the project root or pass --params FILE)")
+    if not path.is_file():
+        raise ParamsError(f"{path}: is not a file (pass --params with a YAML file)")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise ParamsError(f"{path}: cannot be read ({error})") from None
+    except ParamsError as error:
+        raise ParamsError(f"{path}: {error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        raise ParamsError(f"{path}:{where} not valid YAML ({getattr(error, 'problem', None) or error})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
 
 
 def params_to_dict(params: Params) -> dict[str, Any]:
@@ -480,7 +532,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ParamsError(f"-S {item!r}: expected key=value, e.g. -S decode.frames=16")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        raise ParamsError(f"-S {item!r}: the value is not valid YAML; quote it, e.g. -S {key}='\"{text}\"'") from None
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
@@ -514,14 +569,19 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 
 def _coerce(kind: Any, value: Any, key: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ParamsError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if kind in (int, float):
+        if not math.isfinite(value):
+            raise ParamsError(f"{key}: {value!r} must be a finite number")
+        if value < 0 and key not in SIGNED_KEYS:
+            raise ParamsError(f"{key}: {value!r} must be >= 0")
     return value
 
 
@@ -533,3 +593,8 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_positive(key: str, value: float) -> None:
     if not value > 0:
         raise ParamsError(f"{key}: {value!r} must be > 0")
+
+
+def _check_at_most(key: str, value: float, limit: float) -> None:
+    if value > limit:
+        raise ParamsError(f"{key}: {value!r} must be <= {limit:g}")

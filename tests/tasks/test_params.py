@@ -75,6 +75,24 @@ def test_explicit_values_and_overrides_beat_the_preset(tmp_path):
         ("train_unet:\n  strategy: zero3\n", "train_unet.strategy: 'zero3' is not one of ddp, fsdp"),
         ("train_decoder:\n  strategy: fsdp\n", "train_decoder.strategy: fsdp is not supported here (the GAN loss"),
         ("train_controlnet:\n  strategy: fsdp\n", "train_controlnet.strategy: fsdp is not supported here (each rank draws its own condition"),
+        # non-finite, negative, absurd and contradictory numbers (each passed before)
+        ("decode:\n  fps: .inf\n", "decode.fps: inf must be a finite number"),
+        ("train_unet:\n  lr: .nan\n", "train_unet.lr: nan must be a finite number"),
+        ("evaluate:\n  guidance_scale: .nan\n", "evaluate.guidance_scale: nan must be a finite number"),
+        ("filter:\n  min_motion: -.inf\n", "filter.min_motion: -inf must be a finite number"),
+        ("filter:\n  max_aspect_ratio: .inf\n", "filter.max_aspect_ratio: inf must be a finite number"),
+        ("train_unet:\n  warmup_steps: -5\n", "train_unet.warmup_steps: -5 must be >= 0"),
+        ("train_decoder:\n  grad_clip: -1.0\n", "train_decoder.grad_clip: -1.0 must be >= 0"),
+        ("train_controlnet:\n  grad_clip: 0\n", "train_controlnet.grad_clip: 0.0 must be > 0"),
+        ("train_unet:\n  weight_decay: -0.01\n", "train_unet.weight_decay: -0.01 must be >= 0"),
+        ("train_unet:\n  shuffle_buffer: -64\n", "train_unet.shuffle_buffer: -64 must be >= 0"),
+        ("prepare:\n  height: 800000\n", "prepare.height: 800000 must be <= 4096"),
+        ("decode:\n  width: 80000\n", "decode.width: 80000 must be <= 4096"),
+        ("filter:\n  min_fps: 30\n  max_fps: 24\n", "filter.min_fps: 30.0 is above filter.max_fps (24.0)"),
+        ("filter:\n  clip_min_score: -2\n", "filter.clip_min_score: -2.0 must be in [-1, 1]"),
+        # YAML the loader cannot read, or would read wrongly
+        ("train_unet:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n", "line 4: key 'lr' appears twice in one section (first on line 2)"),
+        ("decode:\n  frames: [8\n", "line 3, column 1: not valid YAML"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, text, message):
@@ -96,3 +114,22 @@ def test_cli_reports_a_mistyped_key_and_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli_main(["stage", "decode"]) == 2
     assert "decode.framse: unknown key (did you mean 'frames'?)" in capsys.readouterr().err
+
+
+def test_a_negative_clip_score_threshold_is_allowed():
+    """The one signed number: a CLIP cosine similarity threshold below 0 keeps more than 0 would."""
+    assert load_params(REPO_PARAMS, ["filter.clip_min_score=-0.5"]).filter.clip_min_score == -0.5
+
+
+@pytest.mark.parametrize("make_bad_file", [lambda path: path.mkdir(), lambda path: path.write_bytes(b"\xff\xfe\x00preset")])
+def test_cli_exits_2_naming_an_unreadable_params_file(tmp_path, capsys, monkeypatch, make_bad_file):
+    make_bad_file(tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["stage", "decode"]) == 2
+    error = capsys.readouterr().err
+    assert "versvideo: bad params: params.yaml:" in error and "Traceback" not in error
+
+
+def test_an_override_that_is_not_yaml_is_explained():
+    with pytest.raises(ParamsError, match=r"-S 'decode.fps=\[8': the value is not valid YAML"):
+        load_params(REPO_PARAMS, ["decode.fps=[8"])
