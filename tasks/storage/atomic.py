@@ -57,9 +57,26 @@ def write_json(payload: Any, final: str | Path) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def remove_stale_temporaries(folder: str | Path) -> None:
-    """Delete leftovers of a crashed run (files named by `atomic_path`) before a rerun."""
+def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...] = ()) -> None:
+    """Delete leftovers of a crashed run (named by `atomic_path`) before a rerun: only those whose
+    writer is no longer running, and, when `names` is given, only temporaries of those outputs (a
+    folder the user owns, such as the one holding their CSV, keeps everything else)."""
     folder = Path(folder)
-    if folder.is_dir():
-        for leftover in folder.glob(f"{TMP_MARK}*"):
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    if not folder.is_dir():
+        return
+    for leftover in folder.glob(f"{TMP_MARK}*"):
+        pid, _, final_name = leftover.name.removeprefix(TMP_MARK).partition("-")
+        if not pid.isdigit() or (names and final_name not in names) or process_alive(int(pid)):
+            continue
+        shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True

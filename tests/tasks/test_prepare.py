@@ -1,6 +1,7 @@
 import hashlib
 import itertools
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -91,14 +92,45 @@ def test_an_unquoted_comma_is_named_by_its_line_not_read_as_a_shifted_file(tmp_p
     assert frame.loc[0, "name"] == "a red, round ball" and frame.loc[0, "videoid"] == "1"
 
 
-def test_prepare_clears_leftovers_of_a_killed_run(tmp_path, monkeypatch):
+def test_prepare_clears_leftovers_of_a_killed_run_and_nothing_else(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/raw").mkdir(parents=True)
-    (tmp_path / "data/raw/.tmp-999-webvid.csv").write_text("half a csv")
-    (tmp_path / "data/raw/.tmp-999-videos").mkdir()
+    dead_pid = 2**22 + 17  # above Linux's pid_max: no process has it
+    (tmp_path / f"data/raw/.tmp-{dead_pid}-webvid.csv").write_text("half a csv")
+    (tmp_path / f"data/raw/.tmp-{dead_pid}-videos").mkdir()
+    (tmp_path / "data/raw/.tmp-notes").write_text("the user's, not a temporary of ours")
+    (tmp_path / f"data/raw/.tmp-{os.getppid()}-webvid.csv").write_text("a live writer's (another process)")
     (tmp_path / "params.yaml").write_text("prepare:\n  num_videos: 2\n  seconds: 1.0\n")
     prepare_stage.prepare(load_params("params.yaml"))
-    assert not list((tmp_path / "data").rglob(".tmp-*"))
+    assert {path.name for path in (tmp_path / "data").rglob(".tmp-*")} == {".tmp-notes", f".tmp-{os.getppid()}-webvid.csv"}
+
+
+def test_prepare_refuses_to_replace_a_folder_of_videos_it_did_not_write(tmp_path, monkeypatch):
+    """It used to rmtree data.videos_root and fill it with the synthetic set, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "my_videos"
+    (mine / "holiday").mkdir(parents=True)
+    (mine / "holiday/beach.mp4").write_bytes(b"precious")
+    (tmp_path / "params.yaml").write_text("prepare:\n  num_videos: 2\n  seconds: 1.0\n")
+    with pytest.raises(ValueError, match=r"data.videos_root my_videos: holds files prepare did not write"):
+        prepare_stage.prepare(load_params("params.yaml", ["data.videos_root=my_videos"]))
+    assert (mine / "holiday/beach.mp4").read_bytes() == b"precious" and not (tmp_path / "data/raw/webvid.csv").exists()
+    # its own folder (the marker) it replaces, twice in a row, with the same videos
+    prepare_stage.prepare(load_params("params.yaml"))
+    first = digest(tmp_path / "data/raw/videos")
+    prepare_stage.prepare(load_params("params.yaml"))
+    assert digest(tmp_path / "data/raw/videos") == first and (tmp_path / "data/raw/videos" / prepare_stage.SYNTHETIC_MARKER).is_file()
+
+
+def test_prepare_never_writes_over_the_users_csv(tmp_path, monkeypatch):
+    """With data.csv = prepare.webvid_csv it used to rewrite the user's CSV, rows and columns dropped."""
+    monkeypatch.chdir(tmp_path)
+    original = ",".join(COLUMNS) + ",extra\n1,u,PT00H00M05S,p,a caption,x\n1,u,PT00H00M05S,p,again,y\n"
+    (tmp_path / "mine.csv").write_text(original)
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: webvid\n  webvid_csv: ./mine.csv\ndata:\n  csv: mine.csv\n")
+    with pytest.raises(ValueError, match="data.csv and prepare.webvid_csv are the same file"):
+        prepare_stage.prepare(load_params("params.yaml"))
+    assert (tmp_path / "mine.csv").read_text() == original
 
 
 def test_the_demo_set_leaves_combinations_unseen_but_shows_every_word_with_every_other():
