@@ -68,7 +68,7 @@ from tasks.storage.atomic import atomic_path, write_json
 from tasks.storage.clip_shards import split_clips
 from tasks.storage.latent_shards import load_encoders_info
 from tasks.storage.previews import write_preview
-from tasks.storage.video_io import VideoError
+from tasks.storage.video_io import VideoError, path_under
 
 C3D_FRAMES = 16  # the UCF-101 C3D's input length
 
@@ -261,7 +261,7 @@ def ucf101_protocol(params: Params) -> Protocol:
     classes = sorted({(video.label, video.class_name) for video in videos})
     prompts = {name: class_prompt(name, cfg.ucf101_prompt_template) for _, name in classes}
     real = pd.DataFrame({
-        "path": [str(Path(cfg.ucf101_videos, video.path)) for video in videos], "shard_row": -1,
+        "path": [listed_video(cfg.ucf101_videos, video.path, "evaluate.ucf101_lists") for video in videos], "shard_row": -1,
         "prompt": [prompts[video.class_name] for video in videos], "id": [video.path for video in videos],
     })
     count = cfg.num_videos or len(videos)
@@ -280,12 +280,20 @@ def msrvtt_protocol(params: Params) -> Protocol:
         picked = np.random.default_rng(cfg.seed).choice(len(videos), cfg.msrvtt_num_videos, replace=False)
         videos = [videos[k] for k in sorted(picked)]
     real = pd.DataFrame({
-        "path": [str(Path(cfg.msrvtt_videos, f"{video.video_id}.mp4")) for video in videos], "shard_row": -1,
+        "path": [listed_video(cfg.msrvtt_videos, f"{video.video_id}.mp4", "evaluate.msrvtt_annotations") for video in videos], "shard_row": -1,
         "prompt": [video.caption for video in videos], "id": [video.video_id for video in videos],
     })
     if len(real) > cfg.max_real:
         real = real.sample(cfg.max_real, random_state=cfg.seed).sort_index()
     return Protocol("msrvtt", "msrvtt", split, [video.caption for video in videos], real.reset_index(drop=True))
+
+
+def listed_video(root: str, relative: str, listed_in: str) -> str:
+    """A benchmark list's video under its videos folder; an entry leaving that folder is an error naming the list."""
+    try:
+        return str(path_under(root, relative))
+    except VideoError as error:
+        raise ValueError(f"{listed_in}: entry {error.detail}; benchmark lists name files inside their videos folder") from None
 
 
 def stats_key(protocol: Protocol, ids: dict[str, str], s: Settings) -> dict[str, Any]:

@@ -40,11 +40,20 @@ def video_path(videos_root: str | Path, page_dir: str, videoid: str) -> Path:
     name = str(videoid)
     if not name.lower().endswith(VIDEO_EXTENSIONS):
         name += ".mp4"
-    root = os.path.normpath(os.path.abspath(videos_root))
-    candidate = os.path.normpath(os.path.join(root, str(page_dir), name))
-    if os.path.isabs(str(page_dir)) or os.path.commonpath([root, candidate]) != root:
-        raise VideoError("path_outside_root", f"{page_dir}/{name} resolves outside videos_root {root}")
-    return Path(candidate)
+    if os.path.isabs(str(page_dir)):
+        raise VideoError("path_outside_root", f"{page_dir}/{name}: page_dir is an absolute path; it must be relative to videos_root")
+    return path_under(videos_root, os.path.join(str(page_dir), name))
+
+
+def path_under(root: str | Path, relative: str) -> Path:
+    """root/relative, refusing one that leaves root: by `..`, or by a symlink (the file's or a
+    folder's) pointing elsewhere. Both sides are resolved (realpath), so a root that is itself a
+    link to a big disk is fine, and a link inside the root to another file inside it is too."""
+    candidate = Path(os.path.normpath(os.path.join(os.path.abspath(root), relative)))
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(candidate)]) != real_root:
+        raise VideoError("path_outside_root", f"{relative} resolves outside videos_root {real_root} (via '..' or a symlink)")
+    return candidate
 
 
 @dataclass(frozen=True)

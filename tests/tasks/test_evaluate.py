@@ -14,7 +14,7 @@ from tasks.config.params import CacheLatentsParams, EvaluateParams, Params, Trai
 from tasks.inference.encoders import encode_captions, load_text
 from tasks.inference.generation import VideoGenerator
 from tasks.inference.models import load_unet
-from tasks.stages.evaluate import evaluate
+from tasks.stages.evaluate import evaluate, listed_video
 from tasks.storage.clip_shards import held_out_videos
 from tests.conftest import FIXTURE_SOURCES, write_fixture_clips, write_tiny_models
 
@@ -174,3 +174,10 @@ def test_captions_protocol_scores_prompt_following_beside_chance_and_the_real_cl
     client = MlflowClient()
     run = client.search_runs([client.get_experiment_by_name("versvideo").experiment_id])[0]
     assert run.data.metrics["captions/direction_accuracy_unseen"] == figures["direction_accuracy_unseen"]
+
+
+def test_a_benchmark_list_entry_cannot_leave_its_videos_folder(tmp_path):
+    (tmp_path / "UCF-101/ApplyEyeMakeup").mkdir(parents=True)
+    assert listed_video(str(tmp_path / "UCF-101"), "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "evaluate.ucf101_lists").endswith("UCF-101/ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi")
+    with pytest.raises(ValueError, match=r"evaluate.msrvtt_annotations: entry ../../etc/passwd.mp4 resolves outside"):
+        listed_video(str(tmp_path / "UCF-101"), "../../etc/passwd.mp4", "evaluate.msrvtt_annotations")

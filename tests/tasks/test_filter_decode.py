@@ -16,7 +16,7 @@ from tasks.preprocessing.clips import clip_starts, decode_clips, decode_video_cl
 from tasks.preprocessing.synthetic import render
 from tasks.stages.filter import _typed, filter_videos, report
 from tasks.storage.previews import write_mp4
-from tasks.storage.video_io import center_crop, cover_size, resize_frames
+from tasks.storage.video_io import VideoError, center_crop, cover_size, resize_frames, video_path
 
 GOOD = ["h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv"]
 EXPECTED_REASONS = {
@@ -221,3 +221,26 @@ def test_decode_rejects_a_video_that_fails_and_keeps_the_rest(fixture_run, fixtu
     assert rejected[["video_id", "reason"]].values.tolist() == [["corrupt", "undecodable"]]
     assert set(index["video_id"]) == {"mpeg4_320x240_25fps.avi"}
     assert np.load(tmp_path / "clips" / "clips-00000.npy").shape[0] == len(index)
+
+
+def test_symlinks_cannot_lead_a_row_out_of_videos_root(tmp_path):
+    """The containment check used to normalise the path without resolving links, so a link to a
+    file (or a page_dir linking to a folder) outside videos_root was kept."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.mp4").write_bytes(b"not yours")
+    root = tmp_path / "videos"
+    (root / "page").mkdir(parents=True)
+    (root / "page/real.mp4").write_bytes(b"video")
+    (root / "page/leak.mp4").symlink_to(outside / "secret.mp4")
+    (root / "escape_dir").symlink_to(outside)
+    (root / "page/alias.mp4").symlink_to(root / "page/real.mp4")  # a link that stays inside is fine
+    for page_dir, videoid in (("page", "leak"), ("escape_dir", "secret"), ("/etc", "passwd"), ("..", "outside/secret")):
+        with pytest.raises(VideoError, match="outside videos_root|absolute path") as error:
+            video_path(root, page_dir, videoid)
+        assert error.value.reason == "path_outside_root"
+    assert video_path(root, "page", "alias") == root / "page/alias.mp4"
+    linked_root = tmp_path / "videos_link"  # data.videos_root itself a link to a big disk
+    linked_root.symlink_to(root)
+    assert video_path(linked_root, "page", "real") == linked_root / "page/real.mp4"
+    assert assess_video({"videoid": "leak", "page_dir": "page", "name": CAPTION}, str(root), FilterParams(), DecodeParams())["reason"] == "path_outside_root"
