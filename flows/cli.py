@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tasks.config.params import PREVIEW_FPS, ParamsError, load_params
 from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
+from tasks.operations.stage_lock import StageBusy, stage_lock
 
 # Stage name (as in dvc.yaml and params.yaml) -> module with main(params).
 STAGES = {
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "stage":
             params = load_params(args.params, args.overrides)
-            importlib.import_module(STAGES[args.name]).main(params)
+            with stage_lock(args.name):  # a second run of this stage here fails at once, naming the first
+                importlib.import_module(STAGES[args.name]).main(params)
         elif args.command == "pipeline":
             from flows.pipeline import StageFailed, pipeline
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as error:
         print(f"versvideo: bad params: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, StageBusy) as error:
         print(f"versvideo: {error}", file=sys.stderr)
         return 1
     return 0

@@ -4,7 +4,6 @@ one fixed-shape uint8 clip shard."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +87,11 @@ INDEX_COLUMNS = ["kind", "clip_id", "video_id", "shard", "shard_row", "start_fra
 
 
 def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Decode all kept videos into shards under out_dir; returns (clip index, rejected videos)."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # no shard of an earlier run may survive under a reused name
-    out_dir.mkdir(parents=True)
+    """Decode all kept videos into shards under out_dir, a new or empty folder (the decode stage
+    builds one beside the previous clips and swaps it in); returns (clip index, rejected videos)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob("clips-*.npy")):
+        raise ValueError(f"{out_dir}: already holds clip shards; decode into a new or empty folder, so no shard of an earlier run survives under a reused name")
     videos_per_shard = max(1, cfg.clips_per_shard // cfg.clips_per_video)
     kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // videos_per_shard)
     columns = ["shard", "videoid", "path", "height", "width", "fps", "segment_start", "segment_end", "stride", "name"]

@@ -11,8 +11,6 @@ data/raw/prepare_report.json.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +20,6 @@ from tasks.config.paths import PREPARE_REPORT
 from tasks.preprocessing import synthetic
 from tasks.storage.atomic import atomic_path, remove_stale_temporaries, write_json
 from tasks.storage.webvid import COLUMNS, dedupe_videoids, read_webvid_csv
-
 
 SYNTHETIC_MARKER = ".versvideo-synthetic.json"  # in data.videos_root: prepare wrote this folder, and may replace it
 
@@ -62,10 +59,6 @@ def _write_synthetic_videos(params: Params) -> pd.DataFrame:
     with atomic_path(final) as tmp:
         rows = synthetic.generate(tmp, num_videos=cfg.num_videos, seconds=cfg.seconds, fps=cfg.fps, height=cfg.height, width=cfg.width, seed=cfg.seed)
         (tmp / SYNTHETIC_MARKER).write_text(json.dumps({"written_by": "versvideo stage prepare", "source": "synthetic", "videos": len(rows)}) + "\n")
-        if final.exists():  # the old set, which refuse_foreign_folder showed is ours
-            retired = final.with_name(f".retired-{os.getpid()}-{final.name}")
-            os.replace(final, retired)
-            shutil.rmtree(retired)
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 

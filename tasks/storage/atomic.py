@@ -5,6 +5,7 @@ complete new one, never a half-written file that a later stage (or DVC) would re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -20,18 +21,37 @@ TMP_MARK = ".tmp-"
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it to `final` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it to `final` only if the block succeeds.
+
+    The block may make a file or a folder there. A folder replaces an existing folder in one
+    step (Linux's renameat2 exchange), so readers see the whole old folder or the whole new one."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{TMP_MARK}{os.getpid()}-{final.name}")
     try:
         yield tmp
-        os.replace(tmp, final)
+        if tmp.is_dir() and final.is_dir() and not final.is_symlink():
+            swap_folders(tmp, final)  # the old folder is now at tmp, removed below
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def swap_folders(new: Path, final: Path) -> None:
+    """Exchange two folders in one step (renameat2 RENAME_EXCHANGE: Linux >= 3.15 on ext4, xfs,
+    btrfs, tmpfs). Where the kernel or filesystem cannot (NFS, macOS), the old folder is deleted
+    before the rename: for that moment the output is missing, never half-written."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(final), rename_exchange) == 0:
+        return
+    shutil.rmtree(final)
+    os.replace(new, final)
+    new.mkdir()  # atomic_path removes the temporary name, as after an exchange
 
 
 def write_parquet(frame: pd.DataFrame, final: str | Path) -> None:
