@@ -23,9 +23,13 @@ def load_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"{path}: weight file not found; set {key} to a local file (nothing is downloaded)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:  # truncated, corrupt or unreadable
+            raise WeightsError(f"{path}: not a readable safetensors file ({error}); re-download or re-export it ({key})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle with objects other than tensors, or not a torch file at all

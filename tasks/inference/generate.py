@@ -15,6 +15,7 @@ prompt, PATH_000.mp4 ... for several.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.weights import WeightsError, file_digest
-from tasks.config.params import PREVIEW_FPS, Params
+from tasks.config.params import MAX_FPS, PREVIEW_FPS, Params
 from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
 from tasks.inference.conditions import ConditionExtractor, condition_index, load_style_encoder, style_embeddings
 from tasks.inference.generation import VideoGenerator, read_video_clip
@@ -34,6 +35,7 @@ from tasks.inference.models import trained_clip_shape
 from tasks.operations.lineage import tracking_uri
 from tasks.storage.previews import write_preview
 from tasks.storage.video_io import VideoError, center_crop, cover_size, resize_frames
+from tasks.storage.weight_files import check_weight_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -110,7 +112,7 @@ def read_image(path: Path, height: int, width: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))[None]
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from None
     cover_height, cover_width = cover_size(pixels.shape[1], pixels.shape[2], height, width)
     return center_crop(resize_frames(pixels, cover_height, cover_width), height, width)[0]
@@ -137,6 +139,41 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}_{k:03d}.mp4") for k in range(count)]
 
 
+MAX_IMAGE_SIDE = 8192  # pixels: larger style or control images are refused before decoding
+
+
+def check_request(request: GenerateRequest) -> list[Path]:
+    """What can be checked about a request without a model (numbers, output paths, image sizes),
+    checked before any model is loaded, so a mistake costs no generation; returns the output paths."""
+    if not (math.isfinite(request.fps) and 1 <= request.fps <= MAX_FPS):  # the MP4 is written at round(fps)
+        raise ValueError(f"--fps {request.fps}: must be a number from 1 to {MAX_FPS:g}")
+    for flag, value in (("--cfg", request.cfg), ("--control-scale", request.control_scale)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} {value}: must be a finite number >= 0")
+    outputs = output_paths(request.out, len(request.prompts))
+    for path in outputs:
+        if path.is_dir():
+            raise ValueError(f"--out {path}: is a folder; give a file path ending in .mp4")
+        ancestor = next(folder for folder in (path.parent.absolute(), *path.parent.absolute().parents) if folder.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {path}: cannot write under {ancestor} (not a writable folder)")
+    for path, flag in ((request.control_path, "--control-video"), (request.style, "--style")):
+        if path and Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+            check_image_size(Path(path), flag)
+    return outputs
+
+
+def check_image_size(path: Path, flag: str) -> None:
+    """Reads the image header only: a 20000 x 20000 image is refused before it is decoded."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{flag} {path}: not a readable image ({error})") from None
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ValueError(f"{flag} {path}: {width}x{height} pixels; give an image at most {MAX_IMAGE_SIDE} pixels on a side (it is resized to the video anyway)")
+
+
 def generate(request: GenerateRequest, params: Params) -> list[Path]:
     """Make one video per prompt; returns the MP4 paths (each with a .gif beside it)."""
     if request.control and not request.control_path:
@@ -148,10 +185,14 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
     for path, flag in ((request.control_path, "--control-video"), (request.style, "--style")):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: not found")
+    outputs = check_request(request)
     folders = registered_folders(request.model) if request.model else dict(request.folders)
     steered = bool(request.control or request.style)
     if steered and not (folders.get("controlnet") and (Path(folders["controlnet"]) / "config.json").is_file()):
         raise FileNotFoundError(f"--control/--style need a trained ControlNet: {folders.get('controlnet')} has none (run versvideo stage train_controlnet)")
+    for part in ("unet", "decoder", *(["controlnet"] if steered else [])):
+        if (Path(folders[part]) / "config.json").is_file():  # a trained folder: its weights must be whole
+            check_weight_file(Path(folders[part]) / "model.safetensors", f"--{part} {folders[part]}")
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     generator = VideoGenerator(folders["unet"], folders["decoder"], request.latents, params.cache_latents, device=device,
                                controlnet_dir=folders["controlnet"] if steered else None)
@@ -163,7 +204,6 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
     generator.check_size(height, width)
     steps = request.steps or preset.diffusion.sampling_steps
     guidance_scale = preset.diffusion.guidance_scale if request.cfg is None else request.cfg
-    outputs = output_paths(request.out, len(request.prompts))
 
     control = None
     if request.control:

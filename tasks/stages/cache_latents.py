@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -31,12 +30,13 @@ from safetensors.torch import save_file
 from model.image_vae import LATENT_CHANNELS, build_tiny_image_vae, frames_to_pixels
 from model.presets import get_preset
 from model.weights import file_digest
-from tasks.config.params import CacheLatentsParams, Params, require_pretrained_weights
+from tasks.config.params import CacheLatentsParams, Params
 from tasks.config.paths import CACHE_LATENTS_METRICS, CLIPS, LATENTS
 from tasks.inference.encoders import encode_captions, encoder_info, load_text
 from tasks.preprocessing.latents import cache_latents
 from tasks.storage.atomic import atomic_path, write_json, write_npy, write_parquet
 from tasks.storage.clip_shards import shard_name as clip_shard_name
+from tasks.storage.weight_files import require_weight_files
 
 FIT_THREADS = 2  # the smoke VAE fit's threads on every machine: another count sums in another order, and the weights change
 
@@ -87,24 +87,13 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
         (tmp / "config.json").write_text(json.dumps(config, sort_keys=True))
         save_file({name: tensor.detach().contiguous() for name, tensor in vae.state_dict().items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
         (tmp / "fit.json").write_text(json.dumps(stamp))
-        if folder.exists():
-            shutil.rmtree(folder)  # the old fit, replaced by the rename on the next line
     print(f"cache_latents: fitted the smoke VAE for {cfg.smoke_vae_fit_steps} steps (final squared error {loss.item():.4f}, latent scale {config['scaling_factor']})", flush=True)
     return folder
 
 
-def check_weight_files(params: Params) -> None:
-    cfg = params.cache_latents
-    require_pretrained_weights(params, "cache_latents")
-    for key in ("vae_weights", "text_weights"):
-        path = getattr(cfg, key)
-        if path and not Path(path).exists():
-            raise FileNotFoundError(f"{path}: weight file not found; set cache_latents.{key} to a local file or folder (nothing is downloaded)")
-
-
 def main(params: Params) -> None:
     cfg = params.cache_latents
-    check_weight_files(params)
+    require_weight_files(params, "cache_latents")
     index_path = CLIPS / "index.parquet"
     if not index_path.exists():
         raise FileNotFoundError(f"{index_path} not found: run the decode stage first (versvideo stage decode)")

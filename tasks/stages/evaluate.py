@@ -57,7 +57,7 @@ from eval.frechet import FeatureStats, stats_distance
 from eval.inception import inception_score
 from eval.video_features import I3D_FEATURES, UCF101_CLASSES, fvd_network, fvd_weights_id, is_network, is_weights_id
 from model.weights import file_digest
-from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, EvaluateParams, Params, flatten, params_to_dict, require_pretrained_weights
+from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, EvaluateParams, Params, flatten, params_to_dict
 from tasks.config.paths import CLIPS, DECODER, EVAL_METRICS, EVAL_STATS, LATENTS, PLOTS, UNET
 from tasks.inference.clip_score import load_clip
 from tasks.inference.encoders import resolved_encoders
@@ -69,6 +69,7 @@ from tasks.storage.clip_shards import split_clips
 from tasks.storage.latent_shards import load_encoders_info
 from tasks.storage.previews import write_preview
 from tasks.storage.video_io import VideoError, path_under
+from tasks.storage.weight_files import require_weight_files
 
 C3D_FRAMES = 16  # the UCF-101 C3D's input length
 
@@ -412,7 +413,7 @@ def per_frame_table(result: dict[str, Any]) -> pd.DataFrame:
 
 def check_inputs(params: Params, frames: int) -> None:
     cfg = params.evaluate
-    require_pretrained_weights(params, "evaluate")
+    require_weight_files(params, "evaluate")
     if cfg.c3d_weights and frames < C3D_FRAMES:
         raise ValueError(f"evaluate.c3d_weights: the UCF-101 C3D needs {C3D_FRAMES} frames, the clips have {frames} (decode.frames)")
     for folder, stage in ((UNET, "train_unet"), (DECODER, "train_decoder")):

@@ -20,6 +20,7 @@ from tasks.operations.ray_runtime import ensure_ray
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
 from tasks.storage.atomic import remove_stale_temporaries, write_json, write_parquet
 from tasks.storage.webvid import read_webvid_csv
+from tasks.storage.weight_files import require_weight_files
 
 
 def _assess_on_ray(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> pd.DataFrame:
@@ -120,6 +121,7 @@ def report(kept: pd.DataFrame, rejected: pd.DataFrame) -> dict:
 
 
 def main(params: Params) -> None:
+    require_weight_files(params, "filter")  # a bad clip_weights is found now, not after every video was probed
     remove_stale_temporaries(FILTERED)  # leftovers of a run that was killed mid-write
     rows = read_webvid_csv(params.data.csv)
     kept, rejected = filter_videos(rows, params.data.videos_root, params.filter, params.decode)

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from eval.caption_probe import centroid_error, probe
 from eval.control import edge_correlation
 from model.presets import get_preset
-from tasks.config.params import Params, flatten, params_to_dict, require_pretrained_weights
+from tasks.config.params import Params, flatten, params_to_dict
 from tasks.config.paths import CLIPS, CONTROLNET, CONTROLNET_METRICS, DECODER, LATENTS, RUNS, UNET
 from tasks.inference.conditions import canny
 from tasks.inference.encoders import resolved_encoders
@@ -40,6 +40,7 @@ from tasks.operations.lineage import lineage_tags, tracking_uri
 from tasks.storage.atomic import write_json
 from tasks.storage.clip_shards import held_out_videos, read_clips
 from tasks.storage.latent_shards import latent_clip_dataset, load_null_context, read_index
+from tasks.storage.weight_files import require_weight_files
 from tasks.training.controlnet import ControlNetRecipe, generate_controlled
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary, resumable_run_name
@@ -94,7 +95,7 @@ def control_check(generator: VideoGenerator, recipe: ControlNetRecipe, clips: np
 def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet: Path = UNET, decoder: Path = DECODER,
                      output_dir: Path = CONTROLNET, runs: Path = RUNS) -> dict[str, Any]:
     """Train on the cache + clips with the UNet in `unet` frozen; exports to output_dir; returns the figures."""
-    require_pretrained_weights(params, "train_controlnet")
+    require_weight_files(params, "train_controlnet")
     cfg = params.train_controlnet
     index = read_index(latents)
     held_out = held_out_videos(index, params.train_unet.held_out_share, params.train_unet.seed)

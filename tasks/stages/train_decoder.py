@@ -27,13 +27,14 @@ from torch import nn
 
 from eval.reconstruction import per_clip_metrics, spread
 from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
-from tasks.config.params import Params, flatten, params_to_dict, require_pretrained_weights
+from tasks.config.params import Params, flatten, params_to_dict
 from tasks.config.paths import CLIPS, DECODER, LATENTS, RECONSTRUCTION_METRICS, RUNS
 from tasks.inference.encoders import load_vae, resolved_encoders
 from tasks.inference.models import IMAGE_DECODER, load_decoder
 from tasks.operations.lineage import lineage_tags, tracking_uri
 from tasks.storage.atomic import write_json
 from tasks.storage.clip_shards import clip_dataset, read_clips, split_clips
+from tasks.storage.weight_files import require_weight_files
 from tasks.training.decoder import DecoderRecipe, to_frames, to_video
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary, resumable_run_name
@@ -82,7 +83,7 @@ def spread_table(per_clip: dict[str, dict[str, np.ndarray]], videos: np.ndarray,
 def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, output_dir: Path = DECODER, runs: Path = RUNS) -> dict[str, Any]:
     """Fine-tune the TCM-VAE (and the image decoder beside it), compare them on held-out clips;
     returns the comparison (also written to output_dir/metrics.json)."""
-    require_pretrained_weights(params, "train_decoder")
+    require_weight_files(params, "train_decoder")
     cfg = params.train_decoder
     index = pd.read_parquet(clips / "index.parquet")
     train_rows, held_rows = split_clips(index, cfg.held_out_share, cfg.seed)

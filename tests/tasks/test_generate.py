@@ -3,6 +3,9 @@ frames and size, determinism for a seed, control and style changing the video, w
 MLflow registered model (and refused once changed), and clear errors for bad inputs."""
 
 import json
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import decord
@@ -114,15 +117,49 @@ def test_prompts_file_batches_and_style_through_the_command_line(project, monkey
     (["--control", "hed", "--control-video", "red.png"], "trained on canny, depth, image only"),
     (["--out", "video.avi"], "ending in .mp4"),
     (["--steps", "0"], "--steps must be positive"),
+    # each of these used to fail only after generating (or, --cfg nan, exit 0 with a black video)
+    (["--out", "folder.mp4"], "--out folder.mp4: is a folder"),
+    (["--out", "red.png/video.mp4"], "cannot write under"),
+    (["--fps", "0"], "--fps 0.0: must be a number from 1 to 240"),
+    (["--cfg", "nan"], "--cfg nan: must be a finite number >= 0"),
+    (["--style", "huge.png"], "--style huge.png: "),
 ])
 def test_bad_inputs_give_clear_errors_and_write_nothing(project, monkeypatch, fixture_videos, capsys, argv, message):
     monkeypatch.chdir(project)
     (project / "params.yaml").write_text("preset: smoke\n")
     if not (project / "short.mov").exists():
         (project / "short.mov").symlink_to(fixture_videos / "rotated90_3frames.mov")
+        (project / "folder.mp4").mkdir()
+        write_png_header(project / "huge.png", 20000, 20000)
     out = ["--out", "bad/video.mp4"] if "--out" not in argv else []
     assert cli(["generate", "--prompt", "a ball", *out, "--device", "cpu", *argv]) == 1
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (project / "bad").exists() and not list((project / "folder.mp4").iterdir())
+
+
+def write_png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels (its image data is empty): what a reader
+    sees before decoding, without allocating the 1.2 GB such an image would take."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_corrupt_weight_file_is_named_before_any_model_loads(project, monkeypatch, capsys):
+    """A truncated model.safetensors used to surface as a raw SafetensorError from the loader."""
+    monkeypatch.chdir(project)
+    (project / "params.yaml").write_text("preset: smoke\n")
+    broken = project / "broken_unet"
+    shutil.copytree(project / "models/unet", broken, dirs_exist_ok=True)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    assert cli(["generate", "--prompt", "a ball", "--out", "bad/video.mp4", "--unet", "broken_unet", "--device", "cpu"]) == 1
+    assert "broken_unet/model.safetensors: truncated" in capsys.readouterr().err
+    (broken / "model.safetensors").write_text("<html>404 Not Found</html>")
+    assert cli(["generate", "--prompt", "a ball", "--out", "bad/video.mp4", "--unet", "broken_unet", "--device", "cpu"]) == 1
+    assert "broken_unet/model.safetensors: not a safetensors file" in capsys.readouterr().err
     assert not (project / "bad").exists()
 
 
