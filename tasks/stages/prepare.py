@@ -4,7 +4,8 @@ source=synthetic writes the embedded default dataset under data.videos_root, and
 there that says so: a folder without it (a user's own videos) is never replaced.
 source=webvid reads the user's CSV (videos stay where data.videos_root points); data.csv must be
 another file, so the user's CSV is never rewritten.
-Either way, re-crawled videoids keep their last caption; the dropped rows are listed in
+Either way, re-crawled videoids keep their last caption, and a row whose field count differs from
+the header's (an unquoted comma) is dropped; both are listed, with line numbers for the latter, in
 data/raw/prepare_report.json.
 """
 
@@ -19,7 +20,7 @@ from tasks.config.params import Params
 from tasks.config.paths import PREPARE_REPORT
 from tasks.preprocessing import synthetic
 from tasks.storage.atomic import atomic_path, remove_stale_temporaries, write_json
-from tasks.storage.webvid import COLUMNS, dedupe_videoids, read_webvid_csv
+from tasks.storage.webvid import COLUMNS, dedupe_videoids, read_webvid_rows
 
 SYNTHETIC_MARKER = ".versvideo-synthetic.json"  # in data.videos_root: prepare wrote this folder, and may replace it
 
@@ -32,16 +33,19 @@ def prepare(params: Params) -> dict:
                          "so it would rewrite your CSV: set data.csv to another path, e.g. data/raw/webvid.csv")
     # leftovers of a run that was killed mid-write; nothing else in the user's folders is touched
     remove_stale_temporaries(csv.parent, names=(csv.name,))
+    malformed = pd.DataFrame(columns=["line", "fields", "text"])
     if cfg.source == "synthetic":
         raw = _write_synthetic_videos(params)
     else:
-        raw = read_webvid_csv(cfg.webvid_csv)
+        raw, malformed = read_webvid_rows(cfg.webvid_csv)  # a row of the wrong width costs that row, not the file
     kept, dropped = dedupe_videoids(raw)
     with atomic_path(data.csv) as tmp:
         kept.loc[:, list(COLUMNS)].to_csv(tmp, index=False)
     report = {
         "source": cfg.source,
-        "input_rows": len(raw),
+        "input_rows": len(raw) + len(malformed),
+        "malformed_rows": len(malformed),
+        "malformed": malformed.loc[:, ["line", "fields"]].to_dict(orient="records"),
         "rows": len(kept),
         "duplicate_videoid_rows": len(dropped),
         "duplicates": dropped.loc[:, ["videoid", "name"]].to_dict(orient="records"),
@@ -78,5 +82,5 @@ def main(params: Params) -> None:
     report = prepare(params)
     print(
         f"prepare: {report['rows']} videos in {params.data.csv} "
-        f"({report['duplicate_videoid_rows']} re-crawled videoid rows dropped, see {PREPARE_REPORT})"
+        f"({report['duplicate_videoid_rows']} re-crawled videoid rows and {report['malformed_rows']} malformed rows dropped, see {PREPARE_REPORT})"
     )

@@ -17,36 +17,49 @@ class CsvError(ValueError):
 
 
 def read_webvid_csv(path: str | Path) -> pd.DataFrame:
-    """All columns as strings (videoids like '00123' must keep their zeros), in file order."""
-    path = Path(path)
-    if not path.exists():
-        raise CsvError(f"{path}: WebVid CSV not found (set data.csv, or run the prepare stage first)")
-    try:
-        ragged = rows_of_another_width(path)
-        # index_col=False: pandas would otherwise take a row's surplus leading fields as an index
-        # and shift every column of the file (an unquoted comma in the first row's caption)
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-    except Exception as error:
-        raise CsvError(f"{path}: not a readable CSV ({type(error).__name__}: {error})") from None
-    if ragged:
-        shown = ", ".join(f"line {line} has {width}" for line, width in ragged[:5]) + (", ..." if len(ragged) > 5 else "")
-        raise CsvError(f"{path}: {len(ragged)} row(s) do not have the header's {len(frame.columns)} fields ({shown}); "
+    """All columns as strings (videoids like '00123' must keep their zeros), in file order. A row
+    whose field count differs from the header's is an error naming its line (see read_webvid_rows
+    to set such rows aside instead)."""
+    frame, malformed = read_webvid_rows(path)
+    if len(malformed):
+        shown = ", ".join(f"line {row.line} has {row.fields}" for row in malformed.head(5).itertuples()) + (", ..." if len(malformed) > 5 else "")
+        raise CsvError(f"{path}: {len(malformed)} row(s) do not have the header's {len(frame.columns)} fields ({shown}); "
                        "quote fields that contain commas (\"a, b\")")
-    missing = [column for column in COLUMNS if column not in frame.columns]
-    if missing:
-        raise CsvError(
-            f"{path}: missing column(s) {', '.join(missing)}; a WebVid CSV has the header {','.join(COLUMNS)}"
-        )
     return frame
 
 
-def rows_of_another_width(path: Path) -> list[tuple[int, int]]:
-    """(line, fields) of every record whose field count differs from the header's (blank lines
-    aside); quoted fields may hold commas and newlines."""
-    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, [])
-        return [(reader.line_num, len(record)) for record in reader if record and len(record) != len(header)]
+def read_webvid_rows(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One pass of the csv module over the file: (rows, malformed), where malformed lists each
+    record whose field count differs from the header's (line, fields, text), so one bad row costs
+    that row, not the file. Nothing is inferred: every value is the string written (no index
+    column, no NA conversion); quoted fields may hold commas and newlines; blank lines are skipped;
+    a UTF-8 byte-order mark is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CsvError(f"{path}: WebVid CSV not found (set data.csv, or run the prepare stage first)")
+    records, malformed, line = [], [], 0
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            for record in reader:
+                line = reader.line_num  # the record's last line (quoted fields may span lines)
+                if not record:
+                    continue
+                if len(record) == len(header):
+                    records.append(record)
+                else:
+                    malformed.append({"line": line, "fields": len(record), "text": ",".join(record)[:200]})
+    except UnicodeDecodeError as error:
+        raise CsvError(f"{path}: not UTF-8 text ({error.reason} after line {line}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise CsvError(f"{path}: not a readable CSV (after line {line}: {error})") from None
+    missing = [column for column in COLUMNS if column not in header]
+    if missing:
+        raise CsvError(f"{path}: missing column(s) {', '.join(missing)}; a WebVid CSV has the header {','.join(COLUMNS)}")
+    if len(set(header)) != len(header):
+        raise CsvError(f"{path}: the header names a column twice ({','.join(header)})")
+    return pd.DataFrame(records, columns=header, dtype=str), pd.DataFrame(malformed, columns=["line", "fields", "text"])
 
 
 def parse_iso_duration(text: str) -> float:

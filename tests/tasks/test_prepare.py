@@ -157,3 +157,16 @@ def test_where_a_demo_shape_travels_is_not_told_by_its_direction_alone():
         lanes[direction].append(float(np.nanmean(probe(frames).track[:, across])))
     for direction, seen in lanes.items():
         assert len(seen) >= 10 and np.std(seen) > 3.0, (direction, np.round(seen, 1))  # px on a 64 px frame
+
+
+def test_prepare_drops_a_malformed_row_by_its_line_and_keeps_the_rest(tmp_path, monkeypatch):
+    """One unquoted comma used to cost the whole file (or, in the first row, shift every column)."""
+    monkeypatch.chdir(tmp_path)
+    header = ",".join(COLUMNS)
+    (tmp_path / "mine.csv").write_text(f"\ufeff{header}\n1,https://x/1.mp4,PT00H00M05S,p,fine\n2,https://x/2.mp4,PT00H00M05S,p,a red, round ball\n"
+                                       f'3,https://x/3.mp4,PT00H00M05S,p,"spans\ntwo lines"\n')
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: webvid\n  webvid_csv: mine.csv\n")
+    report = prepare_stage.prepare(load_params("params.yaml"))
+    assert (report["input_rows"], report["rows"], report["malformed"]) == (3, 2, [{"line": 3, "fields": 6}])
+    written = read_webvid_csv("data/raw/webvid.csv")
+    assert written["videoid"].tolist() == ["1", "3"] and written.loc[1, "name"] == "spans\ntwo lines"
