@@ -18,7 +18,7 @@ from tasks.config.params import DecodeParams, FilterParams, Params
 from tasks.config.paths import FILTER_REPORT, FILTERED, KEPT, REJECTED
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
-from tasks.storage.atomic import remove_stale_temporaries, write_json, write_parquet
+from tasks.storage.atomic import atomic_path, remove_stale_temporaries, write_json, write_parquet
 from tasks.storage.webvid import read_webvid_csv
 from tasks.storage.weight_files import require_weight_files
 
@@ -122,12 +122,16 @@ def report(kept: pd.DataFrame, rejected: pd.DataFrame) -> dict:
 
 def main(params: Params) -> None:
     require_weight_files(params, "filter")  # a bad clip_weights is found now, not after every video was probed
-    remove_stale_temporaries(FILTERED)  # leftovers of a run that was killed mid-write
+    remove_stale_temporaries(FILTERED.parent, names=(FILTERED.name,))  # a killed run's half-written folder
     rows = read_webvid_csv(params.data.csv)
     kept, rejected = filter_videos(rows, params.data.videos_root, params.filter, params.decode)
-    write_parquet(kept, KEPT)
-    write_parquet(rejected, REJECTED)
     summary = report(kept, rejected)
-    write_json(summary, FILTER_REPORT)
+    # the three outputs are written together beside the previous ones and swapped in as one folder:
+    # a crash never pairs a new kept.parquet with an old rejected.parquet
+    with atomic_path(FILTERED) as staging:
+        staging.mkdir(parents=True)
+        write_parquet(kept, staging / KEPT.name)
+        write_parquet(rejected, staging / REJECTED.name)
+        write_json(summary, staging / FILTER_REPORT.name)
     reasons = ", ".join(f"{reason} {count}" for reason, count in summary["reasons"].items() if count)
     print(f"filter: kept {summary['kept']} of {summary['input_rows']} rows; rejected: {reasons or 'none'}")

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from tasks.config.params import DecodeParams, FilterParams
+from tasks.config.params import DecodeParams, FilterParams, load_params
 from tasks.operations.stage_lock import StageBusy, stage_lock
+from tasks.stages import filter as filter_stage
 from tasks.stages.filter import filter_videos
+from tasks.training.engine import export_atomically
 from tests.tasks.test_cache_latents import kill_tree, stage_env
 from tests.tasks.test_filter_decode import fixture_csv
 
@@ -98,3 +100,47 @@ def test_decode_killed_at_random_moments_keeps_the_previous_clips_and_reruns_to_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert tree_digest(clips) == complete
     assert not list((decode_workspace / "data").glob(".tmp-*"))  # the killed runs' half-built folders are gone
+
+
+def test_filter_crashing_between_its_outputs_keeps_the_previous_three(tmp_path, fixture_videos, ray_session, monkeypatch):
+    """kept.parquet, rejected.parquet and report.json were renamed into place one by one, so a crash
+    between them paired a new kept with an old rejected. Now they swap in as one folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("preset: smoke\n")
+    fixture_csv(fixture_videos).to_csv("rows.csv", index=False)
+    params = load_params("params.yaml", ["data.csv=rows.csv", f"data.videos_root={fixture_videos}"])
+    filter_stage.main(params)
+    previous = tree_digest(tmp_path / "data/filtered")
+    assert set(previous) == {"kept.parquet", "rejected.parquet", "report.json"}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(filter_stage, "write_json", crash)  # after both parquet files are written
+    with pytest.raises(OSError, match="disk full"):
+        filter_stage.main(load_params("params.yaml", ["data.csv=rows.csv", f"data.videos_root={fixture_videos}", "filter.min_motion=0.5"]))
+    assert tree_digest(tmp_path / "data/filtered") == previous
+    assert not list((tmp_path / "data").glob(".tmp-*"))
+
+
+def test_a_training_export_that_fails_midway_keeps_the_previous_model(tmp_path):
+    class HalfExport:
+        def export(self, model, folder):
+            (folder / "model.safetensors").write_bytes(b"new weights")
+            raise RuntimeError("killed while writing config.json")
+
+    class WholeExport:
+        def export(self, model, folder):
+            (folder / "model.safetensors").write_bytes(b"newer weights")
+            (folder / "config.json").write_text("{}")
+
+    models = tmp_path / "models/unet"
+    models.mkdir(parents=True)
+    (models / "model.safetensors").write_bytes(b"old weights")
+    (models / "config.json").write_text('{"old": true}')
+    previous = tree_digest(models)
+    with pytest.raises(RuntimeError):
+        export_atomically(HalfExport(), None, models)
+    assert tree_digest(models) == previous and os.listdir(tmp_path / "models") == ["unet"]
+    export_atomically(WholeExport(), None, models)
+    assert (models / "model.safetensors").read_bytes() == b"newer weights" and (models / "config.json").read_text() == "{}"
