@@ -290,9 +290,11 @@ def msrvtt_protocol(params: Params) -> Protocol:
 
 
 def listed_video(root: str, relative: str, listed_in: str) -> str:
-    """A benchmark list's video under its videos folder; an entry leaving that folder is an error naming the list."""
+    """A benchmark list's video under its videos folder; an entry leaving that folder (absolute, or
+    by '..') is an error naming the list. Links are followed: a benchmark folder is often assembled
+    from links to a shared copy, and its list, unlike a crawled CSV, names files the user put there."""
     try:
-        return str(path_under(root, relative))
+        return str(path_under(root, relative, follow_links=True))
     except VideoError as error:
         raise ValueError(f"{listed_in}: entry {error.detail}; benchmark lists name files inside their videos folder") from None
 

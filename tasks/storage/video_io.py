@@ -45,13 +45,15 @@ def video_path(videos_root: str | Path, page_dir: str, videoid: str) -> Path:
     return path_under(videos_root, os.path.join(str(page_dir), name))
 
 
-def path_under(root: str | Path, relative: str) -> Path:
-    """root/relative, refusing one that leaves root: by `..`, or by a symlink (the file's or a
-    folder's) pointing elsewhere. Both sides are resolved (realpath), so a root that is itself a
-    link to a big disk is fine, and a link inside the root to another file inside it is too."""
+def path_under(root: str | Path, relative: str, follow_links: bool = False) -> Path:
+    """root/relative, refusing one that leaves root: by `..`, or (unless follow_links) by a symlink
+    (the file's or a folder's) pointing elsewhere. Without follow_links both sides are resolved
+    (realpath), so a root that is itself a link to a big disk is fine, and a link inside the root
+    to another file inside it is too."""
     candidate = Path(os.path.normpath(os.path.join(os.path.abspath(root), relative)))
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(candidate)]) != real_root:
+    resolve = os.path.abspath if follow_links else os.path.realpath
+    real_root = resolve(root)
+    if os.path.commonpath([real_root, resolve(candidate)]) != real_root:
         raise VideoError("path_outside_root", f"{relative} resolves outside videos_root {real_root} (via '..' or a symlink)")
     return candidate
 

@@ -181,3 +181,5 @@ def test_a_benchmark_list_entry_cannot_leave_its_videos_folder(tmp_path):
     assert listed_video(str(tmp_path / "UCF-101"), "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "evaluate.ucf101_lists").endswith("UCF-101/ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi")
     with pytest.raises(ValueError, match=r"evaluate.msrvtt_annotations: entry ../../etc/passwd.mp4 resolves outside"):
         listed_video(str(tmp_path / "UCF-101"), "../../etc/passwd.mp4", "evaluate.msrvtt_annotations")
+    with pytest.raises(ValueError, match=r"entry /etc/passwd.mp4 resolves outside"):
+        listed_video(str(tmp_path / "UCF-101"), "/etc/passwd.mp4", "evaluate.msrvtt_annotations")
