@@ -1,7 +1,7 @@
 """The `versvideo` command line. It parses arguments and dispatches; no ML logic lives here.
 
     versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
-    versvideo pipeline [--stages a,b]                          the Prefect flow over all (or some) DVC stages
+    versvideo pipeline [--stages a,b] [--force c]              the Prefect flow over all (or some) DVC stages
     versvideo serve --cron "0 3 * * *" [--new-csv PATH]        a scheduled retrain-and-promote deployment
     versvideo generate --prompt TEXT --out PATH.mp4 [...]      videos from text (+ control video/image, style image)
     versvideo model-summary --preset {smoke,L,H} [--json]     parameter counts
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ BENCHMARKS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="versvideo", description="VersVideo text-to-video pipeline")
+    parser.add_argument("--version", action="version", version=f"versvideo {importlib.metadata.version('versvideo')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     stage = commands.add_parser("stage", help="run one pipeline stage in the current directory (dvc.yaml calls this)")
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="run or resume the pipeline as a Prefect flow (ephemeral, or PREFECT_API_URL)")
     pipeline.add_argument("--stages", default="", help="comma-separated stage names (default: all, in dvc.yaml's order)")
+    pipeline.add_argument("--force", default="", help="comma-separated stages to run even when DVC finds them up to date (their input changed outside DVC)")
 
     serve = commands.add_parser("serve", help="serve the retrain flow as a Prefect deployment on a cron schedule")
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
@@ -104,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
             with stage_lock(args.name):  # a second run of this stage here fails at once, naming the first
                 importlib.import_module(STAGES[args.name]).main(params)
         elif args.command == "pipeline":
-            from flows.pipeline import StageFailed, pipeline
+            from flows.pipeline import StageFailed, dvc_stages, pipeline
 
+            chosen, forced = ([name for name in text.split(",") if name] for text in (args.stages, args.force))
+            unknown = sorted(set(chosen + forced) - set(dvc_stages()))
+            if unknown:  # before the flow starts a Prefect server
+                raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(dvc_stages())}")
             try:
-                results = pipeline(stages=[name for name in args.stages.split(",") if name] or None)
+                results = pipeline(stages=chosen or None, force=forced or None)
             except StageFailed as error:
                 print(f"versvideo: {error}", file=sys.stderr)
                 return 1

@@ -24,6 +24,7 @@ import yaml
 
 PRESETS = ("smoke", "L", "H")
 PREVIEW_FPS = 8  # frame rate of every sample MP4/GIF the stages log and of `generate`'s output (the clips' decode.fps default)
+PROGRESS_SECONDS = 30.0  # long stages print a progress line at least this often (training: rank 0's, echoed by the driver)
 MAX_FRAME_SIDE = 4096  # pixels: beyond 4K a frame size is a typo (8 bytes of float per pixel would not fit a GPU)
 MAX_FPS = 240.0  # frames per second: the fastest cameras WebVid-style footage comes from
 SIGNED_KEYS = frozenset({"filter.clip_min_score"})  # the only numbers that may be negative (a cosine similarity)
@@ -172,6 +173,7 @@ class TrainingParams:
     grad_clip: float = 1.0  # max global grad norm
     ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.9999 for long runs (the exported weights are then the EMA's)
     checkpoint_every: int = 100
+    keep_checkpoints: int = 3  # the newest this many checkpoints of a run stay on disk (the one a resume needs always does)
     sample_every: int = 150  # samples (MP4 + GIF) logged to MLflow every this many steps; 0 = at the end only
     max_bad_steps: int = 5  # abort after this many non-finite losses in a row
     shuffle_buffer: int = 64  # clips in each worker's local shuffle buffer
@@ -184,7 +186,7 @@ class TrainingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "lr", "grad_clip", "checkpoint_every", "num_workers", "max_bad_steps", "shuffle_buffer"):
+        for key in ("steps", "batch_size", "grad_accum", "lr", "grad_clip", "checkpoint_every", "keep_checkpoints", "num_workers", "max_bad_steps", "shuffle_buffer"):
             _check_positive(f"{self.SECTION}.{key}", getattr(self, key))
         _check_choice(f"{self.SECTION}.strategy", self.strategy, STRATEGIES)
         if self.strategy == "fsdp" and self.NO_FSDP:

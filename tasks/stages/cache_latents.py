@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from model.image_vae import LATENT_CHANNELS, build_tiny_image_vae, frames_to_pixels
 from model.presets import get_preset
 from model.weights import file_digest
-from tasks.config.params import CacheLatentsParams, Params
+from tasks.config.params import PROGRESS_SECONDS, CacheLatentsParams, Params
 from tasks.config.paths import CACHE_LATENTS_METRICS, CLIPS, LATENTS
 from tasks.inference.encoders import encode_captions, encoder_info, load_text
 from tasks.preprocessing.latents import cache_latents
@@ -63,7 +63,8 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
             vae.quant_conv.bias[LATENT_CHANNELS:] -= 8.0
         optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(cfg.seed)
-        for _ in range(cfg.smoke_vae_fit_steps):
+        last_line = time.monotonic()
+        for step in range(cfg.smoke_vae_fit_steps):
             pixels = frames_to_pixels(frames[np.sort(torch.randint(0, len(frames), (8,), generator=generator).numpy())])
             posterior = vae.encode(pixels).latent_dist
             reconstruction = vae.decode(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)).sample
@@ -71,6 +72,9 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if time.monotonic() - last_line >= PROGRESS_SECONDS:
+                print(f"cache_latents: fitting the smoke VAE, step {step + 1}/{cfg.smoke_vae_fit_steps}, squared error {loss.item():.4f}", flush=True)
+                last_line = time.monotonic()
         # LDM's rule for a new autoencoder: scale latents to unit variance (SD's 0.18215 is this
         # figure for SD's VAE; with it, the tiny VAE's latents had std ~0.34 and the diffusion
         # model saw mostly noise)

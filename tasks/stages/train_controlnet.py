@@ -117,6 +117,7 @@ def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENT
         params={**flat, "held_out_videos": len(held_out)}, tags=lineage_tags("train_controlnet"),
     )
     generator = VideoGenerator(unet, decoder, latents, encoders, controlnet_dir=output_dir)
+    print(f"train_controlnet: checking the canny control on {len(held_clips)} held-out clips (own, another clip's and no control)", flush=True)
     check = control_check(generator, recipe, held_clips, held_rows["caption"].astype(str).tolist(), read_clips(clips, other_video_rows(held_rows, index)))
     check["held_out"] = bool(held_out)
     report = {

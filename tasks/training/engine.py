@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 
 from tasks.storage.atomic import atomic_path, remove_stale_temporaries
 from tasks.training.checkpoints import TrainState, latest_complete_checkpoint, load_checkpoint, newest_checkpoint, report_checkpoint, restore_rng
-from tasks.training.tracking import MetricBuffer, group_metrics
+from tasks.training.tracking import PROGRESS_TAG, MetricBuffer, Progress, group_metrics
 from tasks.training.weights import ExponentialAverage, inference_copy, whole
 
 
@@ -114,8 +114,9 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
 
     batches = iterate_batches(ray.train.get_dataset_shard("train"), cfg, state, rank, accelerator.device)
     logger = MetricBuffer(setup) if accelerator.is_main_process else None
-    if logger and checkpoint:  # the resumed checkpoint's steps, if the crash came before their flush
-        logger.recover(restored["metrics"])
+    if logger:  # the resumed checkpoint's steps, if the crash came before their flush; and what MLflow already has
+        logger.recover(restored["metrics"] if checkpoint else [])
+    progress = Progress(run_label(config["run_folder"]), cfg.steps, state.step) if logger else None
     while state.step < cfg.steps:
         started = time.perf_counter()
         waited, losses, parts = 0.0, [], {}
@@ -162,6 +163,9 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
                 "samples_per_s": cfg.batch_size * cfg.grad_accum * world / seconds,
                 "data_wait_share": waited / seconds, "skipped_steps": state.skipped_steps, **parts,
             })
+        if progress and progress.due(state.step):
+            logger.flush()  # the MLflow curves advance with the progress line, not a checkpoint interval behind
+            logger.client.set_tag(logger.run_id, PROGRESS_TAG, progress.line(state.step, loss_mean, cfg.batch_size * cfg.grad_accum * world / seconds))
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             report_checkpoint(accelerator, model, ema, optimizer, scheduler, state, world, {"loss": loss_mean}, logger.pending if logger else [])
             if logger:
@@ -174,6 +178,11 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
     log_samples(logger, recipe, plain, state.step)
     if accelerator.is_main_process:
         export_atomically(recipe, plain, Path(setup.output_dir))
+
+
+def run_label(run_folder: str) -> str:
+    """train_decoder-image_decoder_finetuned-smoke-0123abcd -> train_decoder-image_decoder_finetuned."""
+    return "-".join(Path(run_folder).name.split("-")[:-2]) or Path(run_folder).name
 
 
 def export_atomically(recipe: Recipe, plain: nn.Module, output_dir: Path) -> None:

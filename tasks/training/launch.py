@@ -11,13 +11,13 @@ import ray
 import ray.train
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from tasks.operations.lineage import tracking_uri
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.training.engine import Recipe, Setup, train_loop
-from tasks.training.tracking import mlflow_run, record_files
+from tasks.training.tracking import echo_progress, mlflow_run, record_files
 
 
 def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, storage: Path, output_dir: Path, params: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
@@ -45,12 +45,15 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
             "run_folder": str(storage / run_name),
         })},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not cfg.use_gpu else None),
-        run_config=RunConfig(name=run_name, storage_path=str(storage), failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        run_config=RunConfig(name=run_name, storage_path=str(storage), failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),  # Ray deletes older ones, never the newest
         datasets={"train": dataset},
     )
     client = MlflowClient(uri)
+    print(f"{run_name}: starting {cfg.num_workers} Ray Train worker(s) for {cfg.steps} steps (MLflow run {run_id})", flush=True)
     try:
-        result = trainer.fit()
+        with echo_progress(client, run_id):
+            result = trainer.fit()
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise

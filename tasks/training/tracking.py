@@ -1,12 +1,16 @@
 """MLflow for training runs: the driver creates (or, after a crash, reuses) the run and records
-where the checkpoint and weights files are; rank 0 buffers per-step metrics and flushes them
-right after each checkpoint is reported, so a resumed run never logs a step twice."""
+where the checkpoint and weights files are; rank 0 buffers per-step metrics and flushes them with
+each progress line and right after each checkpoint is reported. A resumed run skips the steps
+MLflow already has, so no step is logged twice."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from model.weights import file_digest, file_sha256
+from tasks.config.params import PROGRESS_SECONDS
 from tasks.operations.lineage import experiment_id, tracking_uri
 
 if TYPE_CHECKING:  # type hints only: the engine imports this module
@@ -29,29 +34,82 @@ def group_metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
 
 
 class MetricBuffer:
-    """Rank 0's per-step metrics: held until the checkpoint that covers them is reported."""
+    """Rank 0's per-step metrics, held until the next flush (a progress line or a checkpoint)."""
 
     def __init__(self, setup: Setup) -> None:
         self.client = MlflowClient(setup.tracking_uri)
         self.run_id = setup.mlflow_run_id
         self.pending: list[Metric] = []
+        self.logged_through = 0  # the last step MLflow had when this attempt started
 
     def add(self, step: int, values: dict[str, float]) -> None:
+        if step <= self.logged_through:  # a resumed run redoing steps flushed before the crash
+            return
         now = int(time.time() * 1000)
         for key, value in values.items():
             self.pending.append(Metric(key, float(value), now, step))
 
     def recover(self, saved: list[list]) -> None:
-        """Log a resumed checkpoint's metrics that MLflow lacks: the crash may have come after the
-        checkpoint was persisted but before its flush. Exactly once either way."""
+        """At the start of every attempt: log a resumed checkpoint's metrics that MLflow lacks (the
+        crash may have come after the checkpoint was persisted but before its flush), and note the
+        last step MLflow has, so the steps redone up to it are not logged again."""
         logged = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
         self.pending = [Metric(key, value, timestamp, step) for key, value, timestamp, step in saved if step not in logged]
+        self.logged_through = max([*logged, *(metric.step for metric in self.pending)], default=0)
         self.flush()
 
     def flush(self) -> None:
         for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=self.pending[start:start + 1000])
         self.pending = []
+
+
+PROGRESS_TAG = "progress"  # rank 0's latest progress line, on the run: Ray does not forward workers' output (log_to_driver=False)
+
+
+class Progress:
+    """Rank 0's progress line: at the first step, then whenever `every_s` seconds have passed, and
+    at the last step, so a long stage is never silent for a minute."""
+
+    def __init__(self, label: str, total_steps: int, first_step: int, every_s: float = PROGRESS_SECONDS) -> None:
+        self.label, self.total, self.first_step, self.every_s = label, total_steps, first_step, every_s
+        self.started = self.last = time.monotonic()
+        self.printed_once = False
+
+    def due(self, step: int) -> bool:
+        return not self.printed_once or step == self.total or time.monotonic() - self.last >= self.every_s
+
+    def line(self, step: int, loss: float, samples_per_s: float) -> str:
+        now = time.monotonic()
+        self.last, self.printed_once = now, True
+        per_step = (now - self.started) / max(1, step - self.first_step)
+        left = round(per_step * (self.total - step))
+        return (f"{self.label}: step {step}/{self.total}  loss {loss:.4f}  {samples_per_s:.1f} samples/s  "
+                f"ETA {left // 60}m{left % 60:02d}s")
+
+
+@contextlib.contextmanager
+def echo_progress(client: MlflowClient, run_id: str, poll_s: float = 10.0) -> Iterator[None]:
+    """On the driver, while a fit runs: print rank 0's progress line whenever it changes. The
+    workers' own output stays in Ray's logs (on a cluster they run on other machines)."""
+    stop = threading.Event()
+
+    def echo() -> None:
+        shown = None
+        while not stop.wait(poll_s):
+            with contextlib.suppress(mlflow.exceptions.MlflowException, OSError):  # a slow tracking server: try again next poll
+                line = client.get_run(run_id).data.tags.get(PROGRESS_TAG)
+                if line and line != shown:
+                    print(line, flush=True)
+                    shown = line
+
+    thread = threading.Thread(target=echo, name="echo-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def history_summary(run_id: str) -> dict[str, float]:

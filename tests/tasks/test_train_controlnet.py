@@ -46,7 +46,7 @@ def test_latents_and_pixels_of_a_clip_stay_paired_and_held_out_videos_stay_out(p
 def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_session):
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    cfg = TrainControlnetParams(steps=4, batch_size=2, checkpoint_every=2, eval_clips=2, sample_count=1, sample_steps=2, style_dropout=0.0,
+    cfg = TrainControlnetParams(steps=4, batch_size=2, checkpoint_every=2, keep_checkpoints=1, eval_clips=2, sample_count=1, sample_steps=2, style_dropout=0.0,
                                 conditions="canny,hed,depth,image", depth_resolution=64)
     params = Params(train_controlnet=cfg, train_unet=TrainUnetParams(held_out_share=0.34))
     report = train_controlnet(params)
@@ -59,6 +59,8 @@ def test_stage_trains_exports_and_checks_the_control(project, monkeypatch, ray_s
         assert 0 <= check[key] <= np.hypot(64, 64)  # pixels; the diagonal when a shape is never seen
     assert 0 <= check["centroid_matched_below_mismatched_share"] <= 1
     assert report["comparable"] is False and report["logged_steps"] == 4
+    kept = [path for path in (project / "models/runs").glob("train_controlnet-*/checkpoint_*") if path.is_dir()]
+    assert len(kept) == 1 and json.loads((kept[0] / "state.json").read_text())["step"] == 4  # keep_checkpoints=1: the step-2 one is gone
     folder = project / "models" / "controlnet"
     saved = json.loads((folder / "config.json").read_text())
     assert saved["trained_conditions"] == ["canny", "hed", "depth", "image"] and saved["style"]["model"] == "tiny-random"

@@ -84,6 +84,7 @@ def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs
         assert history["loss/consistency"] == [1, 2, 3, 4]
         assert sorted(m.step for m in client.get_metric_history(run_id, "grad_norm/discriminator")) == [1, 2, 3, 4]
         assert client.get_run(run_id).data.metrics["heldout/tcm_vae/psnr_y"] == pytest.approx(report["table"]["tcm_vae"]["psnr_y"])
+        assert client.get_run(run_id).data.tags["progress"].startswith(f"train_decoder-{variant}: step 4/4  loss ")  # rank 0's last progress line
     assert "reconstruction.json" in [a.path for a in client.list_artifacts(report["mlflow_run_ids"]["tcm_vae"])]
 
 
