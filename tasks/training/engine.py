@@ -116,7 +116,7 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
     logger = MetricBuffer(setup) if accelerator.is_main_process else None
     if logger:  # the resumed checkpoint's steps, if the crash came before their flush; and what MLflow already has
         logger.recover(restored["metrics"] if checkpoint else [])
-    progress = Progress(run_label(config["run_folder"]), cfg.steps, state.step) if logger else None
+    progress = Progress(run_label(config["run_folder"]), cfg.steps) if logger else None
     while state.step < cfg.steps:
         started = time.perf_counter()
         waited, losses, parts = 0.0, [], {}

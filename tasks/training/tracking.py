@@ -69,23 +69,27 @@ PROGRESS_TAG = "progress"  # rank 0's latest progress line, on the run: Ray does
 
 class Progress:
     """Rank 0's progress line: at the first step, then whenever `every_s` seconds have passed, and
-    at the last step, so a long stage is never silent for a minute."""
+    at the last step, so a long stage is never silent for a minute. The ETA comes from the pace
+    since the first line (the first step also waits for the data pipeline to warm up)."""
 
-    def __init__(self, label: str, total_steps: int, first_step: int, every_s: float = PROGRESS_SECONDS) -> None:
-        self.label, self.total, self.first_step, self.every_s = label, total_steps, first_step, every_s
-        self.started = self.last = time.monotonic()
-        self.printed_once = False
+    def __init__(self, label: str, total_steps: int, every_s: float = PROGRESS_SECONDS) -> None:
+        self.label, self.total, self.every_s = label, total_steps, every_s
+        self.first: tuple[float, int] | None = None  # (time, step) of the first line
+        self.last = time.monotonic()
 
     def due(self, step: int) -> bool:
-        return not self.printed_once or step == self.total or time.monotonic() - self.last >= self.every_s
+        return self.first is None or step == self.total or time.monotonic() - self.last >= self.every_s
 
     def line(self, step: int, loss: float, samples_per_s: float) -> str:
         now = time.monotonic()
-        self.last, self.printed_once = now, True
-        per_step = (now - self.started) / max(1, step - self.first_step)
-        left = round(per_step * (self.total - step))
-        return (f"{self.label}: step {step}/{self.total}  loss {loss:.4f}  {samples_per_s:.1f} samples/s  "
-                f"ETA {left // 60}m{left % 60:02d}s")
+        self.last = now
+        text = f"{self.label}: step {step}/{self.total}  loss {loss:.4f}  {samples_per_s:.1f} samples/s"
+        if self.first is None:
+            self.first = (now, step)
+        elif step > self.first[1]:
+            left = round((now - self.first[0]) / (step - self.first[1]) * (self.total - step))
+            text += f"  ETA {left // 60}m{left % 60:02d}s"
+        return text
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Rank 0's MLflow buffer and progress line: flushed as often as a progress line is printed, and
 still no step logged twice when a resumed attempt redoes steps an earlier attempt flushed."""
 
-import re
+import itertools
 import time
 
 from mlflow.tracking import MlflowClient
@@ -31,13 +31,16 @@ def test_a_resumed_attempt_logs_no_step_mlflow_already_has(tmp_path):
     assert steps == list(range(1, 11))
 
 
-def test_progress_lines_come_first_then_on_their_cadence_and_at_the_end():
-    progress = Progress("train_unet", total_steps=100, first_step=0, every_s=3600)
+def test_progress_lines_come_first_then_on_their_cadence_and_at_the_end(monkeypatch):
+    clock = itertools.chain([0.0, 10.0, 10.0, 50.0], itertools.repeat(60.0))  # construction, line 1 (step 1), due(2), line 2 (step 5)
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    progress = Progress("train_unet", total_steps=101, every_s=30)
     assert progress.due(1)
-    line = progress.line(1, 0.5, 12.0)
-    assert re.fullmatch(r"train_unet: step 1/100  loss 0\.5000  12\.0 samples/s  ETA \d+m\d\ds", line)
-    assert not progress.due(2) and progress.due(100)
-    assert Progress("x", 10, 0, every_s=0).due(5)
+    assert progress.line(1, 0.5, 12.0) == "train_unet: step 1/101  loss 0.5000  12.0 samples/s"  # no pace yet: no ETA
+    assert not progress.due(2) and progress.due(101)
+    # 4 steps in 40 s since the first line: 10 s a step, 96 steps left
+    assert progress.line(5, 0.25, 12.0) == "train_unet: step 5/101  loss 0.2500  12.0 samples/s  ETA 16m00s"
+    assert Progress("x", 10, every_s=0).due(5)
     assert run_label("/runs/train_decoder-image_decoder_finetuned-smoke-0123abcdef") == "train_decoder-image_decoder_finetuned"
 
 
