@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, Metric, RunTag
+from mlflow.tracking.context.registry import resolve_tags
 
 EXPERIMENT = "versvideo"  # every run of the pipeline, its stages and training runs
 PARENT_RUN_ENV = "VERSVIDEO_MLFLOW_PARENT_RUN_ID"
@@ -94,15 +95,25 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+# The MLflow UI opens an experiment without this tag as GenAI "evaluation runs"; with it, as model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(client: MlflowClient, uri: str) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    return experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
+    if experiment is None:
+        return client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri), tags=dict([EXPERIMENT_KIND]))
+    if experiment.tags.get(EXPERIMENT_KIND[0]) is None:  # an experiment an older version created
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def start_run(client: MlflowClient, uri: str, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+    """A run with the standard tags mlflow.start_run would give it (mlflow.user, mlflow.source.name
+    and type, the git commit when the entry point lives in a checkout) beside ours."""
     if parent:
         tags = {**tags, "mlflow.parentRunId": parent}
-    return client.create_run(experiment_id(client, uri), run_name=name, tags=tags).info.run_id
+    return client.create_run(experiment_id(client, uri), run_name=name, tags=resolve_tags(tags)).info.run_id
 
 
 def record_stage(client: MlflowClient, run_id: str, stage: str, seconds: float, ran: bool) -> None:

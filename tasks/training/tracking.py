@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from model.weights import file_digest, file_sha256
 from tasks.config.params import PROGRESS_SECONDS
-from tasks.operations.lineage import experiment_id, tracking_uri
+from tasks.operations.lineage import start_run, tracking_uri
 
 if TYPE_CHECKING:  # type hints only: the engine imports this module
     from tasks.training.engine import Setup
@@ -148,13 +148,13 @@ def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], ta
             return run_id
         except mlflow.exceptions.MlflowException:  # the run lived in another tracking store: start a new one
             pass
-    run = client.create_run(experiment_id(client, uri), run_name=run_name, tags=tags)
+    run_id = start_run(client, uri, run_name, tags)
     items = sorted(params.items())
     for start in range(0, len(items), 100):  # MLflow's params-per-batch limit
-        client.log_batch(run.info.run_id, params=[Param(key, str(value)[:6000]) for key, value in items[start:start + 100]])
+        client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in items[start:start + 100]])
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run.info.run_id)
-    return run.info.run_id
+    marker.write_text(run_id)
+    return run_id
 
 
 def record_files(client: MlflowClient, run_id: str, name: str, folder: Path, pattern: str = "*") -> None:

@@ -3,7 +3,7 @@
 import yaml
 from mlflow import MlflowClient
 
-from tasks.operations.lineage import lineage_tags, record_stage, start_run
+from tasks.operations.lineage import EXPERIMENT_KIND, lineage_tags, record_stage, start_run
 
 
 def write_lock(folder, latents_md5: str) -> None:
@@ -36,3 +36,17 @@ def test_a_stages_nested_runs_get_the_hashes_dvc_locked_for_this_run(tmp_path, m
     stage = client.get_run(stage_run)
     assert [(d.dataset.name, d.dataset.digest) for d in stage.inputs.dataset_inputs] == [("data/latents", "current.dir")]
     assert stage.data.tags["dvc.ran"] == "true" and stage.data.metrics["stage_seconds"] == 1.5
+
+
+def test_runs_carry_mlflows_standard_tags_in_a_model_training_experiment(tmp_path):
+    """create_run alone set no mlflow.user or source tags, and the UI opened the untagged
+    experiment as GenAI evaluation runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.get_run(start_run(client, uri, "pipeline", {"git_commit": "abc"}))
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(run.data.tags) and run.data.tags["git_commit"] == "abc"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    client.delete_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND[0])  # as an older version left it
+    start_run(client, uri, "pipeline", {})
+    assert client.get_experiment(experiment.experiment_id).tags[EXPERIMENT_KIND[0]] == "custom_model_development"
