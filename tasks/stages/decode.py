@@ -21,7 +21,7 @@ import pandas as pd
 from tasks.config.params import DecodeParams, Params
 from tasks.config.paths import CLIPS, KEPT
 from tasks.preprocessing.clips import decode_clips
-from tasks.storage.atomic import atomic_path, remove_stale_temporaries, write_json, write_parquet
+from tasks.storage.atomic import atomic_folder, write_json, write_parquet
 
 
 def main(params: Params) -> None:
@@ -29,16 +29,14 @@ def main(params: Params) -> None:
     if not KEPT.exists():
         raise FileNotFoundError(f"{KEPT} not found: run the filter stage first (versvideo stage filter)")
     kept = pd.read_parquet(KEPT)
-    remove_stale_temporaries(CLIPS.parent, names=(CLIPS.name,))  # a killed run's half-built folder
     # Built beside the previous clips and swapped in whole: until this run completes, readers
     # (and a crash) keep the previous complete set.
-    with atomic_path(CLIPS) as staging:
+    with atomic_folder(CLIPS) as staging:
         summary = decode_into(kept, cfg, staging)
     print(f"decode: {summary['clips']} clips of {tuple(summary['clip_shape'])} from {summary['videos_decoded']} videos in {summary['shards']} shard(s); {summary['videos_rejected']} video(s) rejected")
 
 
 def decode_into(kept: pd.DataFrame, cfg: DecodeParams, folder: Path) -> dict:
-    folder.mkdir(parents=True)
     index, rejected = decode_clips(kept, cfg, folder)
     write_parquet(index, folder / "index.parquet")
     write_parquet(rejected, folder / "rejected.parquet")

@@ -18,7 +18,7 @@ from tasks.config.params import DecodeParams, FilterParams, Params
 from tasks.config.paths import FILTER_REPORT, FILTERED, KEPT, REJECTED
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
-from tasks.storage.atomic import atomic_path, remove_stale_temporaries, write_json, write_parquet
+from tasks.storage.atomic import atomic_folder, write_json, write_parquet
 from tasks.storage.webvid import read_webvid_csv
 from tasks.storage.weight_files import require_weight_files
 
@@ -122,14 +122,12 @@ def report(kept: pd.DataFrame, rejected: pd.DataFrame) -> dict:
 
 def main(params: Params) -> None:
     require_weight_files(params, "filter")  # a bad clip_weights is found now, not after every video was probed
-    remove_stale_temporaries(FILTERED.parent, names=(FILTERED.name,))  # a killed run's half-written folder
     rows = read_webvid_csv(params.data.csv)
     kept, rejected = filter_videos(rows, params.data.videos_root, params.filter, params.decode)
     summary = report(kept, rejected)
     # the three outputs are written together beside the previous ones and swapped in as one folder:
     # a crash never pairs a new kept.parquet with an old rejected.parquet
-    with atomic_path(FILTERED) as staging:
-        staging.mkdir(parents=True)
+    with atomic_folder(FILTERED) as staging:
         write_parquet(kept, staging / KEPT.name)
         write_parquet(rejected, staging / REJECTED.name)
         write_json(summary, staging / FILTER_REPORT.name)

@@ -19,7 +19,7 @@ import pandas as pd
 from tasks.config.params import Params
 from tasks.config.paths import PREPARE_REPORT
 from tasks.preprocessing import synthetic
-from tasks.storage.atomic import atomic_path, remove_stale_temporaries, write_json
+from tasks.storage.atomic import atomic_folder, atomic_path, remove_stale_temporaries, write_json
 from tasks.storage.webvid import COLUMNS, dedupe_videoids, read_webvid_rows
 
 SYNTHETIC_MARKER = ".versvideo-synthetic.json"  # in data.videos_root: prepare wrote this folder, and may replace it
@@ -58,9 +58,8 @@ def _write_synthetic_videos(params: Params) -> pd.DataFrame:
     cfg = params.prepare
     final = Path(params.data.videos_root)
     refuse_foreign_folder(final)
-    remove_stale_temporaries(final.parent, names=(final.name,))
     # Render into a temporary folder and swap it in whole: a crash leaves the old set intact.
-    with atomic_path(final) as tmp:
+    with atomic_folder(final) as tmp:
         rows = synthetic.generate(tmp, num_videos=cfg.num_videos, seconds=cfg.seconds, fps=cfg.fps, height=cfg.height, width=cfg.width, seed=cfg.seed)
         (tmp / SYNTHETIC_MARKER).write_text(json.dumps({"written_by": "versvideo stage prepare", "source": "synthetic", "videos": len(rows)}) + "\n")
     return pd.DataFrame(rows, columns=list(COLUMNS))

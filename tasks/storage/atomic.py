@@ -41,6 +41,17 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_folder(final: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `final`; it replaces `final` whole if the block
+    succeeds. A staging folder a killed run left for the same output is removed first."""
+    final = Path(final)
+    remove_stale_temporaries(final.parent, names=(final.name,))
+    with atomic_path(final) as staging:
+        staging.mkdir()
+        yield staging
+
+
 def swap_folders(new: Path, final: Path) -> None:
     """Exchange two folders in one step (renameat2 RENAME_EXCHANGE: Linux >= 3.15 on ext4, xfs,
     btrfs, tmpfs). Where the kernel or filesystem cannot (NFS, macOS), the old folder is deleted

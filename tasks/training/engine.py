@@ -32,7 +32,7 @@ from ray import cloudpickle
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from tasks.storage.atomic import atomic_path, remove_stale_temporaries
+from tasks.storage.atomic import atomic_folder
 from tasks.training.checkpoints import TrainState, latest_complete_checkpoint, load_checkpoint, newest_checkpoint, report_checkpoint, restore_rng
 from tasks.training.tracking import PROGRESS_TAG, MetricBuffer, Progress, group_metrics
 from tasks.training.weights import ExponentialAverage, inference_copy, whole
@@ -188,9 +188,7 @@ def run_label(run_folder: str) -> str:
 def export_atomically(recipe: Recipe, plain: nn.Module, output_dir: Path) -> None:
     """The recipe's export, written beside the previous one and swapped in whole: a reader (or a
     crash mid-export) sees the previous complete model or the new one, never half of each."""
-    remove_stale_temporaries(output_dir.parent, names=(output_dir.name,))  # an export a crash interrupted
-    with atomic_path(output_dir) as staging:
-        staging.mkdir(parents=True)
+    with atomic_folder(output_dir) as staging:
         recipe.export(plain, staging)
 
 
