@@ -13,6 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from model.weights import WeightsError
 from tasks.config.params import Params, require_pretrained_weights
 
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
@@ -20,18 +21,14 @@ ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save since 1.6, TorchScript archives
 PICKLE_PROTOCOL_OPCODE = 0x80  # the first byte of a legacy torch.save pickle (protocol 2+)
 
 
-class WeightFileError(ValueError):
-    """A weight file that is missing, unreadable or not of its format; the message names the key."""
-
-
 def check_weight_file(path: str | Path, key: str, folder_ok: bool = False) -> None:
-    """Raise WeightFileError unless `path` exists, is readable and has its format's header."""
+    """Raise WeightsError unless `path` exists, is readable and has its format's header."""
     path = Path(path)
     if not path.exists():
-        raise WeightFileError(f"{path}: weight file not found; set {key} to a local file (nothing is downloaded)")
+        raise WeightsError(f"{path}: weight file not found; set {key} to a local file (nothing is downloaded)")
     if path.is_dir():
         if not folder_ok:
-            raise WeightFileError(f"{path}: is a folder; set {key} to a weight file")
+            raise WeightsError(f"{path}: is a folder; set {key} to a weight file")
         return
     try:
         with open(path, "rb") as handle:
@@ -39,24 +36,24 @@ def check_weight_file(path: str | Path, key: str, folder_ok: bool = False) -> No
             if path.suffix == ".safetensors":
                 _check_safetensors(path, handle, head, key)
             elif not (head.startswith(ZIP_SIGNATURE) or head[:1] == bytes([PICKLE_PROTOCOL_OPCODE])):
-                raise WeightFileError(f"{path}: neither a safetensors file nor a torch.save file (it starts with {head[:4]!r}); "
+                raise WeightsError(f"{path}: neither a safetensors file nor a torch.save file (it starts with {head[:4]!r}); "
                                       f"is it a partial download or an error page? ({key})")
     except OSError as error:
-        raise WeightFileError(f"{path}: cannot be read ({error.strerror}); check its permissions ({key})") from None
+        raise WeightsError(f"{path}: cannot be read ({error.strerror}); check its permissions ({key})") from None
 
 
 def _check_safetensors(path: Path, handle, head: bytes, key: str) -> None:
     size = path.stat().st_size
     header_length = int.from_bytes(head, "little") if len(head) == 8 else -1
     if not 0 < header_length <= min(size - 8, MAX_SAFETENSORS_HEADER):
-        raise WeightFileError(f"{path}: not a safetensors file ({size} bytes, header length {header_length}); re-download or re-export it ({key})")
+        raise WeightsError(f"{path}: not a safetensors file ({size} bytes, header length {header_length}); re-download or re-export it ({key})")
     try:
         header = json.loads(handle.read(header_length))
         data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
     except (ValueError, TypeError, KeyError, IndexError):
-        raise WeightFileError(f"{path}: its safetensors header is not valid JSON naming tensors; re-download or re-export it ({key})") from None
+        raise WeightsError(f"{path}: its safetensors header is not valid JSON naming tensors; re-download or re-export it ({key})") from None
     if 8 + header_length + data_end > size:
-        raise WeightFileError(f"{path}: truncated: its header names {data_end} bytes of tensors, the file holds {size - 8 - header_length}; "
+        raise WeightsError(f"{path}: truncated: its header names {data_end} bytes of tensors, the file holds {size - 8 - header_length}; "
                               f"re-download or re-export it ({key})")
 
 

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from flows.cli import main as cli_main
-from tasks.storage.weight_files import WeightFileError, check_weight_file
+from model.weights import WeightsError
+from tasks.storage.weight_files import check_weight_file
 
 KEY = "evaluate.i3d_weights"
 
@@ -33,12 +34,12 @@ def test_broken_weight_files_are_named_with_their_key(tmp_path):
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(WeightFileError, match=None) as error:
+        with pytest.raises(WeightsError, match=None) as error:
             check_weight_file(tmp_path / name, KEY)
         assert message in str(error.value) and KEY in str(error.value), str(error.value)
-    with pytest.raises(WeightFileError, match=f"absent.pt: weight file not found; set {KEY}"):
+    with pytest.raises(WeightsError, match=f"absent.pt: weight file not found; set {KEY}"):
         check_weight_file(tmp_path / "absent.pt", KEY)
-    with pytest.raises(WeightFileError, match=f"is a folder; set {KEY} to a weight file"):
+    with pytest.raises(WeightsError, match=f"is a folder; set {KEY} to a weight file"):
         check_weight_file(tmp_path, KEY)
 
 
