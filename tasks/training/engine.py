@@ -157,15 +157,15 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
 
         loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
         seconds = time.perf_counter() - started
+        samples_per_s = cfg.batch_size * cfg.grad_accum * world / seconds
         if logger:
             logger.add(state.step, {
                 "loss": loss_mean, "lr": scheduler.get_last_lr()[0], **group_metrics("grad_norm", grad_norms),
-                "samples_per_s": cfg.batch_size * cfg.grad_accum * world / seconds,
-                "data_wait_share": waited / seconds, "skipped_steps": state.skipped_steps, **parts,
+                "samples_per_s": samples_per_s, "data_wait_share": waited / seconds, "skipped_steps": state.skipped_steps, **parts,
             })
         if progress and progress.due(state.step):
             logger.flush()  # the MLflow curves advance with the progress line, not a checkpoint interval behind
-            logger.client.set_tag(logger.run_id, PROGRESS_TAG, progress.line(state.step, loss_mean, cfg.batch_size * cfg.grad_accum * world / seconds))
+            logger.client.set_tag(logger.run_id, PROGRESS_TAG, progress.line(state.step, loss_mean, samples_per_s))
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             report_checkpoint(accelerator, model, ema, optimizer, scheduler, state, world, {"loss": loss_mean}, logger.pending if logger else [])
             if logger:
