@@ -34,7 +34,7 @@ from tasks.config.params import PROGRESS_SECONDS, CacheLatentsParams, Params
 from tasks.config.paths import CACHE_LATENTS_METRICS, CLIPS, LATENTS
 from tasks.inference.encoders import encode_captions, encoder_info, load_text
 from tasks.preprocessing.latents import cache_latents
-from tasks.storage.atomic import atomic_folder, write_json, write_npy, write_parquet
+from tasks.storage.atomic import atomic_path, write_json, write_npy, write_parquet
 from tasks.storage.clip_shards import shard_name as clip_shard_name
 from tasks.storage.weight_files import require_weight_files
 
@@ -83,7 +83,8 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
             latent_std = float(torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(32)]).std())
     finally:
         torch.set_num_threads(threads)
-    with atomic_folder(folder) as tmp:
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
         # diffusers' private "_..." keys hold a set-ordered list that changes from process to process
         config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
         config["scaling_factor"] = round(1.0 / latent_std, 5)
