@@ -1,7 +1,8 @@
 """The latent cache's batch inference: one row per clip shard flows to a pool of encoder actors
 (Ray Data; one actor per GPU, or `num_workers` CPU actors), each writing one latent shard under a
 temporary name with the fingerprint of everything it was computed from, so a rerun skips the
-shards that are already complete (tasks/storage/latent_shards.py describes the files)."""
+shards that are already complete, or links them from the previous cache
+(tasks/storage/latent_shards.py describes the files)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from model.weights import file_digest
 from tasks.config.params import CacheLatentsParams
 from tasks.inference.encoders import Encoders
 from tasks.operations.ray_runtime import ensure_ray
-from tasks.storage.atomic import remove_stale_temporaries
+from tasks.storage.atomic import remove_stale_temporaries, reuse_file
 from tasks.storage.clip_shards import shard_name as clip_shard_name
 from tasks.storage.latent_shards import shard_fingerprint, shard_name, write_latent_shard
 
@@ -38,11 +39,12 @@ def config_fingerprint(cfg: CacheLatentsParams, info: dict[str, Any], device: st
 class ShardEncoder:
     """Ray Data actor: encodes whole clip shards into latent shards, skipping complete ones."""
 
-    def __init__(self, cfg: CacheLatentsParams, fingerprint: str, clips_dir: str, out_dir: str, use_gpu: bool) -> None:
+    def __init__(self, cfg: CacheLatentsParams, fingerprint: str, clips_dir: str, out_dir: str, previous_dir: str | None, use_gpu: bool) -> None:
         if not use_gpu:
             torch.set_num_threads(1)  # one core per actor; also keeps CPU results bit-identical run to run
         self.encoders = Encoders(cfg, device="cuda" if use_gpu else "cpu")
         self.fingerprint, self.clips_dir, self.out_dir = fingerprint, Path(clips_dir), Path(out_dir)
+        self.previous_dir = Path(previous_dir) if previous_dir else None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame([self.encode_shard(int(shard), rows.sort_values("shard_row")) for shard, rows in batch.groupby("shard")])
@@ -52,6 +54,9 @@ class ShardEncoder:
         source = self.clips_dir / clip_shard_name(shard)
         fingerprint = shard_input_fingerprint(self.fingerprint, source, rows)
         target = self.out_dir / shard_name(shard)
+        previous = self.previous_dir / target.name if self.previous_dir else None
+        if shard_fingerprint(target) != fingerprint and previous is not None and shard_fingerprint(previous) == fingerprint:
+            reuse_file(previous, target)  # the previous cache's shard, as it is
         if shard_fingerprint(target) == fingerprint:
             return {"shard": shard, "clips": len(rows), "status": "skipped", "seconds": time.perf_counter() - started}
         clips = np.load(source, mmap_mode="r")
@@ -70,8 +75,10 @@ def shard_input_fingerprint(config: str, source: Path, rows: pd.DataFrame) -> st
     return digest.hexdigest()
 
 
-def cache_latents(index: pd.DataFrame, cfg: CacheLatentsParams, info: dict[str, Any], clips_dir: Path, out_dir: Path) -> pd.DataFrame:
-    """Encode every clip shard listed in `index` into out_dir; returns one status row per shard."""
+def cache_latents(index: pd.DataFrame, cfg: CacheLatentsParams, info: dict[str, Any], clips_dir: Path, out_dir: Path,
+                  previous: Path | None = None) -> pd.DataFrame:
+    """Encode every clip shard listed in `index` into out_dir, taking complete shards from the
+    `previous` cache where their fingerprints match; returns one status row per shard."""
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # leftovers of a crashed run are never read, only removed
     ensure_ray()
@@ -87,7 +94,8 @@ def cache_latents(index: pd.DataFrame, cfg: CacheLatentsParams, info: dict[str, 
             compute=ray.data.ActorPoolStrategy(size=gpus or cfg.num_workers),
             num_gpus=1 if gpus else 0,
             num_cpus=1,
-            fn_constructor_kwargs={"cfg": cfg, "fingerprint": fingerprint, "clips_dir": str(clips_dir.resolve()), "out_dir": str(out_dir.resolve()), "use_gpu": bool(gpus)},
+            fn_constructor_kwargs={"cfg": cfg, "fingerprint": fingerprint, "clips_dir": str(clips_dir.resolve()), "out_dir": str(out_dir.resolve()),
+                                   "previous_dir": str(previous.resolve()) if previous else None, "use_gpu": bool(gpus)},
         )
         for row in dataset.iter_rows():
             results.append(row)

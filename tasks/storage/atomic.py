@@ -42,14 +42,43 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `final`; it replaces `final` whole if the block
-    succeeds. A staging folder a killed run left for the same output is removed first."""
+def atomic_folder(final: str | Path, resume: bool = False) -> Iterator[Path]:
+    """Yield a staging folder beside `final`; it replaces `final` whole if the block succeeds, so
+    until then readers see the previous output, complete.
+
+    A staging folder that a killed run left for the same output is removed first, or, with
+    `resume`, taken over as this run's staging folder (its complete files are kept; what its
+    writer left half-written is removed), so a crash costs only the work in flight."""
     final = Path(final)
-    remove_stale_temporaries(final.parent, names=(final.name,))
+    leftovers = sorted(stale_temporaries(final.parent, names=(final.name,)), key=lambda path: path.stat().st_mtime)
+    adopted = leftovers.pop() if resume and leftovers and leftovers[-1].is_dir() else None
+    for leftover in leftovers:
+        remove_path(leftover)
     with atomic_path(final) as staging:
-        staging.mkdir()
+        if adopted is not None:
+            os.rename(adopted, staging)
+            remove_stale_temporaries(staging)
+        else:
+            staging.mkdir()
         yield staging
+
+
+def reuse_file(previous: Path, target: Path) -> None:
+    """Put a complete file (or folder) of the previous output into a staging folder without
+    rewriting it: a hard link where the filesystem allows (outputs are only ever replaced by
+    rename, never written in place, so two names for one file are safe), a copy otherwise."""
+    with atomic_path(target) as tmp:
+        if previous.is_dir():
+            shutil.copytree(previous, tmp, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(previous, tmp)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def swap_folders(new: Path, final: Path) -> None:
@@ -92,14 +121,25 @@ def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...] = ()) ->
     """Delete leftovers of a crashed run (named by `atomic_path`) before a rerun: only those whose
     writer is no longer running, and, when `names` is given, only temporaries of those outputs (a
     folder the user owns, such as the one holding their CSV, keeps everything else)."""
+    for leftover in stale_temporaries(folder, names):
+        remove_path(leftover)
+
+
+def stale_temporaries(folder: str | Path, names: tuple[str, ...] = ()) -> list[Path]:
+    """Temporaries in `folder` (of the outputs `names`, or of any) whose writer is dead."""
     folder = Path(folder)
     if not folder.is_dir():
-        return
+        return []
+    stale = []
     for leftover in folder.glob(f"{TMP_MARK}*"):
         pid, _, final_name = leftover.name.removeprefix(TMP_MARK).partition("-")
-        if not pid.isdigit() or (names and final_name not in names) or process_alive(int(pid)):
-            continue
-        shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+        if pid.isdigit() and (not names or final_name in names) and not process_alive(int(pid)):
+            stale.append(leftover)
+    return stale
+
+
+def remove_path(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def process_alive(pid: int) -> bool:

@@ -28,8 +28,8 @@ from tasks.config.params import CacheLatentsParams, DecodeParams, FilterParams, 
 from tasks.inference.encoders import clip_noise_seed, encoder_info
 from tasks.preprocessing.clips import decode_clips
 from tasks.preprocessing.latents import cache_latents
+from tasks.preprocessing.smoke_vae import fit_smoke_vae
 from tasks.preprocessing.synthetic import render
-from tasks.stages.cache_latents import fit_smoke_vae
 from tasks.stages.cache_latents import main as cache_latents_stage
 from tasks.stages.filter import filter_videos
 from tasks.storage.clip_shards import shard_name as clip_shard_name
@@ -167,24 +167,35 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_killed_flow_resumes_without_recomputing_finished_shards(clips_dir, slow_vae_folder, tmp_path, monkeypatch, ray_session, prefect_api):
-    """Issue 9's acceptance: kill the Prefect flow during cache_latents, rerun the flow; the
-    finished shards are kept and the outputs equal an uninterrupted run's byte for byte. The flow
-    reports to a Prefect server and its stage works on this session's Ray, as on a cluster."""
+def test_killed_flow_keeps_the_previous_cache_and_resumes_without_recomputing_finished_shards(
+        clips_dir, slow_vae_folder, tmp_path, monkeypatch, ray_session, prefect_api):
+    """Issues 9 and 24: a cache exists; the inputs change (another posterior seed) and the flow
+    rebuilding it is killed midway. The previous cache is still there byte for byte (readers
+    never see a mix); the rerun keeps the shards the killed run finished and ends byte-identical
+    to an uninterrupted run. The flow reports to a Prefect server and its stage works on this
+    session's Ray, as on a cluster."""
     killed = pipeline_workspace(tmp_path / "killed", clips_dir, slow_vae_folder)
+    latents = killed / "data" / "latents"
+    monkeypatch.chdir(killed)
+    set_cache_seed(killed, 1)
+    cache_latents_stage(load_params("params.yaml"))  # the previous cache
+    previous = {path.name: path.read_bytes() for path in latents.iterdir()}
+    assert len(previous) == 6
+
+    set_cache_seed(killed, 0)
     env = {**stage_env(), **prefect_api, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the flow
     process = subprocess.Popen(flow_command(), cwd=killed, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    latents = killed / "data" / "latents"
     deadline = time.monotonic() + 300
-    while not list(latents.glob("latents-*.parquet")):
+    while not list(killed.glob("data/.tmp-*-latents/latents-*.parquet")):
         assert process.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no shard finished within 300 s"
         time.sleep(0.05)
     kill_tree(process)
-    finished = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in latents.glob("latents-*.parquet")}
+    [staging] = killed.glob("data/.tmp-*-latents")
+    finished = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in staging.glob("latents-*.parquet")}
     assert 1 <= len(finished) < 3, f"kill landed {'after' if finished else 'before'} the work: {sorted(finished)}"
-    assert not (latents / "index.parquet").exists()  # nothing marks the cache readable yet
+    assert {path.name: path.read_bytes() for path in latents.iterdir()} == previous  # the previous cache, whole
 
     rerun = subprocess.run(flow_command(), cwd=killed, env=env, capture_output=True, text=True)  # the same flow again
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
@@ -193,7 +204,7 @@ def test_killed_flow_resumes_without_recomputing_finished_shards(clips_dir, slow
         assert (path.stat().st_ino, path.stat().st_mtime_ns) == identity
     report = json.loads((killed / "metrics" / "cache_latents.json").read_text())
     assert (report["shards_skipped"], report["shards_encoded"]) == (len(finished), 3 - len(finished))
-    assert not list(latents.glob(".tmp-*"))
+    assert not list(killed.glob("data/.tmp-*")) and not list(latents.glob(".tmp-*"))
     assert "cache_latents" in yaml.safe_load((killed / "dvc.lock").read_text())["stages"]
 
     clean = workspace(tmp_path / "clean", clips_dir, slow_vae_folder)
@@ -203,8 +214,21 @@ def test_killed_flow_resumes_without_recomputing_finished_shards(clips_dir, slow
     assert names == ["encoders.json", "index.parquet", "latents-00000.parquet", "latents-00001.parquet", "latents-00002.parquet", "null_context.npy"]
     for name in names:  # byte for byte
         assert (latents / name).read_bytes() == (clean / "data" / "latents" / name).read_bytes(), name
+    assert all((latents / name).read_bytes() != previous[name] for name in names if name.startswith("latents-"))  # the seed changed them all
     report = json.loads((clean / "metrics" / "cache_latents.json").read_text())
     assert report["random_init"] is True and report["comparable"] is False and report["latent_shape"] == [8, 4, 8, 8]
+
+    monkeypatch.chdir(killed)  # a rerun with unchanged inputs links every shard of the cache in place
+    inodes = {path.name: path.stat().st_ino for path in latents.glob("latents-*.parquet")}
+    cache_latents_stage(load_params("params.yaml"))
+    assert {path.name: path.stat().st_ino for path in latents.glob("latents-*.parquet")} == inodes
+    assert json.loads((killed / "metrics" / "cache_latents.json").read_text())["shards_skipped"] == 3
+
+
+def set_cache_seed(root: Path, seed: int) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["cache_latents"]["seed"] = seed
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def test_smoke_vae_fit_is_byte_identical_run_to_run_and_loads(clips_dir, tmp_path):
@@ -214,7 +238,7 @@ def test_smoke_vae_fit_is_byte_identical_run_to_run_and_loads(clips_dir, tmp_pat
     index = pd.read_parquet(clips_dir / "index.parquet")
     first = fit_smoke_vae(index, clips_dir, tmp_path / "a", cfg)
     second = subprocess.run(
-        [sys.executable, "-c", f"import pandas as pd; from pathlib import Path; from tasks.stages.cache_latents import fit_smoke_vae; from tasks.config.params import CacheLatentsParams; "
+        [sys.executable, "-c", f"import pandas as pd; from pathlib import Path; from tasks.preprocessing.smoke_vae import fit_smoke_vae; from tasks.config.params import CacheLatentsParams; "
          f"fit_smoke_vae(pd.read_parquet('{clips_dir / 'index.parquet'}'), Path('{clips_dir}'), Path('{tmp_path / 'b'}'), CacheLatentsParams(smoke_vae_fit_steps=3))"],
         env={**stage_env(), "PYTHONHASHSEED": "7"}, capture_output=True, text=True,
     )  # another process, another hash seed
@@ -227,6 +251,13 @@ def test_smoke_vae_fit_is_byte_identical_run_to_run_and_loads(clips_dir, tmp_pat
     frames = np.concatenate([np.load(path) for path in sorted(clips_dir.glob("clips-*.npy"))]).reshape(-1, 64, 64, 3)
     mean, _ = encode_posterior(fitted, frames_to_pixels(frames), micro_batch=16)
     assert float(mean.std()) == pytest.approx(1.0, abs=0.15)
+
+    # a rebuild of the cache takes the previous fit as it is (linked, not refitted) when nothing it
+    # was fitted from changed, and refits when something did
+    kept = fit_smoke_vae(index, clips_dir, tmp_path / "staging", cfg, previous=first)
+    assert (kept / "diffusion_pytorch_model.safetensors").stat().st_ino == (first / "diffusion_pytorch_model.safetensors").stat().st_ino
+    refitted = fit_smoke_vae(index, clips_dir, tmp_path / "other", replace(cfg, seed=1), previous=first)
+    assert (refitted / "diffusion_pytorch_model.safetensors").read_bytes() != (first / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
 def test_the_fitted_smoke_vae_gives_back_the_demo_shapes_colour_and_motion(tmp_path):
