@@ -1,7 +1,8 @@
 """The `versvideo` command line. It parses arguments and dispatches; no ML logic lives here.
 
     versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
-    versvideo pipeline [--stages a,b] [--force c]              the Prefect flow over all (or some) DVC stages
+    versvideo pipeline [--stages a,b] [--force c]              the Prefect flow over all (or some) DVC stages;
+                                                               registers the model when evaluate ran
     versvideo serve --cron "0 3 * * *" [--new-csv PATH]        a scheduled retrain-and-promote deployment
     versvideo generate --prompt TEXT --out PATH.mp4 [...]      videos from text (+ control video/image, style image)
     versvideo model-summary --preset {smoke,L,H} [--json]     parameter counts
@@ -55,13 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="run or resume the pipeline as a Prefect flow (ephemeral, or PREFECT_API_URL)")
     pipeline.add_argument("--stages", default="", help="comma-separated stage names (default: all, in dvc.yaml's order)")
     pipeline.add_argument("--force", default="", help="comma-separated stages to run even when DVC finds them up to date (their input changed outside DVC)")
+    add_promotion_arguments(pipeline)
 
     serve = commands.add_parser("serve", help="serve the retrain flow as a Prefect deployment on a cron schedule")
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
     serve.add_argument("--new-csv", default="", help="WebVid CSV whose new rows each run appends to prepare.webvid_csv")
-    serve.add_argument("--metric", default="heldout/fvd", help="PROTOCOL/KEY of metrics/eval.json that decides promotion")
-    serve.add_argument("--higher-is-better", action="store_true", help="the metric improves upward (e.g. clipsim); default: lower is better (fvd)")
-    serve.add_argument("--model-name", default="versvideo", help="MLflow registered model whose champion alias moves")
+    add_promotion_arguments(serve)
 
     generate = commands.add_parser("generate", help="make videos from prompts, optionally steered by a control video or image and a style image")
     generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_promotion_arguments(command: argparse.ArgumentParser) -> None:
+    """How a freshly evaluated model is registered and whether it becomes the champion."""
+    command.add_argument("--metric", default="heldout/fvd", help="PROTOCOL/KEY of metrics/eval.json that decides promotion")
+    command.add_argument("--higher-is-better", action="store_true", help="the metric improves upward (e.g. clipsim); default: lower is better (fvd)")
+    command.add_argument("--model-name", default="versvideo", help="MLflow registered model whose champion alias moves")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -114,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:  # before the flow starts a Prefect server
                 raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(dvc_stages())}")
             try:
-                results = pipeline(stages=chosen or None, force=forced or None)
+                results = pipeline(stages=chosen or None, force=forced or None, metric=args.metric, lower_is_better=not args.higher_is_better,
+                                   model_name=args.model_name)
             except StageFailed as error:
                 print(f"versvideo: {error}", file=sys.stderr)
                 return 1
             for result in results:
                 print(f"  {result['stage']:<14} {'ran' if result['ran'] else 'up to date':<11} {result['seconds']:8.1f} s")
+            for promotion in (result["promotion"] for result in results if "promotion" in result):
+                print(f"registered {promotion['model']} version {promotion['version']}: {promotion['reason']}")
         elif args.command == "serve":
             from flows.retrain import retrain
 

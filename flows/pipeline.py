@@ -11,10 +11,15 @@ Lineage (tasks/operations/lineage.py): one parent MLflow run per pipeline run, o
 (timing, whether DVC ran it, dvc.lock dependency hashes as tags and as dataset inputs, the
 stage's metrics files), with the stages' own training and evaluation runs nested below those;
 dvc.lock itself is logged on the parent run at the end.
+
+Registration: when `evaluate` ran, the evaluated models are logged as one pyfunc video model on
+the evaluation's run and registered; the registry's `champion` alias moves to the new version only
+if `metric` (PROTOCOL/KEY of metrics/eval.json) beats the champion's (tasks/operations/promotion.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,9 +33,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from tasks.config.paths import PIPELINE_SUMMARY
+from tasks.config.params import load_params
+from tasks.config.paths import CONTROLNET, DECODER, EVAL_METRICS, LATENTS, PIPELINE_SUMMARY, UNET
 from tasks.operations.lineage import PARENT_RUN_ENV, git_commit, record_stage, start_run, tracking_uri
 from tasks.storage.atomic import atomic_path
+
+MODEL_FOLDERS = {"unet": UNET, "decoder": DECODER, "controlnet": CONTROLNET}
 
 
 class StageFailed(RuntimeError):
@@ -82,6 +90,24 @@ def run_stage(stage: str, parent_run_id: str, force: bool = False) -> dict[str, 
     return {"stage": stage, "seconds": seconds, "ran": ran, "mlflow_run_id": run_id}
 
 
+@task(task_run_name="register")
+def register_model(metric: str, lower_is_better: bool, model_name: str) -> dict[str, Any]:
+    """Register the models just evaluated; the decision (promoted or not, and why) is returned and
+    tagged on the version and the evaluation run."""
+    # imported here: they load torch and Ray, which the flow's own process needs for nothing else
+    from tasks.inference.encoders import resolved_encoders
+    from tasks.operations.promotion import eval_metric, log_video_model, promote_if_better
+
+    report = json.loads(EVAL_METRICS.read_text())
+    client = MlflowClient(tracking_uri())
+    run_id = report["mlflow_run_id"]
+    text_weights = resolved_encoders(LATENTS, load_params().cache_latents).text_weights  # the one the cache was made with
+    source = log_video_model(client, run_id, MODEL_FOLDERS, LATENTS, text_weights)
+    decision = promote_if_better(client, model_name, run_id, source, metric, eval_metric(report, metric), lower_is_better)
+    get_run_logger().info(f"registered {model_name} version {decision.candidate_version}: {decision.reason}")
+    return {"model": model_name, "version": decision.candidate_version, "promoted": decision.promoted, "reason": decision.reason}
+
+
 def summary_markdown(results: list[dict[str, Any]], failed: str | None, parent_run_id: str) -> str:
     rows = [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date'} | {r['seconds']:.1f} |" for r in results]
     if failed:
@@ -94,9 +120,11 @@ def summary_markdown(results: list[dict[str, Any]], failed: str | None, parent_r
 
 
 @flow(name="versvideo-pipeline")
-def pipeline(stages: list[str] | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
+def pipeline(stages: list[str] | None = None, force: list[str] | None = None, metric: str = "heldout/fvd", lower_is_better: bool = True,
+             model_name: str = "versvideo") -> list[dict[str, Any]]:
     """Run (or resume) the pipeline; `stages` limits it to those names (still in dvc.yaml's order),
-    `force` names stages to run even when DVC finds them up to date."""
+    `force` names stages to run even when DVC finds them up to date. When evaluate ran, its result
+    carries `promotion`: the registration's outcome (see register_model)."""
     order = dvc_stages()
     unknown = sorted(set(stages or []).union(force or []) - set(order))
     if unknown:
@@ -110,6 +138,9 @@ def pipeline(stages: list[str] | None = None, force: list[str] | None = None) ->
             failed = stage  # until it returns
             results.append(run_stage(stage, parent, force=stage in (force or [])))
             failed = None
+        evaluated = next((result for result in results if result["stage"] == "evaluate" and result["ran"]), None)
+        if evaluated is not None:
+            evaluated["promotion"] = register_model(metric, lower_is_better, model_name)
     finally:
         if Path("dvc.lock").is_file():
             client.log_artifact(parent, "dvc.lock")

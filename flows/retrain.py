@@ -7,28 +7,21 @@ serves this flow as a Prefect deployment on that schedule. Each run:
    `prepare.webvid_csv` names, keeping the last row of a repeated videoid as prepare does;
 2. runs the pipeline flow; `prepare` is forced when rows arrived (the CSV lives outside DVC), and
    DVC reruns whatever depends on what changed;
-3. when any stage ran, registers the evaluated model and moves the registry's `champion` alias
-   only if `metric` (PROTOCOL/KEY of metrics/eval.json) beats the champion's; the decision and the
-   reason go to the model version, the evaluation run and a Markdown artifact.
+3. when evaluate ran, the pipeline registers the evaluated model and moves the registry's
+   `champion` alias only if `metric` (PROTOCOL/KEY of metrics/eval.json) beats the champion's; the
+   decision and the reason go to the model version, the evaluation run and a Markdown artifact.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from mlflow import MlflowClient
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import pipeline
 from tasks.config.params import load_params
-from tasks.config.paths import CONTROLNET, DECODER, EVAL_METRICS, UNET
-from tasks.operations.lineage import tracking_uri
-from tasks.operations.promotion import eval_metric, log_model_manifest, promote_if_better
 from tasks.preprocessing.incoming import append_new_rows
-
-MODEL_FOLDERS = {"unet": UNET, "decoder": DECODER, "controlnet": CONTROLNET}
 
 
 @flow(name="versvideo-retrain")
@@ -39,16 +32,12 @@ def retrain(new_csv: str = "", metric: str = "heldout/fvd", lower_is_better: boo
         if params.prepare.source != "webvid" or not params.prepare.webvid_csv:
             raise ValueError("retrain with new data needs prepare.source: webvid and prepare.webvid_csv in params.yaml (the CSV the new rows join)")
         added = append_new_rows(new_csv, params.prepare.webvid_csv)
-    results = pipeline(force=["prepare"] if added else None)
-    if not any(result["ran"] for result in results):
-        outcome = {"added_rows": added, "promoted": False, "reason": "nothing changed: every stage was up to date, no new model to compare"}
+    results = pipeline(force=["prepare"] if added else None, metric=metric, lower_is_better=lower_is_better, model_name=model_name)
+    promotion = next((result["promotion"] for result in results if "promotion" in result), None)
+    if promotion is None:
+        outcome = {"added_rows": added, "promoted": False, "reason": "nothing changed: evaluate was up to date, no new model to compare"}
     else:
-        report = json.loads(EVAL_METRICS.read_text())
-        client = MlflowClient(tracking_uri())
-        run_id = report["mlflow_run_id"]
-        source = log_model_manifest(client, run_id, MODEL_FOLDERS)
-        decision = promote_if_better(client, model_name, run_id, source, metric, eval_metric(report, metric), lower_is_better)
-        outcome = {"added_rows": added, "promoted": decision.promoted, "reason": decision.reason, "version": decision.candidate_version}
+        outcome = {"added_rows": added, "promoted": promotion["promoted"], "reason": promotion["reason"], "version": promotion["version"]}
     create_markdown_artifact(
         f"# VersVideo retrain\n\n- new rows: {added}\n- promoted: **{outcome['promoted']}**\n- why: {outcome['reason']}\n",
         key="versvideo-retrain-decision", description="promotion decision",

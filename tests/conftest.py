@@ -1,5 +1,5 @@
-"""Shared test fixtures: the real fixture videos beside the checkout, one local Ray and one Prefect
-server for the whole session (starting either costs seconds, so tests share them)."""
+"""Shared test fixtures: the real fixture videos beside the checkout, one local Ray, one Prefect
+server and one MLflow server for the whole session (starting each costs seconds, so tests share them)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,17 @@ def prefect_api(tmp_path_factory):
     from tests.services import prefect_server, running
 
     server, env = prefect_server(tmp_path_factory.mktemp("prefect"))
+    with running(server):
+        yield env
+
+
+@pytest.fixture(scope="session")
+def mlflow_api(tmp_path_factory):
+    """A real `mlflow server` (sqlite store, proxied artifacts) on 127.0.0.1 for the tests that
+    talk to a tracking server: {"MLFLOW_TRACKING_URI": ...}."""
+    from tests.services import mlflow_server, running
+
+    server, env = mlflow_server(tmp_path_factory.mktemp("mlflow"))
     with running(server):
         yield env
 

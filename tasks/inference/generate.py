@@ -1,11 +1,10 @@
 """`versvideo generate`: videos from prompts, optionally steered by a visual condition (a control
 video or image) and a style image, with the pipeline's trained models.
 
-Weights come from local folders (models/unet, models/decoder, models/controlnet by default) or from
-an MLflow registered model (`models:/NAME@ALIAS`): its version's weights manifest names each weight
-file and its sha256, and a file that changed since registration is refused. The text encoder and
-the empty prompt are the latent cache's (params.yaml's cache_latents section, data/latents/), as
-the UNet was trained with them.
+Weights come from local folders (models/unet, models/decoder, models/controlnet by default), with
+the latent cache's text encoder and empty prompt (params.yaml's cache_latents section,
+data/latents/), as the UNet was trained with them; or from an MLflow registered model
+(`models:/NAME@ALIAS`), the pyfunc video model that carries all of these inside.
 
 Each prompt k gets seed `seed + k`, so a video depends on its prompt and seed only (not on the batch
 it shares); outputs are written under a temporary name and renamed: PATH.mp4 and PATH.gif for one
@@ -14,7 +13,6 @@ prompt, PATH_000.mp4 ... for several.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -26,7 +24,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.weights import WeightsError, file_digest
 from tasks.config.params import MAX_FPS, PREVIEW_FPS, Params
 from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
 from tasks.inference.conditions import ConditionExtractor, condition_index, load_style_encoder, style_embeddings
@@ -75,36 +72,19 @@ def read_prompts(prompts: list[str], prompts_file: str) -> list[str]:
     return found
 
 
-def registered_folders(uri: str) -> dict[str, Path]:
-    """models:/NAME@ALIAS (or models:/NAME/VERSION) -> the local weight folders its manifest names,
-    each file checked against the sha256 recorded when it was registered."""
-    import mlflow.artifacts
-    from mlflow import MlflowClient
+def registered_generator(uri: str, device: str, controlnet: bool) -> VideoGenerator:
+    """models:/NAME@ALIAS (or models:/NAME/VERSION) -> the generator inside that registered pyfunc
+    video model (tasks/inference/video_model.py), its weights downloaded from the registry."""
+    import mlflow
+    import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    name, _, selector = uri.removeprefix("models:/").partition("@")
-    client = MlflowClient(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri())
     try:
-        if selector:
-            version = client.get_model_version_by_alias(name, selector)
-        else:
-            name, _, number = name.partition("/")
-            version = client.get_model_version(name, number)
+        model = mlflow.pyfunc.load_model(uri, model_config={"controlnet": controlnet, "device": device})
     except MlflowException as error:
         raise ValueError(f"--model {uri}: not found in the MLflow registry at {tracking_uri()} ({error.message})") from None
-    with tempfile.TemporaryDirectory() as folder:
-        manifest = json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source}/weights.json", dst_path=folder, tracking_uri=tracking_uri())).read_text())
-    folders = {}
-    for part, files in manifest.items():
-        for file_name, entry in files.items():
-            path = Path(entry["path"])
-            if not path.is_file():
-                raise WeightsError(f"--model {uri}: version {version.version}'s {part} weights {path} are missing; restore them (dvc checkout, or dvc pull)")
-            if file_digest(path) != entry["sha256"]:
-                raise WeightsError(f"--model {uri}: {path} changed since version {version.version} was registered (sha256 differs); "
-                                   "check out the registered weights (dvc checkout of that commit) or register the new ones")
-            folders[part] = path.parent
-    return folders
+    return model.unwrap_python_model().generator
 
 
 def read_image(path: Path, height: int, width: int) -> np.ndarray:
@@ -186,20 +166,25 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: not found")
     outputs = check_request(request)
-    folders = registered_folders(request.model) if request.model else dict(request.folders)
     steered = bool(request.control or request.style)
-    if steered and not (folders.get("controlnet") and (Path(folders["controlnet"]) / "config.json").is_file()):
-        raise FileNotFoundError(f"--control/--style need a trained ControlNet: {folders.get('controlnet')} has none (run versvideo stage train_controlnet)")
-    for part in ("unet", "decoder", *(["controlnet"] if steered else [])):
-        if (Path(folders[part]) / "config.json").is_file():  # a trained folder: its weights must be whole
-            check_weight_file(Path(folders[part]) / "model.safetensors", f"--{part} {folders[part]}")
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    generator = VideoGenerator(folders["unet"], folders["decoder"], request.latents, params.cache_latents, device=device,
-                               controlnet_dir=folders["controlnet"] if steered else None)
+    if request.model:
+        generator = registered_generator(request.model, device, controlnet=steered)
+        if steered and generator.controlled is None:
+            raise FileNotFoundError(f"--control/--style need a trained ControlNet: {request.model} was registered without one")
+    else:
+        folders = request.folders
+        if steered and not (Path(folders["controlnet"]) / "config.json").is_file():
+            raise FileNotFoundError(f"--control/--style need a trained ControlNet: {folders['controlnet']} has none (run versvideo stage train_controlnet)")
+        for part in ("unet", "decoder", *(["controlnet"] if steered else [])):
+            if (Path(folders[part]) / "config.json").is_file():  # a trained folder: its weights must be whole
+                check_weight_file(Path(folders[part]) / "model.safetensors", f"--{part} {folders[part]}")
+        generator = VideoGenerator(folders["unet"], folders["decoder"], request.latents, params.cache_latents, device=device,
+                                   controlnet_dir=folders["controlnet"] if steered else None)
     preset = generator.preset
     frames, height, width = request.frames, request.height, request.width
     if None in (frames, height, width):  # the UNet's training clips fill in what the request leaves out
-        trained = trained_clip_shape(folders["unet"])
+        trained = trained_clip_shape(generator.unet_dir)
         frames, height, width = (given or default for given, default in zip((frames, height, width), trained))
     generator.check_size(height, width)
     steps = request.steps or preset.diffusion.sampling_steps

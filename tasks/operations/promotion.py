@@ -1,10 +1,10 @@
 """Promotion: register an evaluated model in the MLflow registry and move the `champion` alias to it
 only when its evaluation is better on the configured metric.
 
-The registered version's artifacts are small: the models' config.json and metrics.json and a
-manifest with each weight file's path and sha256. The weights stay where DVC keeps them (MLflow
-artifacts of several GB time out, and DVC already versions them). Every version records the
-decision and the reason as tags, whether or not the alias moved.
+The registered version is the pyfunc video model (tasks/inference/video_model.py) with its
+weights inside, so `mlflow.pyfunc.load_model("models:/versvideo@champion")` generates on any
+machine that reaches the tracking server. Every version records the decision and the reason as
+tags, whether or not the alias moved.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from model.weights import file_digest
+from tasks.inference.video_model import save_video_model
 
 ALIAS = "champion"
+MODEL_ARTIFACT = "video_model"
 
 
 @dataclass(frozen=True)
@@ -35,20 +36,13 @@ class Decision:
     champion_value: float | None
 
 
-def log_model_manifest(client: MlflowClient, run_id: str, folders: dict[str, Path]) -> str:
-    """Log config/metrics files and a weights manifest under the run's `model/`; returns its URI."""
-    manifest = {}
+def log_video_model(client: MlflowClient, run_id: str, folders: dict[str, Path], cache: Path, text_weights: str = "") -> str:
+    """Log the pyfunc video model of `folders` (unet, decoder, controlnet) under the run's
+    `video_model/`; returns its URI, the source a registered version points at."""
     with tempfile.TemporaryDirectory() as staging:
-        for name, folder in folders.items():
-            target = Path(staging) / name
-            target.mkdir()
-            for small in ("config.json", "metrics.json"):
-                if (folder / small).is_file():
-                    (target / small).write_text((folder / small).read_text())
-            manifest[name] = {path.name: {"path": str(path), "sha256": file_digest(path)} for path in sorted(folder.glob("*.safetensors"))}
-        (Path(staging) / "weights.json").write_text(json.dumps(manifest, indent=2))
-        client.log_artifacts(run_id, staging, "model")
-    return f"{client.get_run(run_id).info.artifact_uri}/model"
+        save_video_model(Path(staging) / MODEL_ARTIFACT, folders, cache, text_weights)
+        client.log_artifacts(run_id, str(Path(staging) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+    return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
 
 
 def champion(client: MlflowClient, name: str, metric: str) -> tuple[str | None, float | None]:

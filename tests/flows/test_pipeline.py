@@ -24,7 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.services import mlflow_server, ray_head, running
+from tests.services import ray_head, running
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "filter", "decode", "cache_latents"]
@@ -33,11 +33,10 @@ STAGES = ["prepare", "filter", "decode", "cache_latents"]
 @pytest.fixture(scope="module")
 def services(request, tmp_path_factory):
     """The three servers, started side by side: {env variable: value} for their clients."""
-    folder = tmp_path_factory.mktemp("services")
-    (mlflow, mlflow_env), (ray, ray_env) = mlflow_server(folder), ray_head(folder)
-    prefect_env = request.getfixturevalue("prefect_api")  # the session's; it starts while these do
-    with running(mlflow, ray):
-        yield {**prefect_env, **mlflow_env, **ray_env}
+    ray, ray_env = ray_head(tmp_path_factory.mktemp("services"))
+    servers = {**request.getfixturevalue("prefect_api"), **request.getfixturevalue("mlflow_api")}  # the session's; they start while Ray does
+    with running(ray):
+        yield {**servers, **ray_env}
 
 
 @pytest.fixture

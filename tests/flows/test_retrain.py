@@ -1,8 +1,7 @@
-"""The retrain flow's decisions: new rows join the prepare stage's CSV, nothing changed means no
-promotion attempt, and a better or worse evaluation moves (or keeps) the champion alias; and
-`versvideo serve` registers it as a scheduled deployment whose runs a Prefect server hands it."""
+"""The retrain flow: new rows join the prepare stage's CSV and force prepare, its promotion rule
+goes to the pipeline (which registers the model) and its decision is reported; and `versvideo
+serve` registers it as a scheduled deployment whose runs a Prefect server hands it."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,12 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import flows.retrain as retrain_module
-from tasks.operations.lineage import start_run, tracking_uri
 from tasks.operations.promotion import eval_metric
 from tasks.preprocessing.incoming import append_new_rows
 
@@ -45,42 +42,29 @@ def test_eval_metric_names_what_exists():
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setattr(retrain_module, "create_markdown_artifact", lambda *args, **kwargs: None)  # no Prefect API in .fn calls
-    for name in ("unet", "decoder"):
-        (tmp_path / "models" / name).mkdir(parents=True)
-        (tmp_path / "models" / name / "config.json").write_text("{}")
-        (tmp_path / "models" / name / "model.safetensors").write_bytes(name.encode())
-    (tmp_path / "metrics").mkdir()
     return tmp_path
 
 
-def finish_evaluation(folder, fvd: float) -> None:
-    """What a pipeline run leaves behind: an evaluation run and metrics/eval.json."""
-    client = MlflowClient(tracking_uri())
-    run_id = start_run(client, tracking_uri(), "evaluate-smoke", {})
-    (folder / "metrics" / "eval.json").write_text(json.dumps({"mlflow_run_id": run_id, "protocols": {"heldout": {"fvd": fvd}}}))
+def test_retrain_hands_its_promotion_rule_to_the_pipeline_and_reports_its_decision(project, monkeypatch):
+    """The pipeline registers and promotes (tests/tasks/test_generate.py runs that on a real
+    MLflow server); retrain passes its rule, forces prepare when rows arrived, and reports."""
+    (project / "params.yaml").write_text(f"preset: smoke\nprepare:\n  source: webvid\n  webvid_csv: {project / 'webvid.csv'}\n")
+    (project / "webvid.csv").write_text(HEADER + "1,u,PT00H00M10S,a,a red ball\n")
+    (project / "new.csv").write_text(HEADER + "2,u,PT00H00M12S,a,a blue cube\n")
+    calls, outcomes = [], iter([{"version": "4", "promoted": False, "reason": "does not beat champion version 3's 0.3"}, None])
 
-
-def test_retrain_promotes_only_a_better_model(project, monkeypatch):
-    outcomes = iter([("ran", 50.0), ("ran", 60.0), ("idle", None), ("ran", 40.0)])
-
-    def fake_pipeline(force=None):
-        kind, fvd = next(outcomes)
-        if fvd is not None:
-            finish_evaluation(project, fvd)
-        return [{"stage": "evaluate", "ran": kind == "ran", "seconds": 1.0}]
+    def fake_pipeline(**kwargs):
+        calls.append(kwargs)
+        promotion = next(outcomes)
+        return [{"stage": "evaluate", "ran": promotion is not None, "seconds": 1.0, **({"promotion": promotion} if promotion else {})}]
 
     monkeypatch.setattr(retrain_module, "pipeline", fake_pipeline)
-    first = retrain_module.retrain.fn()
-    assert first["promoted"] and "no champion yet" in first["reason"]
-    worse = retrain_module.retrain.fn()
-    assert not worse["promoted"] and "does not beat champion version 1's 50" in worse["reason"]
+    first = retrain_module.retrain.fn(new_csv=str(project / "new.csv"), metric="heldout/clipsim", lower_is_better=False, model_name="m")
+    assert calls[0] == {"force": ["prepare"], "metric": "heldout/clipsim", "lower_is_better": False, "model_name": "m"}
+    assert first == {"added_rows": 1, "promoted": False, "reason": "does not beat champion version 3's 0.3", "version": "4"}
     idle = retrain_module.retrain.fn()
-    assert not idle["promoted"] and idle["reason"].startswith("nothing changed")
-    better = retrain_module.retrain.fn()
-    assert better["promoted"] and better["version"] == "3"
-    assert str(MlflowClient(tracking_uri()).get_model_version_by_alias("versvideo", "champion").version) == "3"
+    assert calls[1]["force"] is None and not idle["promoted"] and idle["reason"].startswith("nothing changed")
 
 
 def test_retrain_with_new_data_needs_a_webvid_source(project):

@@ -1,6 +1,6 @@
 """`versvideo generate` on tiny smoke models: MP4 + GIF that decord reads back with the requested
-frames and size, determinism for a seed, control and style changing the video, weights from an
-MLflow registered model (and refused once changed), and clear errors for bad inputs."""
+frames and size, determinism for a seed, control and style changing the video, the registered
+MLflow pyfunc model generating the same videos, and clear errors for bad inputs."""
 
 import json
 import shutil
@@ -19,8 +19,8 @@ from model.controlnet import ControlledUNet, StyleAdapter, VideoControlNet
 from model.presets import get_preset
 from tasks.config.params import CacheLatentsParams, Params, TrainControlnetParams, clip_shape
 from tasks.inference.conditions import load_style_encoder
-from tasks.inference.encoders import encode_captions, load_text
-from tasks.inference.generate import GenerateRequest, generate, registered_folders
+from tasks.inference.encoders import encode_captions, encoder_info, load_text
+from tasks.inference.generate import GenerateRequest, generate
 from tasks.inference.generation import VideoGenerator
 from tasks.inference.models import load_unet
 from tasks.training.controlnet import ControlNetRecipe, ControlTraining, save_controlnet
@@ -42,7 +42,7 @@ def project(tmp_path_factory, fixture_videos):
     root = tmp_path_factory.mktemp("generate")
     latents = root / "data" / "latents"
     latents.mkdir(parents=True)
-    (latents / "encoders.json").write_text(json.dumps({"image_vae": {"weights": ""}, "random_init": True}))
+    (latents / "encoders.json").write_text(json.dumps(encoder_info(CacheLatentsParams())))
     text, tokenizer = load_text(CacheLatentsParams())
     np.save(latents / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
     write_tiny_models(root, scale=0.02)
@@ -163,33 +163,57 @@ def test_a_corrupt_weight_file_is_named_before_any_model_loads(project, monkeypa
     assert not (project / "bad").exists()
 
 
-def test_weights_from_a_registered_model_and_refused_once_changed(project, monkeypatch, tmp_path):
+def test_the_registered_pyfunc_model_generates_what_the_local_models_do(project, monkeypatch, tmp_path, mlflow_api, prefect_api):
+    """The pipeline's register task on a real MLflow server (artifacts uploaded through its proxy),
+    then `mlflow.pyfunc.load_model("models:/NAME@champion")` with the project's models moved away:
+    the registered model carries everything it needs, checks its input against its signature, and
+    generates exactly what the local folders generate for the same prompts and seeds; `generate
+    --model` steers it with the registered ControlNet."""
+    import mlflow
+    import mlflow.pyfunc
+    import pandas as pd
     from mlflow import MlflowClient
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.operations.lineage import EXPERIMENT
-    from tasks.operations.promotion import log_model_manifest, promote_if_better
+    from flows.pipeline import register_model
+    from tasks.operations.lineage import start_run
 
     monkeypatch.chdir(project)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
-    experiment = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "mlruns").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    models = tmp_path / "models"
-    for name in ("unet", "decoder", "controlnet"):
-        (models / name).mkdir(parents=True)
-        for file in (project / "models" / name).iterdir():
-            (models / name / file.name).write_bytes(file.read_bytes())
-    source = log_model_manifest(client, run_id, {name: models / name for name in ("unet", "decoder", "controlnet")})
-    promote_if_better(client, "versvideo", run_id, source, "heldout/fvd", 10.0, lower_is_better=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_api["MLFLOW_TRACKING_URI"])
+    (project / "params.yaml").write_text("preset: smoke\n")
+    client = MlflowClient(mlflow_api["MLFLOW_TRACKING_URI"])
+    run_id = start_run(client, mlflow_api["MLFLOW_TRACKING_URI"], "evaluate", {})
+    (project / "metrics").mkdir(exist_ok=True)
+    (project / "metrics" / "eval.json").write_text(json.dumps({"mlflow_run_id": run_id, "protocols": {"heldout": {"fvd": 10.0}}}))
 
-    assert registered_folders("models:/versvideo@champion") == {name: models / name for name in ("unet", "decoder", "controlnet")}
-    registered = generate(request(project, model="models:/versvideo@champion", control="image", control_path="red.png", out=tmp_path / "a.mp4"), Params())
-    local = generate(request(project, control="image", control_path="red.png", out=tmp_path / "b.mp4"), Params())
-    assert registered[0].read_bytes() == local[0].read_bytes()  # the same weights and seed: the same file
+    @flow
+    def register():
+        return register_model("heldout/fvd", True, "generate-test")
 
-    weights = models / "decoder" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(ValueError, match="changed since version 1 was registered"):
-        generate(request(project, model="models:/versvideo@champion", out=tmp_path / "c.mp4"), Params())
+    with temporary_settings({PREFECT_API_URL: prefect_api["PREFECT_API_URL"]}):
+        decision = register()
+    assert decision == {"model": "generate-test", "version": "1", "promoted": True, "reason": decision["reason"]}
+
+    prompts = pd.DataFrame({"prompt": ["a red ball rolls", "a red ball rolls"], "seed": [3, 4], "steps": [3, 3]})
+    (project / "models").rename(project / "models-away")
+    try:
+        mlflow.set_tracking_uri(mlflow_api["MLFLOW_TRACKING_URI"])
+        model = mlflow.pyfunc.load_model("models:/generate-test@champion")
+        videos = model.predict(prompts)
+        with pytest.raises(Exception, match="prompt"):
+            model.predict(pd.DataFrame({"seed": [1]}))  # the signature requires a prompt
+    finally:
+        (project / "models-away").rename(project / "models")
+    assert [spec.name for spec in model.metadata.signature.inputs.inputs] == ["prompt", "seed", "steps"]
+    assert videos.shape == (2, 8, 64, 64, 3) and videos.dtype == np.uint8 and not np.array_equal(videos[0], videos[1])
+    local = VideoGenerator(project / "models" / "unet", project / "models" / "decoder", project / "data" / "latents", CacheLatentsParams())
+    for video, seed in zip(videos, (3, 4)):  # one at a time, as the model does (a batch may round differently)
+        expected = local(["a red ball rolls"], [seed], frames=8, height=64, width=64, steps=3, guidance_scale=local.preset.diffusion.guidance_scale)
+        assert np.array_equal(video, expected[0])
+
+    registered = generate(request(project, model="models:/generate-test@champion", control="image", control_path="red.png", out=tmp_path / "a.mp4"), Params())
+    local_file = generate(request(project, control="image", control_path="red.png", out=tmp_path / "b.mp4"), Params())
+    assert registered[0].read_bytes() == local_file[0].read_bytes()  # the same weights and seed: the same file
     with pytest.raises(ValueError, match="not found in the MLflow registry"):
         generate(request(project, model="models:/nothing@champion", out=tmp_path / "d.mp4"), Params())
