@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_promotion_arguments(command: argparse.ArgumentParser) -> None:
     """How a freshly evaluated model is registered and whether it becomes the champion."""
-    command.add_argument("--metric", default="heldout/fvd", help="PROTOCOL/KEY of metrics/eval.json that decides promotion")
+    command.add_argument("--metric", default="heldout/fvd", help="PROTOCOL/KEY of reports/eval.json that decides promotion")
     command.add_argument("--higher-is-better", action="store_true", help="the metric improves upward (e.g. clipsim); default: lower is better (fvd)")
     command.add_argument("--model-name", default="versvideo", help="MLflow registered model whose champion alias moves")
 

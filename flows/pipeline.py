@@ -14,7 +14,7 @@ dvc.lock itself is logged on the parent run at the end.
 
 Registration: when `evaluate` ran, the evaluated models are logged as one pyfunc video model on
 the evaluation's run and registered; the registry's `champion` alias moves to the new version only
-if `metric` (PROTOCOL/KEY of metrics/eval.json) beats the champion's (tasks/operations/promotion.py).
+if `metric` (PROTOCOL/KEY of reports/eval.json) beats the champion's (tasks/operations/promotion.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks.config.params import load_params
-from tasks.config.paths import CONTROLNET, DECODER, EVAL_METRICS, LATENTS, PIPELINE_SUMMARY, UNET
+from tasks.config.paths import CONTROLNET, DECODER, EVAL_REPORT, LATENTS, PIPELINE_SUMMARY, UNET
 from tasks.operations.lineage import PARENT_RUN_ENV, git_commit, record_stage, start_run, tracking_uri
 from tasks.storage.atomic import atomic_path
 
@@ -98,7 +98,7 @@ def register_model(metric: str, lower_is_better: bool, model_name: str) -> dict[
     from tasks.inference.encoders import resolved_encoders
     from tasks.operations.promotion import eval_metric, log_video_model, promote_if_better
 
-    report = json.loads(EVAL_METRICS.read_text())
+    report = json.loads(EVAL_REPORT.read_text())
     client = MlflowClient(tracking_uri())
     run_id = report["mlflow_run_id"]
     text_weights = resolved_encoders(LATENTS, load_params().cache_latents).text_weights  # the one the cache was made with
@@ -115,7 +115,7 @@ def summary_markdown(results: list[dict[str, Any]], failed: str | None, parent_r
     return "\n".join([
         "# VersVideo pipeline", "", f"MLflow parent run: `{parent_run_id}` (experiment `versvideo`)", "",
         "| stage | status | seconds |", "|---|---|---|", *rows, "",
-        f"Total: {sum(r['seconds'] for r in results):.1f} s. Metrics: `dvc metrics show`; evaluation: `metrics/eval.json`.",
+        f"Total: {sum(r['seconds'] for r in results):.1f} s. Metrics: `dvc metrics show`; evaluation: `reports/eval.json`.",
     ])
 
 

@@ -8,7 +8,7 @@ serves this flow as a Prefect deployment on that schedule. Each run:
 2. runs the pipeline flow; `prepare` is forced when rows arrived (the CSV lives outside DVC), and
    DVC reruns whatever depends on what changed;
 3. when evaluate ran, the pipeline registers the evaluated model and moves the registry's
-   `champion` alias only if `metric` (PROTOCOL/KEY of metrics/eval.json) beats the champion's; the
+   `champion` alias only if `metric` (PROTOCOL/KEY of reports/eval.json) beats the champion's; the
    decision and the reason go to the model version, the evaluation run and a Markdown artifact.
 """
 

@@ -26,11 +26,16 @@ RUNS = Path("models/runs")
 # evaluate: cached real-data feature statistics and the per-frame plots
 EVAL_STATS = Path("data/eval_stats")
 PLOTS = Path("plots/eval")
-# metrics files (DVC metrics, cache: false)
+# Each stage's results twice, both small and tracked by git (DVC outs with cache: false): the
+# report holds everything (figures, baselines, run ids, protocols, hashes), for people and for
+# the stages and flows that read results; the metrics file holds a few headline numbers only,
+# for `dvc metrics show` / `dvc exp show`, which put every number of every metrics file in one row.
+REPORTS = Path("reports")
 METRICS = Path("metrics")
-CACHE_LATENTS_METRICS = METRICS / "cache_latents.json"
-TRAIN_UNET_METRICS = METRICS / "train_unet.json"
-RECONSTRUCTION_METRICS = METRICS / "reconstruction.json"
-CONTROLNET_METRICS = METRICS / "controlnet.json"
-EVAL_METRICS = METRICS / "eval.json"
-PIPELINE_SUMMARY = METRICS / "pipeline.md"
+FILTER_METRICS = METRICS / "filter.json"
+CACHE_LATENTS_REPORT = REPORTS / "cache_latents.json"
+TRAIN_UNET_REPORT, TRAIN_UNET_METRICS = REPORTS / "train_unet.json", METRICS / "train_unet.json"
+RECONSTRUCTION_REPORT, RECONSTRUCTION_METRICS = REPORTS / "reconstruction.json", METRICS / "reconstruction.json"
+CONTROLNET_REPORT, CONTROLNET_METRICS = REPORTS / "controlnet.json", METRICS / "controlnet.json"
+EVAL_REPORT, EVAL_METRICS = REPORTS / "eval.json", METRICS / "eval.json"
+PIPELINE_SUMMARY = REPORTS / "pipeline.md"  # the last pipeline run's (not a DVC output; git ignores it)

@@ -88,4 +88,4 @@ def eval_metric(report: dict[str, Any], metric: str) -> float:
         return float(report["protocols"][protocol][key])
     except (KeyError, TypeError, ValueError):
         known = [f"{name}/{k}" for name, figures in report.get("protocols", {}).items() for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        raise ValueError(f"metric {metric!r} is not in metrics/eval.json; it has {', '.join(known)}") from None
+        raise ValueError(f"metric {metric!r} is not in reports/eval.json; it has {', '.join(known)}") from None

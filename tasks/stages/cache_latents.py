@@ -27,7 +27,7 @@ import pandas as pd
 
 from model.presets import get_preset
 from tasks.config.params import CacheLatentsParams, Params
-from tasks.config.paths import CACHE_LATENTS_METRICS, CLIPS, LATENTS
+from tasks.config.paths import CACHE_LATENTS_REPORT, CLIPS, LATENTS
 from tasks.inference.encoders import encode_captions, encoder_info, load_text, project_path
 from tasks.preprocessing.latents import cache_latents
 from tasks.preprocessing.smoke_vae import fit_smoke_vae
@@ -60,7 +60,7 @@ def main(params: Params) -> None:
         "random_init": info["random_init"],
         "comparable": info["comparable"],
     }
-    write_json(summary, CACHE_LATENTS_METRICS)
+    write_json(summary, CACHE_LATENTS_REPORT)
     print(f"cache_latents: {summary['clips']} clips -> latents {tuple(summary['latent_shape'])} in {summary['shards']} shard(s) "
           f"({summary['shards_encoded']} encoded, {summary['shards_skipped']} already complete) in {seconds:.1f} s"
           + ("; stand-in encoders (smoke): comparable=false" if info["random_init"] else ""))

@@ -26,9 +26,10 @@ from frame 0; shorter ones are skipped and counted. Real-data statistics are cac
 data/eval_stats/ by (dataset, split, real-video list, feature-network hashes, frames, resolution,
 fps), so a second evaluation of a new model only generates.
 
-Outputs: metrics/eval.json (every number beside its protocol: N, split, seed, frames,
-resolution, sampler steps, CFG, weight-file hashes), plots/eval/PROTOCOL.csv (per-frame CLIPSIM
-and consistency, generated vs real) and an MLflow run with the same figures and MP4/GIF samples.
+Outputs: reports/eval.json (every number beside its protocol: N, split, seed, frames,
+resolution, sampler steps, CFG, weight-file hashes), metrics/eval.json (the headline numbers, for
+DVC), plots/eval/PROTOCOL.csv (per-frame CLIPSIM and consistency, generated vs real) and an MLflow
+run with the same figures and MP4/GIF samples.
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ from eval.inception import inception_score
 from eval.video_features import I3D_FEATURES, UCF101_CLASSES, fvd_network, fvd_weights_id, is_network, is_weights_id
 from model.weights import file_digest
 from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, EvaluateParams, Params, flatten, params_to_dict
-from tasks.config.paths import CLIPS, DECODER, EVAL_METRICS, EVAL_STATS, LATENTS, PLOTS, UNET
+from tasks.config.paths import CLIPS, DECODER, EVAL_METRICS, EVAL_REPORT, EVAL_STATS, LATENTS, PLOTS, UNET
 from tasks.inference.clip_score import load_clip
 from tasks.inference.encoders import resolved_encoders
 from tasks.inference.generation import VideoGenerator, read_video_clip
 from tasks.operations.lineage import lineage_tags, start_run, tracking_uri
 from tasks.operations.ray_runtime import ensure_ray
-from tasks.storage.atomic import atomic_path, write_json
+from tasks.storage.atomic import atomic_path, write_json, write_metrics
 from tasks.storage.clip_shards import split_clips
 from tasks.storage.latent_shards import load_encoders_info
 from tasks.storage.previews import write_preview
@@ -472,7 +473,8 @@ def evaluate(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet:
 
 def main(params: Params) -> None:
     report = evaluate(params)
-    write_json(report, EVAL_METRICS)
+    write_json(report, EVAL_REPORT)
+    write_metrics(headline_metrics(report), EVAL_METRICS)
     for name, figures in report["protocols"].items():
         p = figures["protocol"]
         print(f"evaluate/{name}: FVD {figures['fvd']:.2f}  IS {figures['is_mean']:.3f} ± {figures['is_std']:.3f}  CLIPSIM {figures['clipsim']:.4f} "
@@ -484,5 +486,14 @@ def main(params: Params) -> None:
                 label = {"training": f"{figures['videos_training']} training captions", "unseen": f"{figures['videos_unseen']} unseen combinations",
                          "real_clips": f"the {p['real_videos']} real clips (the probe)"}[group]
                 print(f"  prompt following, {label}: " + ", ".join(f"{key} {figures[f'{key}_accuracy_{group}']:.0%} (chance {figures[f'{key}_chance']:.0%})" for key in ("color", "shape", "direction")))
-    print(f"evaluate: {report['seconds']} s; metrics/eval.json, plots/eval/, MLflow run {report['mlflow_run_id']}")
+    print(f"evaluate: {report['seconds']} s; {EVAL_REPORT}, {EVAL_METRICS}, {PLOTS}/, MLflow run {report['mlflow_run_id']}")
+
+
+def headline_metrics(report: dict[str, Any]) -> dict[str, float | None]:
+    """What `dvc metrics show` lists for evaluate: the held-out FVD and CLIPSIM and, on the demo
+    world, prompt following on colour/shape/direction combinations no training video has."""
+    protocols = report["protocols"]
+    heldout, captions = protocols.get("heldout", {}), protocols.get("captions", {})
+    return {"fvd": heldout.get("fvd"), "clipsim": heldout.get("clipsim"),
+            "color_unseen": captions.get("color_accuracy_unseen"), "direction_unseen": captions.get("direction_accuracy_unseen")}
 

@@ -1,6 +1,6 @@
 """Stage `filter`: probe and score every CSV row's video; keep the usable ones, reject the rest
 with one specific reason each. Every input row lands in exactly one of kept.parquet and
-rejected.parquet; report.json counts rows per reason (a DVC metric).
+rejected.parquet; report.json counts rows per reason (metrics/filter.json: kept and rejected).
 
 Per-video work (probe, decode sample frames, scores, content hash) runs on Ray Data; checks that
 compare rows with each other (re-crawled videoids, identical files) run on the driver.
@@ -15,10 +15,10 @@ import pandas as pd
 import ray
 
 from tasks.config.params import DecodeParams, FilterParams, Params
-from tasks.config.paths import FILTER_REPORT, FILTERED, KEPT, REJECTED
+from tasks.config.paths import FILTER_METRICS, FILTER_REPORT, FILTERED, KEPT, REJECTED
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
-from tasks.storage.atomic import atomic_folder, write_json, write_parquet
+from tasks.storage.atomic import atomic_folder, write_json, write_metrics, write_parquet
 from tasks.storage.webvid import read_webvid_csv
 from tasks.storage.weight_files import require_weight_files
 
@@ -131,5 +131,6 @@ def main(params: Params) -> None:
         write_parquet(kept, staging / KEPT.name)
         write_parquet(rejected, staging / REJECTED.name)
         write_json(summary, staging / FILTER_REPORT.name)
+    write_metrics({"kept": summary["kept"], "rejected": summary["rejected"]}, FILTER_METRICS)
     reasons = ", ".join(f"{reason} {count}" for reason, count in summary["reasons"].items() if count)
     print(f"filter: kept {summary['kept']} of {summary['input_rows']} rows; rejected: {reasons or 'none'}")

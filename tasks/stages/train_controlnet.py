@@ -32,12 +32,12 @@ from eval.caption_probe import centroid_error, probe
 from eval.control import edge_correlation
 from model.presets import get_preset
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import CLIPS, CONTROLNET, CONTROLNET_METRICS, DECODER, LATENTS, RUNS, UNET
+from tasks.config.paths import CLIPS, CONTROLNET, CONTROLNET_METRICS, CONTROLNET_REPORT, DECODER, LATENTS, RUNS, UNET
 from tasks.inference.conditions import canny
 from tasks.inference.encoders import resolved_encoders
 from tasks.inference.generation import VideoGenerator
 from tasks.operations.lineage import lineage_tags, tracking_uri
-from tasks.storage.atomic import write_json
+from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import held_out_videos, read_clips
 from tasks.storage.latent_shards import latent_clip_dataset, load_null_context, read_index
 from tasks.storage.weight_files import require_weight_files
@@ -132,8 +132,10 @@ def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENT
 
 def main(params: Params) -> None:
     report = train_controlnet(params)
-    write_json(report, CONTROLNET_METRICS)
+    write_json(report, CONTROLNET_REPORT)
     check = report["control_check"]
+    # how far the generated shape lands from the control clip's, with its control and without any
+    write_metrics({"centroid_px": check["centroid_error_matched_px"], "uncontrolled_px": check["centroid_error_uncontrolled_px"]}, CONTROLNET_METRICS)
     print(f"train_controlnet: {report['steps']} steps on {', '.join(report['conditions'])}; loss {report.get('loss_first_10pct', float('nan')):.4f} -> "
           f"{report.get('loss_last_10pct', float('nan')):.4f}; weights in {CONTROLNET}/")
     print(f"  canny control on {check['clips']} held-out clips: the shape lands {check['centroid_error_matched_px']:.1f} px from the control clip's "

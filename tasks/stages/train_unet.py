@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import LATENTS, RUNS, TRAIN_UNET_METRICS, UNET
+from tasks.config.paths import LATENTS, RUNS, TRAIN_UNET_METRICS, TRAIN_UNET_REPORT, UNET
 from tasks.operations.lineage import lineage_tags
-from tasks.storage.atomic import write_json
+from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import held_out_videos
 from tasks.storage.latent_shards import latent_dataset, load_null_context, read_index
 from tasks.training.launch import fit
@@ -55,7 +55,8 @@ def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = UNET,
 
 def main(params: Params) -> None:
     metrics = train_unet(params)
-    write_json(metrics, TRAIN_UNET_METRICS)
+    write_json(metrics, TRAIN_UNET_REPORT)
+    write_metrics({"loss": metrics.get("loss_last_10pct")}, TRAIN_UNET_METRICS)  # v-loss, last 10 % of steps
     print(f"train_unet: {metrics['steps']} steps; loss {metrics.get('loss_first_10pct', float('nan')):.4f} (first 10%) -> "
           f"{metrics.get('loss_last_10pct', float('nan')):.4f} (last 10%); data wait {metrics.get('mean_data_wait_share', 0):.1%} of step time; "
           f"MLflow run {metrics['mlflow_run_id']}; weights in {UNET}/")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -115,6 +116,20 @@ def save_safetensors(tensors: dict, final: str | Path) -> None:
 def write_json(payload: Any, final: str | Path) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_metrics(figures: dict[str, float | None], final: str | Path) -> None:
+    """A DVC metrics file: a few headline numbers under flat keys. A figure this run did not make
+    (None) is left out; any other value that is not a finite number is refused, loudly (JSON has
+    no NaN, and DVC would show it as text)."""
+    numbers = {}
+    for key, value in figures.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{final}: {key} = {value!r} is not a finite number")
+        numbers[key] = value
+    write_json(numbers, final)
 
 
 def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...] = ()) -> None:

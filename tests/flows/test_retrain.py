@@ -35,7 +35,7 @@ def test_new_rows_join_the_csv_once(tmp_path):
 def test_eval_metric_names_what_exists():
     report = {"protocols": {"heldout": {"fvd": 12.5, "comparable": False, "protocol": {}}}}
     assert eval_metric(report, "heldout/fvd") == 12.5
-    with pytest.raises(ValueError, match=r"'heldout/fid' is not in metrics/eval.json; it has heldout/fvd$"):
+    with pytest.raises(ValueError, match=r"'heldout/fid' is not in reports/eval.json; it has heldout/fvd$"):
         eval_metric(report, "heldout/fid")
 
 

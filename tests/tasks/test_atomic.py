@@ -1,13 +1,14 @@
 """Crash-safe outputs: a folder output is replaced whole or not at all, and a killed build's
 staging folder is either removed or taken over, never read as the output."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tasks.storage.atomic import TMP_MARK, atomic_folder, reuse_file
+from tasks.storage.atomic import TMP_MARK, atomic_folder, reuse_file, write_metrics
 
 
 def dead_pid() -> int:
@@ -77,3 +78,12 @@ def test_reuse_file_links_a_file_and_a_folder_and_replaces_a_stale_target(tmp_pa
     assert [path.name for path in (staging / "folder").iterdir()] == ["weights"]
     assert (staging / "folder" / "weights").stat().st_ino == (previous / "folder" / "weights").stat().st_ino
     assert not list(staging.glob(f"{TMP_MARK}*"))
+
+
+def test_a_metrics_file_holds_finite_numbers_only(tmp_path):
+    write_metrics({"fvd": 22.7, "kept": 223, "color_unseen": None}, tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"fvd": 22.7, "kept": 223}  # a figure not made this run is left out
+    for bad in (float("nan"), float("inf"), True, "22.7", [1]):
+        with pytest.raises(ValueError, match=r"m\.json: fvd = .* is not a finite number"):
+            write_metrics({"fvd": bad}, tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"fvd": 22.7, "kept": 223}  # a refused write leaves the file as it was

@@ -202,7 +202,7 @@ def test_killed_flow_keeps_the_previous_cache_and_resumes_without_recomputing_fi
     for name, identity in finished.items():  # finished shards were kept, not rewritten
         path = latents / name
         assert (path.stat().st_ino, path.stat().st_mtime_ns) == identity
-    report = json.loads((killed / "metrics" / "cache_latents.json").read_text())
+    report = json.loads((killed / "reports" / "cache_latents.json").read_text())
     assert (report["shards_skipped"], report["shards_encoded"]) == (len(finished), 3 - len(finished))
     assert not list(killed.glob("data/.tmp-*")) and not list(latents.glob(".tmp-*"))
     assert "cache_latents" in yaml.safe_load((killed / "dvc.lock").read_text())["stages"]
@@ -215,14 +215,14 @@ def test_killed_flow_keeps_the_previous_cache_and_resumes_without_recomputing_fi
     for name in names:  # byte for byte
         assert (latents / name).read_bytes() == (clean / "data" / "latents" / name).read_bytes(), name
     assert all((latents / name).read_bytes() != previous[name] for name in names if name.startswith("latents-"))  # the seed changed them all
-    report = json.loads((clean / "metrics" / "cache_latents.json").read_text())
+    report = json.loads((clean / "reports" / "cache_latents.json").read_text())
     assert report["random_init"] is True and report["comparable"] is False and report["latent_shape"] == [8, 4, 8, 8]
 
     monkeypatch.chdir(killed)  # a rerun with unchanged inputs links every shard of the cache in place
     inodes = {path.name: path.stat().st_ino for path in latents.glob("latents-*.parquet")}
     cache_latents_stage(load_params("params.yaml"))
     assert {path.name: path.stat().st_ino for path in latents.glob("latents-*.parquet")} == inodes
-    assert json.loads((killed / "metrics" / "cache_latents.json").read_text())["shards_skipped"] == 3
+    assert json.loads((killed / "reports" / "cache_latents.json").read_text())["shards_skipped"] == 3
 
 
 def set_cache_seed(root: Path, seed: int) -> None:

@@ -184,8 +184,8 @@ def test_the_registered_pyfunc_model_generates_what_the_local_models_do(project,
     (project / "params.yaml").write_text("preset: smoke\n")
     client = MlflowClient(mlflow_api["MLFLOW_TRACKING_URI"])
     run_id = start_run(client, mlflow_api["MLFLOW_TRACKING_URI"], "evaluate", {})
-    (project / "metrics").mkdir(exist_ok=True)
-    (project / "metrics" / "eval.json").write_text(json.dumps({"mlflow_run_id": run_id, "protocols": {"heldout": {"fvd": 10.0}}}))
+    (project / "reports").mkdir(exist_ok=True)
+    (project / "reports" / "eval.json").write_text(json.dumps({"mlflow_run_id": run_id, "protocols": {"heldout": {"fvd": 10.0}}}))
 
     @flow
     def register():

@@ -3,6 +3,7 @@ fails at once, naming the first; a killed holder's lock is free), and a run kill
 leaves the previous complete output in place, and a rerun the same bytes as an uninterrupted run."""
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -112,6 +113,8 @@ def test_filter_crashing_between_its_outputs_keeps_the_previous_three(tmp_path, 
     filter_stage.main(params)
     previous = tree_digest(tmp_path / "data/filtered")
     assert set(previous) == {"kept.parquet", "rejected.parquet", "report.json"}
+    report = json.loads((tmp_path / "data/filtered/report.json").read_text())  # DVC's metrics file: its two headline numbers
+    assert json.loads((tmp_path / "metrics/filter.json").read_text()) == {"kept": report["kept"], "rejected": report["rejected"]} == {"kept": 3, "rejected": 5}
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
