@@ -1,5 +1,6 @@
 """The `versvideo` command line. It parses arguments and dispatches; no ML logic lives here.
 
+    versvideo init --preset {smoke,L,H}                        write that preset's values into params.yaml
     versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
     versvideo pipeline [--stages a,b] [--force c]              the Prefect flow over all (or some) DVC stages;
                                                                registers the model when evaluate ran
@@ -18,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from tasks.config.params import PREVIEW_FPS, ParamsError, load_params
+from tasks.config.params import PRESETS, PREVIEW_FPS, ParamsError, load_params, write_preset
 from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
 from tasks.operations.stage_lock import StageBusy, stage_lock
 
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     stage.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. -S decode.frames=16 (repeatable)")
+
+    init = commands.add_parser("init", help="write a preset's values into params.yaml (so DVC sees what a run uses)")
+    init.add_argument("--preset", required=True, choices=list(PRESETS))
+    init.add_argument("--params", default="params.yaml", help="params file to rewrite (default: params.yaml)")
 
     pipeline = commands.add_parser("pipeline", help="run or resume the pipeline as a Prefect flow (ephemeral, or PREFECT_API_URL)")
     pipeline.add_argument("--stages", default="", help="comma-separated stage names (default: all, in dvc.yaml's order)")
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             params = load_params(args.params, args.overrides)
             with stage_lock(args.name):  # a second run of this stage here fails at once, naming the first
                 importlib.import_module(STAGES[args.name]).main(params)
+        elif args.command == "init":
+            changed = write_preset(Path(args.params), args.preset)
+            print(f"{args.params}: preset {args.preset}; {len(changed)} value(s) rewritten" + (f": {', '.join(changed)}" if changed else ""))
         elif args.command == "pipeline":
             from flows.pipeline import StageFailed, dvc_stages, pipeline
 

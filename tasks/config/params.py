@@ -2,8 +2,9 @@
 
 Resolution order for every value: the dataclass default, then the preset's defaults
 (`PRESET_DEFAULTS`), then params.yaml, then `-S key=value` overrides from the command line.
-A key set to `null` in params.yaml takes its value from the preset, so switching
-`preset: L` changes it (DVC still tracks the key, and `preset` itself).
+`versvideo init --preset NAME` (write_preset) writes that preset's values into params.yaml as
+concrete numbers, so DVC sees what a run uses; a key set to `null` still takes its value from the
+preset.
 An unknown key, a value of the wrong type or an out-of-range value is an error that names
 the key (`filter.min_motoin: unknown key (did you mean 'min_motion'?)`). Every number must be finite
 and, except where a section's check says otherwise, >= 0; a YAML error or a key written twice in
@@ -15,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,6 +470,10 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     try:
         preset = raw.get("preset", Params.preset)
         _check_choice("preset", preset, PRESETS)
+        written_for = values_written_for(path)
+        if written_for not in (None, preset):
+            raise ParamsError(f"preset: {preset}, but the preset-decided values in the file are {written_for}'s (its '{VALUES_MARK}' line); "
+                              f"run `versvideo init --preset {preset}` to write {preset}'s values, or delete that line to keep these")
         merged: dict[str, Any] = {section: dict(values) for section, values in PRESET_DEFAULTS[preset].items()}
         for key, value in raw.items():
             if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -512,6 +519,66 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     return raw
+
+
+def preset_values(preset: str) -> dict[str, dict[str, Any]]:
+    """Every key some preset decides, with `preset`'s value: section -> key -> value."""
+    _check_choice("preset", preset, PRESETS)
+    defaults = params_to_dict(Params())  # the dataclasses' defaults: the smoke preset's values
+    decided = {(section, key) for values in PRESET_DEFAULTS.values() for section, keys in values.items() for key in keys}
+    chosen: dict[str, dict[str, Any]] = {}
+    for section, key in sorted(decided):
+        chosen.setdefault(section, {})[key] = PRESET_DEFAULTS[preset].get(section, {}).get(key, defaults[section][key])
+    return chosen
+
+
+COMMENT_COLUMN = 34  # where params.yaml's comments on section keys start (0-based)
+VALUES_MARK = "# preset values:"  # params.yaml's line saying which preset its preset-decided values are (written by write_preset)
+
+
+def values_written_for(path: Path) -> str | None:
+    """The preset whose values `write_preset` wrote into the file, or None (no such line)."""
+    mark = re.search(rf"^{VALUES_MARK}\s*(\w+)", path.read_text(), flags=re.MULTILINE)
+    return mark.group(1) if mark else None
+
+
+def write_preset(path: Path, preset: str) -> list[str]:
+    """Rewrite the params file for `preset`: `preset:` set, and every key a preset decides (or left
+    `null`) set to that preset's concrete value, so DVC sees the values a run uses (`dvc params
+    diff`, `dvc exp show`). Comments, order and every other value stay as they are; the keys whose
+    value changed are returned as section.key."""
+    read_yaml_mapping(path)  # a missing or broken file is refused before anything is rewritten
+    values, defaults = preset_values(preset), params_to_dict(Params())
+    lines, changed, section = [], [], None
+    mark = f"{VALUES_MARK} {preset} (`versvideo init --preset NAME` rewrites them for another preset)"
+    text = path.read_text()
+    if values_written_for(path) is None:
+        text = mark + "\n" + text
+    for line in text.splitlines():
+        if line.startswith(VALUES_MARK):
+            lines.append(mark)
+            continue
+        entry = re.match(r"^(?P<indent> *)(?P<key>\w+):\s*(?P<value>[^#]*?)\s*(?P<comment>#.*)?$", line)
+        if entry and not entry["indent"]:
+            section = entry["key"]
+        if entry and (entry["indent"], entry["key"]) == ("", "preset"):
+            new = preset
+        elif entry and entry["indent"] == "  " and section in defaults and entry["key"] in defaults[section] and (
+                entry["key"] in values.get(section, {}) or entry["value"] in ("null", "~", "")):
+            new = yaml.safe_dump(values.get(section, {}).get(entry["key"], defaults[section][entry["key"]]), default_flow_style=True).removesuffix("\n...\n").strip()
+        else:
+            lines.append(line)
+            continue
+        if new != entry["value"]:
+            changed.append(entry["key"] if section == "preset" else f"{section}.{entry['key']}")
+        rewritten = f"{entry['indent']}{entry['key']}: {new}"
+        if entry["comment"]:  # comments in params.yaml's column, or one space after a longer value
+            rewritten = rewritten.ljust(COMMENT_COLUMN - 1) + " " + entry["comment"]
+        lines.append(rewritten)
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+    return changed
 
 
 def params_to_dict(params: Params) -> dict[str, Any]:

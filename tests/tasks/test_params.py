@@ -1,49 +1,87 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.cli import main as cli_main
 from model.presets import get_preset
-from tasks.config.params import ParamsError, flatten, load_params, params_to_dict
+from tasks.config.params import PRESETS, VALUES_MARK, ParamsError, flatten, load_params, params_to_dict, preset_values
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
-def test_repo_params_load_as_the_smoke_preset():
+@pytest.fixture(scope="module")
+def preset_params(tmp_path_factory):
+    """preset -> the repo's params.yaml after `versvideo init --preset NAME`, loaded."""
+    loaded = {}
+    for preset in PRESETS:
+        path = tmp_path_factory.mktemp(preset) / "params.yaml"
+        path.write_bytes(REPO_PARAMS.read_bytes())
+        assert cli_main(["init", "--preset", preset, "--params", str(path)]) == 0
+        loaded[preset] = load_params(path)
+    return loaded
+
+
+def test_repo_params_load_as_the_smoke_preset_with_every_value_written_out():
     params = load_params(REPO_PARAMS)
     assert params.preset == "smoke"
     assert (params.decode.frames, params.decode.height, params.decode.width) == (8, 64, 64)
+    assert not [key for key, value in flatten(yaml.safe_load(REPO_PARAMS.read_text())).items() if value is None]  # DVC sees every value
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_init_writes_a_presets_values_as_null_would_take_them(preset, tmp_path, capsys):
+    """`versvideo init --preset` writes concrete values that load exactly as `null` + the preset
+    does; comments stay; switching back gives the file back byte for byte; and a preset changed
+    without init is refused, naming the command."""
+    with_nulls = yaml.safe_load(REPO_PARAMS.read_text())
+    with_nulls["preset"] = preset
+    for section, keys in preset_values(preset).items():
+        with_nulls[section].update(dict.fromkeys(keys))  # the old way: null = the preset decides
+    (tmp_path / "nulls.yaml").write_text(yaml.safe_dump(with_nulls))
+    path = tmp_path / "params.yaml"
+    path.write_bytes(REPO_PARAMS.read_bytes())
+    assert cli_main(["init", "--preset", preset, "--params", str(path)]) == 0
+    assert load_params(path) == load_params(tmp_path / "nulls.yaml")
+    comments = lambda text: [line[line.index("#"):] for line in text.splitlines() if "#" in line and not line.startswith(VALUES_MARK)]  # noqa: E731
+    assert comments(path.read_text()) == comments(REPO_PARAMS.read_text())
+    assert cli_main(["init", "--preset", "smoke", "--params", str(path)]) == 0
+    assert path.read_bytes() == REPO_PARAMS.read_bytes()
+    if preset != "smoke":
+        capsys.readouterr()
+        assert cli_main(["stage", "decode", "--params", str(path), "-S", f"preset={preset}"]) == 2
+        assert f"run `versvideo init --preset {preset}`" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "preset, shape",
     [("L", (16, 256, 256)), ("H", (24, 320, 576))],  # the paper's Table 4 video resolutions
 )
-def test_presets_set_the_paper_clip_shapes_where_params_yaml_says_null(preset, shape):
-    decode = load_params(REPO_PARAMS, [f"preset={preset}"]).decode
+def test_presets_set_the_paper_clip_shapes(preset, shape, preset_params):
+    decode = preset_params[preset].decode
     assert (decode.frames, decode.height, decode.width) == shape
 
 
 @pytest.mark.parametrize("preset", ["smoke", "L", "H"])
-def test_evaluation_guides_as_the_preset_trained_samples_are_guided(preset):
+def test_evaluation_guides_as_the_preset_trained_samples_are_guided(preset, preset_params):
     """Table 4's CFG 7.5 for L and H; the smoke preset's own scale, the same in train_unet's
     samples (model/presets.py) and in evaluate."""
-    assert load_params(REPO_PARAMS, [f"preset={preset}"]).evaluate.guidance_scale == get_preset(preset).diffusion.guidance_scale
+    assert preset_params[preset].evaluate.guidance_scale == get_preset(preset).diffusion.guidance_scale
     assert get_preset("L").diffusion.guidance_scale == get_preset("H").diffusion.guidance_scale == 7.5
 
 
 @pytest.mark.parametrize("preset, sampling", [("smoke", "cubic"), ("L", "uniform"), ("H", "uniform")])
-def test_only_the_smoke_controlnet_draws_training_timesteps_at_high_noise(preset, sampling):
+def test_only_the_smoke_controlnet_draws_training_timesteps_at_high_noise(preset, sampling, preset_params):
     """L and H train on uniform timesteps (the paper's, ControlNet's); the smoke ControlNet draws most at high noise."""
-    params = load_params(REPO_PARAMS, [f"preset={preset}"])
+    params = preset_params[preset]
     assert params.train_controlnet.timestep_sampling == sampling and params.train_unet.timestep_sampling == "uniform"
     with pytest.raises(ParamsError, match="train_unet.timestep_sampling: 'normal' is not one of uniform, cubic"):
         load_params(REPO_PARAMS, ["train_unet.timestep_sampling=normal"])
 
 
-def test_h_shards_the_unet_whose_training_state_outgrows_a_gpu():
-    assert load_params(REPO_PARAMS, ["preset=H"]).train_unet.strategy == "fsdp"
-    assert load_params(REPO_PARAMS, ["preset=L"]).train_unet.strategy == "ddp"
+def test_h_shards_the_unet_whose_training_state_outgrows_a_gpu(preset_params):
+    assert preset_params["H"].train_unet.strategy == "fsdp"
+    assert preset_params["L"].train_unet.strategy == "ddp"
     assert load_params(REPO_PARAMS, ["train_unet.strategy=fsdp"]).train_unet.strategy == "fsdp"
 
 
