@@ -26,6 +26,8 @@ RUNS = Path("models/runs")
 # evaluate: cached real-data feature statistics and the per-frame plots
 EVAL_STATS = Path("data/eval_stats")
 PLOTS = Path("plots/eval")
+# the training stages' loss curves (CSV per run + loss.png), DVC plots
+UNET_PLOTS, DECODER_PLOTS, CONTROLNET_PLOTS = Path("plots/train_unet"), Path("plots/train_decoder"), Path("plots/train_controlnet")
 # Each stage's results twice, both small and tracked by git (DVC outs with cache: false): the
 # report holds everything (figures, baselines, run ids, protocols, hashes), for people and for
 # the stages and flows that read results; the metrics file holds a few headline numbers only,

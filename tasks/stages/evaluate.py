@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import ray
 import torch
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
@@ -414,6 +415,20 @@ def per_frame_table(result: dict[str, Any]) -> pd.DataFrame:
     })
 
 
+def draw_per_frame(table: pd.DataFrame, path: Path, protocol: str) -> None:
+    """The per-frame table as an image (DVC's own CSV plots need Vega from a CDN to show)."""
+    figure = Figure(figsize=(10, 3.2), layout="constrained")
+    figure.suptitle(f"evaluate/{protocol}: per frame, generated vs real")
+    for column, (key, title) in enumerate((("clipsim", "CLIPSIM (prompt vs frame)"), ("consistency", "frame consistency (with the previous frame)"))):
+        axes = figure.add_subplot(1, 2, column + 1)
+        axes.plot(table["frame"], table[key], marker="o", label="generated")
+        axes.plot(table["frame"], table[f"{key}_real"], marker="o", label="real")
+        axes.set(title=title, xlabel="frame")
+        axes.legend()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=90)
+
+
 def check_inputs(params: Params, frames: int) -> None:
     cfg = params.evaluate
     require_weight_files(params, "evaluate")
@@ -467,6 +482,7 @@ def evaluate(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet:
             table = per_frame_table(results[protocol.name])
             with atomic_path(PLOTS / f"{protocol.name}.csv") as tmp:
                 table.to_csv(tmp, index=False)
+            draw_per_frame(table, PLOTS / f"{protocol.name}.png", protocol.name)
         report["mlflow_run_id"] = log_to_mlflow(report, params, Path(samples))
     return report
 

@@ -32,7 +32,7 @@ from eval.caption_probe import centroid_error, probe
 from eval.control import edge_correlation
 from model.presets import get_preset
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import CLIPS, CONTROLNET, CONTROLNET_METRICS, CONTROLNET_REPORT, DECODER, LATENTS, RUNS, UNET
+from tasks.config.paths import CLIPS, CONTROLNET, CONTROLNET_METRICS, CONTROLNET_PLOTS, CONTROLNET_REPORT, DECODER, LATENTS, RUNS, UNET
 from tasks.inference.conditions import canny
 from tasks.inference.encoders import resolved_encoders
 from tasks.inference.generation import VideoGenerator
@@ -42,6 +42,7 @@ from tasks.storage.clip_shards import held_out_videos, read_clips
 from tasks.storage.latent_shards import latent_clip_dataset, load_null_context, read_index
 from tasks.storage.weight_files import require_weight_files
 from tasks.training.controlnet import ControlNetRecipe, generate_controlled
+from tasks.training.curves import write_loss_curves
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary, resumable_run_name
 
@@ -136,6 +137,7 @@ def main(params: Params) -> None:
     check = report["control_check"]
     # how far the generated shape lands from the control clip's, with its control and without any
     write_metrics({"centroid_px": check["centroid_error_matched_px"], "uncontrolled_px": check["centroid_error_uncontrolled_px"]}, CONTROLNET_METRICS)
+    write_loss_curves({"controlnet": report["mlflow_run_id"]}, CONTROLNET_PLOTS, "train_controlnet: v-prediction loss, UNet frozen")
     print(f"train_controlnet: {report['steps']} steps on {', '.join(report['conditions'])}; loss {report.get('loss_first_10pct', float('nan')):.4f} -> "
           f"{report.get('loss_last_10pct', float('nan')):.4f}; weights in {CONTROLNET}/")
     print(f"  canny control on {check['clips']} held-out clips: the shape lands {check['centroid_error_matched_px']:.1f} px from the control clip's "

@@ -28,13 +28,14 @@ from torch import nn
 from eval.reconstruction import per_clip_metrics, spread
 from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import CLIPS, DECODER, LATENTS, RECONSTRUCTION_METRICS, RECONSTRUCTION_REPORT, RUNS
+from tasks.config.paths import CLIPS, DECODER, DECODER_PLOTS, LATENTS, RECONSTRUCTION_METRICS, RECONSTRUCTION_REPORT, RUNS
 from tasks.inference.encoders import load_vae, resolved_encoders
 from tasks.inference.models import IMAGE_DECODER, load_decoder
 from tasks.operations.lineage import lineage_tags, tracking_uri
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import clip_dataset, read_clips, split_clips
 from tasks.storage.weight_files import require_weight_files
+from tasks.training.curves import write_loss_curves
 from tasks.training.decoder import DecoderRecipe, to_frames, to_video
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary, resumable_run_name
@@ -144,6 +145,7 @@ def main(params: Params) -> None:
     write_json(report, RECONSTRUCTION_REPORT)
     table = report["table"]  # held-out PSNR-Y of the TCM-VAE and of its strongest baseline, the fine-tuned image decoder
     write_metrics({"tcm_vae_psnr_y": table["tcm_vae"]["psnr_y"], "image_decoder_psnr_y": table.get("image_decoder_finetuned", {}).get("psnr_y")}, RECONSTRUCTION_METRICS)
+    write_loss_curves(report["mlflow_run_ids"], DECODER_PLOTS, "train_decoder: the TCM-VAE and the image decoder fine-tuned as long")
     print("train_decoder: held-out reconstruction (Table 3 layout), "
           f"{report['held_out']['clips']} clips of {report['held_out']['videos']} videos, {report['steps']} steps each:")
     print(f"  {'decoder':<26}{'PSNR-Y':>9}{'PSNR-YUV':>10}{'SSIM-Y':>8}{'SSIM-YUV':>10}{'flicker':>9}")

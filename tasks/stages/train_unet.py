@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import LATENTS, RUNS, TRAIN_UNET_METRICS, TRAIN_UNET_REPORT, UNET
+from tasks.config.paths import LATENTS, RUNS, TRAIN_UNET_METRICS, TRAIN_UNET_REPORT, UNET, UNET_PLOTS
 from tasks.operations.lineage import lineage_tags
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import held_out_videos
 from tasks.storage.latent_shards import latent_dataset, load_null_context, read_index
+from tasks.training.curves import write_loss_curves
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary, resumable_run_name
 from tasks.training.unet import UNetRecipe
@@ -57,6 +58,7 @@ def main(params: Params) -> None:
     metrics = train_unet(params)
     write_json(metrics, TRAIN_UNET_REPORT)
     write_metrics({"loss": metrics.get("loss_last_10pct")}, TRAIN_UNET_METRICS)  # v-loss, last 10 % of steps
+    write_loss_curves({"unet": metrics["mlflow_run_id"]}, UNET_PLOTS, "train_unet: v-prediction loss")
     print(f"train_unet: {metrics['steps']} steps; loss {metrics.get('loss_first_10pct', float('nan')):.4f} (first 10%) -> "
           f"{metrics.get('loss_last_10pct', float('nan')):.4f} (last 10%); data wait {metrics.get('mean_data_wait_share', 0):.1%} of step time; "
           f"MLflow run {metrics['mlflow_run_id']}; weights in {UNET}/")

@@ -4,8 +4,11 @@ still no step logged twice when a resumed attempt redoes steps an earlier attemp
 import itertools
 import time
 
+import pandas as pd
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from tasks.training.curves import write_loss_curves
 from tasks.training.engine import Setup, run_label
 from tasks.training.tracking import PROGRESS_TAG, MetricBuffer, Progress, echo_progress
 
@@ -53,3 +56,21 @@ def test_the_driver_echoes_each_new_progress_line_once(tmp_path, capsys):
             client.set_tag(run_id, PROGRESS_TAG, f"train_unet: step {step}/2")
             time.sleep(0.5)
     assert capsys.readouterr().out.splitlines() == ["train_unet: step 1/2", "train_unet: step 2/2"]
+
+
+def test_loss_curves_hold_every_logged_loss_term_per_step_and_draw_an_image(tmp_path, monkeypatch):
+    """plots/<stage>/: RUN.csv is the run's MLflow history of the loss and its terms (not the
+    discriminator's logits), a term logged from a later step empty before it; loss.png is a PNG."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("curves")).info.run_id
+    for step in range(1, 6):
+        client.log_batch(run_id, metrics=[Metric("loss", 1.0 / step, 0, step), Metric("loss/l1", 0.5 / step, 0, step), Metric("lr", 1e-3, 0, step)]
+                         + ([Metric("loss/generator", -0.1 * step, 0, step), Metric("loss/logits_fake", 2.0, 0, step)] if step >= 3 else []))
+    write_loss_curves({"tcm_vae": run_id}, tmp_path / "plots", "a title")
+    table = pd.read_csv(tmp_path / "plots" / "tcm_vae.csv")
+    assert list(table.columns) == ["step", "loss", "loss/generator", "loss/l1"]
+    assert table["step"].tolist() == [1, 2, 3, 4, 5] and table["loss"].tolist() == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+    assert table["loss/generator"].isna().tolist() == [True, True, False, False, False]
+    assert (tmp_path / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
