@@ -2,7 +2,7 @@
 
     versvideo init --preset {smoke,L,H}                        write that preset's values into params.yaml
     versvideo stage NAME [--params FILE] [-S key=value ...]   one DVC stage, in the current directory
-    versvideo pipeline [--stages a,b] [--force c]              the Prefect flow over all (or some) DVC stages;
+    versvideo pipeline [--stages a,b] [--force c] [-S k=v]     the Prefect flow over all (or some) DVC stages;
                                                                registers the model when evaluate ran
     versvideo serve --cron "0 3 * * *" [--new-csv PATH]        a scheduled retrain-and-promote deployment
     versvideo generate --prompt TEXT --out PATH.mp4 [...]      videos from text (+ control video/image, style image)
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from tasks.config.params import PRESETS, PREVIEW_FPS, ParamsError, load_params, write_preset
+from tasks.config.params import PRESETS, PREVIEW_FPS, ParamsError, load_params, set_values, write_preset
 from tasks.config.paths import CONTROLNET, DECODER, LATENTS, UNET
 from tasks.operations.stage_lock import StageBusy, stage_lock
 
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="run or resume the pipeline as a Prefect flow (ephemeral, or PREFECT_API_URL)")
     pipeline.add_argument("--stages", default="", help="comma-separated stage names (default: all, in dvc.yaml's order)")
     pipeline.add_argument("--force", default="", help="comma-separated stages to run even when DVC finds them up to date (their input changed outside DVC)")
+    pipeline.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="write a param into params.yaml before the run, as `dvc exp run -S` does, e.g. -S train_unet.steps=300 (repeatable)")
     add_promotion_arguments(pipeline)
 
     serve = commands.add_parser("serve", help="serve the retrain flow as a Prefect deployment on a cron schedule")
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             unknown = sorted(set(chosen + forced) - set(dvc_stages()))
             if unknown:  # before the flow starts a Prefect server
                 raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(dvc_stages())}")
+            if args.overrides:  # into params.yaml, so DVC sees and records them
+                print(f"params.yaml: set {', '.join(set_values(Path('params.yaml'), args.overrides))}")
             try:
                 results = pipeline(stages=chosen or None, force=forced or None, metric=args.metric, lower_is_better=not args.higher_is_better,
                                    model_name=args.model_name)

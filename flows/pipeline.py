@@ -33,9 +33,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from tasks.config.params import load_params
+from tasks.config.params import flatten, load_params, params_to_dict
 from tasks.config.paths import CONTROLNET, DECODER, EVAL_REPORT, LATENTS, PIPELINE_SUMMARY, UNET
-from tasks.operations.lineage import PARENT_RUN_ENV, git_commit, record_stage, start_run, tracking_uri
+from tasks.operations.lineage import PARENT_RUN_ENV, git_commit, log_params, record_stage, start_run, tracking_uri
 from tasks.storage.atomic import atomic_path
 
 MODEL_FOLDERS = {"unet": UNET, "decoder": DECODER, "controlnet": CONTROLNET}
@@ -132,6 +132,7 @@ def pipeline(stages: list[str] | None = None, force: list[str] | None = None, me
     selected = [stage for stage in order if not stages or stage in stages]
     client, uri = MlflowClient(tracking_uri()), tracking_uri()
     parent = start_run(client, uri, "pipeline", {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or ""), "stages": ",".join(selected)})
+    log_params(client, parent, flatten(params_to_dict(load_params())))  # the values this run's stages read, in the runs table
     results, failed = [], None
     try:
         for stage in selected:

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -549,28 +550,66 @@ def write_preset(path: Path, preset: str) -> list[str]:
     value changed are returned as section.key."""
     read_yaml_mapping(path)  # a missing or broken file is refused before anything is rewritten
     values, defaults = preset_values(preset), params_to_dict(Params())
-    lines, changed, section = [], [], None
+
+    def preset_value(section: str | None, key: str, current: str) -> Any:
+        if section is None:
+            return preset if key == "preset" else KEEP
+        if section in defaults and key in defaults[section] and (key in values.get(section, {}) or current in ("null", "~", "")):
+            return values.get(section, {}).get(key, defaults[section][key])
+        return KEEP
+
     mark = f"{VALUES_MARK} {preset} (`versvideo init --preset NAME` rewrites them for another preset)"
+    return _rewrite_values(path, preset_value, mark)
+
+
+def set_values(path: Path, overrides: list[str]) -> list[str]:
+    """Write `section.key=value` overrides into the params file in place (as `dvc exp run -S`
+    does, so DVC records them), after checking the result loads; returns the keys changed."""
+    typed = params_to_dict(load_params(path, overrides))  # every override valid (or a ParamsError naming it), as its key's type
+    wanted: dict[tuple[str, str], Any] = {}
+    for item in overrides:
+        key = item.partition("=")[0]
+        if "." not in key:
+            raise ParamsError(f"-S {item!r}: set the preset with `versvideo init --preset NAME`, which also writes its values")
+        section, _, leaf = key.partition(".")
+        wanted[(section, leaf)] = typed[section][leaf]
+    raw = read_yaml_mapping(path)
+    missing = [f"{section}.{key}" for section, key in wanted if not (isinstance(raw.get(section), dict) and key in raw[section])]
+    if missing:
+        raise ParamsError(f"{path}: {', '.join(missing)} not written in the file; add the key to its section first")
+    _rewrite_values(path, lambda section, key, current: wanted.get((section, key), KEEP))
+    return sorted(f"{section}.{key}" for section, key in wanted)
+
+
+KEEP = object()  # _rewrite_values: leave this line as it is
+
+
+def _rewrite_values(path: Path, choose: Callable[[str | None, str, str], Any], mark: str | None = None) -> list[str]:
+    """Rewrite `key: value` lines of the params file in place, keeping order and comments:
+    choose(section or None at the top level, key, current value text) returns the new value or
+    KEEP. `mark` replaces (or is put above) the VALUES_MARK line. Returns the keys whose text changed."""
     text = path.read_text()
-    if values_written_for(path) is None:
+    if mark and re.search(rf"^{VALUES_MARK}", text, flags=re.MULTILINE) is None:
         text = mark + "\n" + text
+    lines, changed, section = [], [], None
     for line in text.splitlines():
-        if line.startswith(VALUES_MARK):
+        if mark and line.startswith(VALUES_MARK):
             lines.append(mark)
             continue
         entry = re.match(r"^(?P<indent> *)(?P<key>\w+):\s*(?P<value>[^#]*?)\s*(?P<comment>#.*)?$", line)
         if entry and not entry["indent"]:
             section = entry["key"]
-        if entry and (entry["indent"], entry["key"]) == ("", "preset"):
-            new = preset
-        elif entry and entry["indent"] == "  " and section in defaults and entry["key"] in defaults[section] and (
-                entry["key"] in values.get(section, {}) or entry["value"] in ("null", "~", "")):
-            new = yaml.safe_dump(values.get(section, {}).get(entry["key"], defaults[section][entry["key"]]), default_flow_style=True).removesuffix("\n...\n").strip()
-        else:
+        if not entry or entry["indent"] not in ("", "  "):
             lines.append(line)
             continue
+        top = not entry["indent"]
+        value = choose(None if top else section, entry["key"], entry["value"])
+        if value is KEEP:
+            lines.append(line)
+            continue
+        new = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
         if new != entry["value"]:
-            changed.append(entry["key"] if section == "preset" else f"{section}.{entry['key']}")
+            changed.append(entry["key"] if top else f"{section}.{entry['key']}")
         rewritten = f"{entry['indent']}{entry['key']}: {new}"
         if entry["comment"]:  # comments in params.yaml's column, or one space after a longer value
             rewritten = rewritten.ljust(COMMENT_COLUMN - 1) + " " + entry["comment"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, Metric, RunTag
+from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
 EXPERIMENT = "versvideo"  # every run of the pipeline, its stages and training runs
@@ -114,6 +114,13 @@ def start_run(client: MlflowClient, uri: str, name: str, tags: dict[str, str], p
     if parent:
         tags = {**tags, "mlflow.parentRunId": parent}
     return client.create_run(experiment_id(client, uri), run_name=name, tags=resolve_tags(tags)).info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Flat params on a run, in MLflow's batches of 100 (values cut to its 6000-character limit)."""
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in items[start:start + 100]])
 
 
 def record_stage(client: MlflowClient, run_id: str, stage: str, seconds: float, ran: bool) -> None:

@@ -50,7 +50,7 @@ import ray
 import torch
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric
 
 from eval.caption_probe import CHANCE, DIRECTIONS, PALETTE, SHAPES, TEXTURES, ProbeResult, agreement, parse_caption, probe
 from eval.clip_metrics import build_tiny_clip, frame_embeddings, successive_similarity, text_embeddings, text_frame_similarity
@@ -64,7 +64,7 @@ from tasks.config.paths import CLIPS, DECODER, EVAL_METRICS, EVAL_REPORT, EVAL_S
 from tasks.inference.clip_score import load_clip
 from tasks.inference.encoders import resolved_encoders
 from tasks.inference.generation import VideoGenerator, read_video_clip
-from tasks.operations.lineage import lineage_tags, start_run, tracking_uri
+from tasks.operations.lineage import lineage_tags, log_params, start_run, tracking_uri
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import atomic_path, write_json, write_metrics
 from tasks.storage.clip_shards import split_clips
@@ -444,7 +444,7 @@ def log_to_mlflow(report: dict[str, Any], params: Params, samples: Path) -> str:
     client = MlflowClient(uri)
     run_id = start_run(client, uri, f"evaluate-{params.preset}", lineage_tags("evaluate"))
     flat = flatten({"preset": params.preset, "evaluate": params_to_dict(params)["evaluate"]})
-    client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in sorted(flat.items())])
+    log_params(client, run_id, flat)
     metrics = [Metric(f"{name}/{key}", float(value), 0, 0) for name, figures in report["protocols"].items()
                for key, value in figures.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
     client.log_batch(run_id, metrics=metrics)

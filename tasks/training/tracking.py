@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow.exceptions
 import numpy as np
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from model.weights import file_digest, file_sha256
 from tasks.config.params import PROGRESS_SECONDS
-from tasks.operations.lineage import start_run, tracking_uri
+from tasks.operations.lineage import log_params, start_run, tracking_uri
 
 if TYPE_CHECKING:  # type hints only: the engine imports this module
     from tasks.training.engine import Setup
@@ -149,9 +149,7 @@ def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], ta
         except mlflow.exceptions.MlflowException:  # the run lived in another tracking store: start a new one
             pass
     run_id = start_run(client, uri, run_name, tags)
-    items = sorted(params.items())
-    for start in range(0, len(items), 100):  # MLflow's params-per-batch limit
-        client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in items[start:start + 100]])
+    log_params(client, run_id, params)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_id)
     return run_id

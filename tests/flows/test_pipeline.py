@@ -89,6 +89,7 @@ def test_failed_stage_resumes_and_a_rerun_does_nothing(project, services):
     runs = client.search_runs([client.get_experiment_by_name("versvideo").experiment_id], order_by=["attributes.start_time ASC"])
     parents = [run for run in runs if run.info.run_name == "pipeline"]
     assert [run.info.status for run in parents] == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    assert parents[-1].data.params["filter.min_motion"] == "0.003" != parents[1].data.params["filter.min_motion"]  # each run's params
     children = {parent.info.run_id: [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id] for parent in parents}
     failed_stage = [run for run in children[parents[0].info.run_id] if run.info.run_name == "stage:cache_latents"]
     assert [run.info.status for run in failed_stage] == ["FAILED"]  # a stage's own clear error is not retried
