@@ -6,6 +6,7 @@
                                                                registers the model when evaluate ran
     versvideo serve --cron "0 3 * * *" [--new-csv PATH]        a scheduled retrain-and-promote deployment
     versvideo generate --prompt TEXT --out PATH.mp4 [...]      videos from text (+ control video/image, style image)
+    versvideo doctor [--preset L]                              params, weight files, services and devices, checked
     versvideo model-summary --preset {smoke,L,H} [--json]     parameter counts
     versvideo bench NAME [--json]                              a benchmark; JSON figures on the last line
 """
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", help="write a preset's values into params.yaml (so DVC sees what a run uses)")
     init.add_argument("--preset", required=True, choices=list(PRESETS))
     init.add_argument("--params", default="params.yaml", help="params file to rewrite (default: params.yaml)")
+
+    doctor = commands.add_parser("doctor", help="check params, weight files, services and devices without running a stage")
+    doctor.add_argument("--preset", choices=list(PRESETS), help="check as `versvideo init --preset NAME` would set params.yaml")
+    doctor.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
 
     pipeline = commands.add_parser("pipeline", help="run or resume the pipeline as a Prefect flow (ephemeral, or PREFECT_API_URL)")
     pipeline.add_argument("--stages", default="", help="comma-separated stage names (default: all, in dvc.yaml's order)")
@@ -123,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "init":
             changed = write_preset(Path(args.params), args.preset)
             print(f"{args.params}: preset {args.preset}; {len(changed)} value(s) rewritten" + (f": {', '.join(changed)}" if changed else ""))
+        elif args.command == "doctor":
+            from flows.doctor import doctor
+
+            return 0 if doctor(Path(args.params), args.preset) else 1
         elif args.command == "pipeline":
             from flows.pipeline import StageFailed, dvc_stages, pipeline
 

@@ -1,0 +1,38 @@
+"""`versvideo doctor`: params, weight files, services and devices checked without running a stage,
+against the session's real MLflow and Prefect servers and a port nothing listens on."""
+
+import socket
+
+from flows.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_doctor_names_each_problem_and_what_answers(tmp_path, monkeypatch, capsys, mlflow_api, prefect_api):
+    (tmp_path / "clip.safetensors").write_bytes(b"<html>404 Not Found</html>")
+    (tmp_path / "params.yaml").write_text("preset: smoke\nfilter:\n  clip_weights: clip.safetensors\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_api["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api["PREFECT_API_URL"])
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # no head there
+    assert main(["doctor"]) == 1
+    lines = {line[6:].partition(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["weights of filter"].startswith("FAIL") and "clip.safetensors: not a safetensors file" in lines["weights of filter"]
+    assert lines["weights of cache_latents"].startswith("ok") and "seeded stand-ins" in lines["weights of cache_latents"]
+    assert lines["MLFLOW_TRACKING_URI"].startswith("ok") and "answers 200" in lines["MLFLOW_TRACKING_URI"]
+    assert lines["PREFECT_API_URL"].startswith("ok") and "answers 200" in lines["PREFECT_API_URL"]
+    assert lines["RAY_ADDRESS"].startswith("FAIL")
+    assert lines["devices"].startswith("ok") and "CPU(s)" in lines["devices"]
+
+    (tmp_path / "params.yaml").write_text("preset: smoke\n")
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert main(["doctor"]) == 0
+    capsys.readouterr()
+    assert main(["doctor", "--preset", "L"]) == 1  # as `versvideo init --preset L` would set it: every pretrained file needed
+    out = capsys.readouterr().out
+    assert "FAIL  weights of cache_latents: cache_latents.vae_weights, cache_latents.text_weights: required for preset L" in out
+    assert "ok    params: params.yaml loads, preset L" in out and not (tmp_path / "params.yaml").read_text().count("L")
