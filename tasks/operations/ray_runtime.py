@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 
+import pandas as pd
 import ray
+
+from tasks.config.params import PROGRESS_SECONDS
 
 
 def ensure_ray() -> None:
@@ -33,3 +38,19 @@ def ensure_ray() -> None:
 
     runtime = ray.get_runtime_context()  # in a pipeline stage, its MLflow run says which cluster did the work
     tag_stage_run({"ray.address": runtime.gcs_address, "ray.node_id": runtime.get_node_id(), "ray.job_id": runtime.get_job_id()})
+
+
+def collect_with_progress(dataset: ray.data.Dataset, label: str, total: int, unit: str,
+                          count: Callable[[pd.DataFrame], int] = len) -> pd.DataFrame:
+    """The dataset as one DataFrame (what to_pandas gives), printing `label: done/total unit` at
+    least every PROGRESS_SECONDS while it streams, and at the end (Ray's own progress bars are off
+    when the log is not a terminal). count(batch): how many units a batch completes."""
+    parts, done, last_line = [], 0, time.monotonic()
+    for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
+        parts.append(batch)
+        done += count(batch)
+        if time.monotonic() - last_line >= PROGRESS_SECONDS:
+            print(f"{label}: {done}/{total} {unit}", flush=True)
+            last_line = time.monotonic()
+    print(f"{label}: {done}/{total} {unit}, all done", flush=True)
+    return pd.concat(parts, ignore_index=True) if parts else dataset.to_pandas()

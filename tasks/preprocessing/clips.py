@@ -11,7 +11,7 @@ import pandas as pd
 import ray
 
 from tasks.config.params import DecodeParams
-from tasks.operations.ray_runtime import ensure_ray
+from tasks.operations.ray_runtime import collect_with_progress, ensure_ray
 from tasks.storage.atomic import write_npy
 from tasks.storage.clip_shards import shard_name
 from tasks.storage.video_io import VideoError, center_crop, cover_size, open_reader, read_frames, window_length
@@ -97,7 +97,7 @@ def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path) -> tuple[
     columns = ["shard", "videoid", "path", "height", "width", "fps", "segment_start", "segment_end", "stride", "name"]
     if len(kept):
         ensure_ray()
-        result = (
+        shards = (
             ray.data.from_pandas([group for _, group in kept.loc[:, columns].groupby("shard")])
             .map_batches(
                 decode_shard,
@@ -107,8 +107,8 @@ def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path) -> tuple[
                 compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
                 fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve())},  # Ray workers do not share our cwd
             )
-            .to_pandas()
         )
+        result = collect_with_progress(shards, "decode", len(kept), "videos decoded", count=lambda batch: batch["video_id"].nunique())
     else:
         result = pd.DataFrame(columns=INDEX_COLUMNS)
     result = result.sort_values(["shard", "kind", "shard_row"], kind="stable")

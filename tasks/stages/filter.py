@@ -16,7 +16,7 @@ import ray
 
 from tasks.config.params import DecodeParams, FilterParams, Params
 from tasks.config.paths import FILTER_METRICS, FILTER_REPORT, FILTERED, KEPT, REJECTED
-from tasks.operations.ray_runtime import ensure_ray
+from tasks.operations.ray_runtime import collect_with_progress, ensure_ray
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
 from tasks.storage.atomic import atomic_folder, write_json, write_metrics, write_parquet
 from tasks.storage.webvid import read_webvid_csv
@@ -28,7 +28,7 @@ def _assess_on_ray(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, deco
     if rows.empty:
         return pd.DataFrame(columns=[*rows.columns, *NUMERIC_FIELDS, *TEXT_FIELDS])
     ensure_ray()
-    return (
+    assessed = (
         ray.data.from_pandas(rows)
         .repartition(max(1, min(len(rows), 4 * cfg.num_workers)))
         .map_batches(
@@ -39,8 +39,8 @@ def _assess_on_ray(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, deco
             compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
             fn_kwargs={"videos_root": videos_root, "cfg": cfg, "decode": decode},
         )
-        .to_pandas()
     )
+    return collect_with_progress(assessed, "filter", len(rows), "rows probed")
 
 
 def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> tuple[pd.DataFrame, pd.DataFrame]:

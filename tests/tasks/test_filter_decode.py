@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tasks.config.params import DecodeParams, FilterParams
+from tasks.operations import ray_runtime
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, assess_video
 from tasks.preprocessing.clips import clip_starts, decode_clips, decode_video_clips
 from tasks.preprocessing.synthetic import render
@@ -244,3 +245,17 @@ def test_symlinks_cannot_lead_a_row_out_of_videos_root(tmp_path):
     linked_root.symlink_to(root)
     assert video_path(linked_root, "page", "real") == linked_root / "page/real.mp4"
     assert assess_video({"videoid": "leak", "page_dir": "page", "name": CAPTION}, str(root), FilterParams(), DecodeParams())["reason"] == "path_outside_root"
+
+
+def test_filter_and_decode_report_rows_done_of_total_as_they_stream(fixture_videos, ray_session, tmp_path, capsys, monkeypatch):
+    """With a progress line due at every batch, filter counts rows probed and decode videos
+    decoded, up to the totals and then `all done`: nothing silent for hours at WebVid scale."""
+    monkeypatch.setattr(ray_runtime, "PROGRESS_SECONDS", 0.0)
+    rows = fixture_csv(fixture_videos)
+    kept, _ = filter_videos(rows, str(fixture_videos), FilterParams(), DecodeParams())
+    decode_clips(kept, DecodeParams(clips_per_shard=2), tmp_path / "clips")
+    lines = capsys.readouterr().out.splitlines()
+    for stage, total, unit in (("filter", len(rows), "rows probed"), ("decode", len(kept), "videos decoded")):
+        counts = [int(line.split(": ")[1].split("/")[0]) for line in lines if line.startswith(f"{stage}: ") and line.endswith(unit)]
+        assert len(counts) >= 2 and counts == sorted(counts) and counts[-1] == total, lines
+        assert f"{stage}: {total}/{total} {unit}, all done" in lines
