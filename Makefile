@@ -27,12 +27,12 @@ demo: setup
 	@echo
 	@echo "Outputs: data/raw (videos + CSV), data/filtered (kept/rejected.parquet), data/clips (clip shards),"
 	@echo "         data/latents (latent shards), models/unet (merged-expert UNet weights + config.json + metrics.json),"
-	@echo "         models/decoder (TCM-VAE; image_decoder/ beside it), metrics/reconstruction.json (held-out Table 3),"
-	@echo "         metrics/eval.json (FVD, IS, CLIPSIM, frame consistency, each with its protocol), plots/eval (dvc plots show)"
+	@echo "         models/decoder (TCM-VAE; image_decoder/ beside it), models/controlnet, reports/*.json (every figure with its"
+	@echo "         baseline and protocol), metrics/*.json (headline numbers: $(RUN) dvc metrics show), plots/ (loss curves, per-frame)"
 	@echo "MLflow:  $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'versvideo': a 'pipeline' run with a nested run per stage;"
-	@echo "         loss curves, training and evaluation MP4/GIF samples under them)"
-	@echo "Samples: the evaluate run's artifacts (samples/*.mp4, *.gif); plots: $(RUN) dvc plots show"
-	@echo "Prefect: metrics/pipeline.md (stages, status, seconds); the same summary is the flow run's Markdown artifact"
+	@echo "         loss curves, training and evaluation MP4/GIF samples under them; registered model versvideo@champion)"
+	@echo "Samples: the evaluate run's artifacts (samples/*.mp4, *.gif); plots: $(RUN) dvc plots show (dvc_plots/index.html)"
+	@echo "Prefect: reports/pipeline.md (stages, status, seconds); the same summary is the flow run's Markdown artifact"
 
 test: setup
 	$(RUN) pytest

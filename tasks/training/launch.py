@@ -52,7 +52,7 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
     client = MlflowClient(uri)
     print(f"{run_name}: starting {cfg.num_workers} Ray Train worker(s) for {cfg.steps} steps (MLflow run {run_id})", flush=True)
     try:
-        with echo_progress(client, run_id):
+        with echo_progress(client, run_id, label=run_name):
             result = trainer.fit()
     except Exception:
         client.set_terminated(run_id, status="FAILED")

@@ -93,19 +93,25 @@ class Progress:
 
 
 @contextlib.contextmanager
-def echo_progress(client: MlflowClient, run_id: str, poll_s: float = 10.0) -> Iterator[None]:
-    """On the driver, while a fit runs: print rank 0's progress line whenever it changes. The
-    workers' own output stays in Ray's logs (on a cluster they run on other machines)."""
+def echo_progress(client: MlflowClient, run_id: str, poll_s: float = 10.0, label: str = "training") -> Iterator[None]:
+    """On the driver, while a fit runs: print rank 0's progress line whenever it changes, and a
+    line saying what it waits for when none came for PROGRESS_SECONDS (the workers starting and
+    the first step take a minute on 2 cores). The workers' own output stays in Ray's logs (on a
+    cluster they run on other machines)."""
     stop = threading.Event()
 
     def echo() -> None:
-        shown = None
+        shown, started, last_line = None, time.monotonic(), time.monotonic()
         while not stop.wait(poll_s):
             with contextlib.suppress(mlflow.exceptions.MlflowException, OSError):  # a slow tracking server: try again next poll
                 line = client.get_run(run_id).data.tags.get(PROGRESS_TAG)
                 if line and line != shown:
                     print(line, flush=True)
-                    shown = line
+                    shown, last_line = line, time.monotonic()
+            if time.monotonic() - last_line >= PROGRESS_SECONDS:
+                waiting = "the workers to start and take their first step" if shown is None else "the next progress line from rank 0"
+                print(f"{label}: waiting for {waiting} ({time.monotonic() - started:.0f} s since the run started)", flush=True)
+                last_line = time.monotonic()
 
     thread = threading.Thread(target=echo, name="echo-progress", daemon=True)
     thread.start()

@@ -8,6 +8,7 @@ import pandas as pd
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from tasks.training import tracking
 from tasks.training.curves import write_loss_curves
 from tasks.training.engine import Setup, run_label
 from tasks.training.tracking import PROGRESS_TAG, MetricBuffer, Progress, echo_progress
@@ -74,3 +75,20 @@ def test_loss_curves_hold_every_logged_loss_term_per_step_and_draw_an_image(tmp_
     assert table["step"].tolist() == [1, 2, 3, 4, 5] and table["loss"].tolist() == [1.0, 0.5, 1 / 3, 0.25, 0.2]
     assert table["loss/generator"].isna().tolist() == [True, True, False, False, False]
     assert (tmp_path / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_driver_says_what_it_waits_for_when_no_progress_line_came(tmp_path, capsys, monkeypatch):
+    """No minute of a stage's log passes silent: while the workers start (before rank 0's first
+    line) and between lines, the driver prints what it waits for every PROGRESS_SECONDS."""
+    monkeypatch.setattr(tracking, "PROGRESS_SECONDS", 0.3)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("wait")).info.run_id
+    with echo_progress(client, run_id, poll_s=0.05, label="train_unet-smoke-0123"):
+        time.sleep(0.5)
+        client.set_tag(run_id, PROGRESS_TAG, "train_unet: step 1/2")
+        time.sleep(0.5)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("train_unet-smoke-0123: waiting for the workers to start and take their first step (")
+    assert "train_unet: step 1/2" in lines and lines.index("train_unet: step 1/2") >= 1
+    assert lines[-1].startswith("train_unet-smoke-0123: waiting for the next progress line from rank 0")
