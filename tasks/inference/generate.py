@@ -72,19 +72,30 @@ def read_prompts(prompts: list[str], prompts_file: str) -> list[str]:
     return found
 
 
-def registered_generator(uri: str, device: str, controlnet: bool) -> VideoGenerator:
-    """models:/NAME@ALIAS (or models:/NAME/VERSION) -> the generator inside that registered pyfunc
-    video model (tasks/inference/video_model.py), its weights downloaded from the registry."""
-    import mlflow
+def registered_generator(uri: str, device: str, controlnet: bool) -> tuple[VideoGenerator, tuple[int, int, int]]:
+    """models:/NAME@ALIAS (or models:/NAME/VERSION) -> (the generator inside that registered pyfunc
+    video model (tasks/inference/video_model.py), the clip shape its UNet was trained on), its
+    files downloaded from the registry. No global MLflow state is set (mlflow.set_tracking_uri
+    would outlive this call and redirect every later MlflowClient() of the process)."""
+    import mlflow.artifacts
     import mlflow.pyfunc
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri())
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient(tracking_uri())
     try:
-        model = mlflow.pyfunc.load_model(uri, model_config={"controlnet": controlnet, "device": device})
+        if alias:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
     except MlflowException as error:
         raise ValueError(f"--model {uri}: not found in the MLflow registry at {tracking_uri()} ({error.message})") from None
-    return model.unwrap_python_model().generator
+    with tempfile.TemporaryDirectory() as folder:  # the weights are in memory once loaded
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=folder, tracking_uri=tracking_uri())
+        model = mlflow.pyfunc.load_model(local, model_config={"controlnet": controlnet, "device": device}).unwrap_python_model()
+    return model.generator, model.clip_shape
 
 
 def read_image(path: Path, height: int, width: int) -> np.ndarray:
@@ -169,7 +180,7 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
     steered = bool(request.control or request.style)
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if request.model:
-        generator = registered_generator(request.model, device, controlnet=steered)
+        generator, trained = registered_generator(request.model, device, controlnet=steered)
         if steered and generator.controlled is None:
             raise FileNotFoundError(f"--control/--style need a trained ControlNet: {request.model} was registered without one")
     else:
@@ -181,10 +192,11 @@ def generate(request: GenerateRequest, params: Params) -> list[Path]:
                 check_weight_file(Path(folders[part]) / "model.safetensors", f"--{part} {folders[part]}")
         generator = VideoGenerator(folders["unet"], folders["decoder"], request.latents, params.cache_latents, device=device,
                                    controlnet_dir=folders["controlnet"] if steered else None)
+        trained = None
     preset = generator.preset
     frames, height, width = request.frames, request.height, request.width
     if None in (frames, height, width):  # the UNet's training clips fill in what the request leaves out
-        trained = trained_clip_shape(generator.unet_dir)
+        trained = trained or trained_clip_shape(request.folders["unet"])
         frames, height, width = (given or default for given, default in zip((frames, height, width), trained))
     generator.check_size(height, width)
     steps = request.steps or preset.diffusion.sampling_steps

@@ -43,7 +43,6 @@ class VideoGenerator:
     def __init__(self, unet_dir: str | Path, decoder_dir: str | Path, latents_dir: str | Path, encoders: CacheLatentsParams,
                  device: str = "cpu", controlnet_dir: str | Path | None = None) -> None:
         self.device = torch.device(device)
-        self.unet_dir = Path(unet_dir)
         self.unet, preset = load_unet(unet_dir)
         self.controlled, self.controlnet_config = load_controlnet(controlnet_dir, self.unet, unet_dir) if controlnet_dir else (None, None)
         self.unet.to(self.device)

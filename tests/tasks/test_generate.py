@@ -169,7 +169,6 @@ def test_the_registered_pyfunc_model_generates_what_the_local_models_do(project,
     the registered model carries everything it needs, checks its input against its signature, and
     generates exactly what the local folders generate for the same prompts and seeds; `generate
     --model` steers it with the registered ControlNet."""
-    import mlflow
     import mlflow.pyfunc
     import pandas as pd
     from mlflow import MlflowClient
@@ -198,8 +197,7 @@ def test_the_registered_pyfunc_model_generates_what_the_local_models_do(project,
     prompts = pd.DataFrame({"prompt": ["a red ball rolls", "a red ball rolls"], "seed": [3, 4], "steps": [3, 3]})
     (project / "models").rename(project / "models-away")
     try:
-        mlflow.set_tracking_uri(mlflow_api["MLFLOW_TRACKING_URI"])
-        model = mlflow.pyfunc.load_model("models:/generate-test@champion")
+        model = mlflow.pyfunc.load_model("models:/generate-test@champion")  # the registry MLFLOW_TRACKING_URI names
         videos = model.predict(prompts)
         with pytest.raises(Exception, match="prompt"):
             model.predict(pd.DataFrame({"seed": [1]}))  # the signature requires a prompt
