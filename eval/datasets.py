@@ -6,8 +6,12 @@ UCF-101
     classInd.txt       `1 ApplyEyeMakeup` .. `101 YoYo`
     trainlist0N.txt    `ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1` (label = classInd index)
     testlist0N.txt     `ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi`
-  Known quirk: the class is `HandstandPushups` in classInd but `HandStandPushups` in the video
-  paths, so class names match case-insensitively. Test split 1 has 3783 videos.
+  The files ship with CRLF line endings. Known quirk: for one class the folder (and classInd)
+  say `HandstandPushups` but the file stem says `v_HandStandPushups_gNN_cNN.avi` (28/37/42 lines
+  of testlist01/02/03), so the stem's class matches the folder case-insensitively, and the folder
+  matches classInd case-insensitively too (copies exist that renamed the folder). The path is kept
+  as the list spells it: it names the file on disk. Counts: testlist01/02/03 = 3783/3734/3696,
+  trainlist01/02/03 = 9537/9586/9624 videos.
 
 MSR-VTT
     test_videodatainfo.json  {videos: [{video_id, split, ...}], sentences: [{video_id, caption}]}
@@ -84,7 +88,7 @@ def read_ucf101_split(list_dir: str | Path, split: int, subset: str = "test") ->
         if len(parts) != (2 if subset == "train" else 1):
             raise DatasetFileError(f"{path}:{number}: expected `Class/v_Class_gNN_cNN.avi{' LABEL' if subset == 'train' else ''}`, got {line!r}")
         match = UCF_NAME.match(parts[0])
-        if not match or match["folder"] != match["cls"]:
+        if not match or match["folder"].lower() != match["cls"].lower():
             raise DatasetFileError(f"{path}:{number}: {parts[0]!r} is not a UCF-101 video path (Class/v_Class_gNN_cNN.avi)")
         label = by_key.get(match["folder"].lower())
         if label is None:
@@ -122,6 +126,15 @@ def class_prompt(class_name: str, template: str = "a person {action}", overrides
     if overrides and class_name in overrides:
         return overrides[class_name]
     return template.format(action=class_action(class_name), words=" ".join(class_words(class_name)), name=class_name)
+
+
+def files_digest(paths: list[str | Path]) -> str:
+    """sha256 over the named files' bytes (name, then content, in the given order): what a
+    protocol records to say which benchmark lists it read."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def seeded_choice(key: str, seed: int, count: int) -> int:

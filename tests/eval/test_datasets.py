@@ -1,13 +1,88 @@
-"""UCF-101 and MSR-VTT split files, written here in their real formats: parsed with the known
-quirks, and malformed copies rejected with the file and line or key at fault."""
+"""UCF-101 and MSR-VTT split files: the real lists (../shared/datasets/benchmark-splits/, read in
+place) parsed with their quirks and counts; small copies in the real formats; malformed copies
+rejected with the file and line or key at fault."""
 
+import hashlib
 import json
+import shutil
 
 import pytest
 
-from eval.datasets import DatasetFileError, class_prompt, read_class_index, read_msrvtt_1ka, read_msrvtt_test, read_ucf101_split
+from eval.datasets import DatasetFileError, class_prompt, files_digest, read_class_index, read_msrvtt_1ka, read_msrvtt_test, read_ucf101_split
+from tests.conftest import SHARED
 
-CLASSES = ["ApplyEyeMakeup", "Archery", "HandstandPushups", "PlayingCello", "YoYo"]
+SPLITS = SHARED / "datasets" / "benchmark-splits"
+REAL_UCF = SPLITS / "ucfTrainTestlist"
+REAL_1KA = SPLITS / "msrvtt" / "MSRVTT_JSFUSION_test.csv"
+# Counts and quirk lines of the official lists (their provenance: benchmark-splits/README.md)
+TEST_VIDEOS, TRAIN_VIDEOS = {1: 3783, 2: 3734, 3: 3696}, {1: 9537, 2: 9586, 3: 9624}
+QUIRK_LINES = {("test", 1): 28, ("test", 2): 37, ("test", 3): 42, ("train", 1): 100, ("train", 2): 91, ("train", 3): 86}
+
+
+@pytest.fixture(scope="module")
+def real_lists():
+    if not REAL_UCF.is_dir():
+        pytest.fail(f"real UCF-101 lists not found at {REAL_UCF}; set VERSVIDEO_SHARED to the shared/ folder")
+    return REAL_UCF
+
+
+def test_the_real_files_are_the_documented_ones(real_lists):
+    expected = {"classInd.txt": "d7abbb76074d04e80c62ad8a61529bb8eec32ef978569601b2890edec3af0359",
+                "testlist01.txt": "81be4765084d72739dca4d11658f7ec369c441ad9e227f11d9468fe2a1c14890"}
+    for name, digest in expected.items():
+        data = (real_lists / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest and b"\r\n" in data  # CRLF, as shipped
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_every_real_ucf101_list_parses_with_its_counts(real_lists, split):
+    classes = read_class_index(real_lists / "classInd.txt")
+    assert len(classes) == 101 and classes[0] == "ApplyEyeMakeup" and classes[36] == "HandstandPushups" and classes[-1] == "YoYo"
+    test, train = read_ucf101_split(real_lists, split, "test"), read_ucf101_split(real_lists, split, "train")
+    assert (len(test), len(train)) == (TEST_VIDEOS[split], TRAIN_VIDEOS[split])
+    assert {v.label for v in test} == {v.label for v in train} == set(range(101))  # every class in both halves
+    assert not {v.path for v in test} & {v.path for v in train}  # a split's halves are disjoint
+    for subset, videos in (("test", test), ("train", train)):
+        quirky = [v for v in videos if "/v_HandStandPushups_" in v.path]
+        assert len(quirky) == QUIRK_LINES[(subset, split)]
+        assert all(v.path.startswith("HandstandPushups/") and v.class_name == "HandstandPushups" and v.label == 36 for v in quirky)
+    if split == 1:
+        assert test[1375].path == "HandstandPushups/v_HandStandPushups_g01_c01.avi"  # testlist01 line 1376, which used to fail
+    assert all(v.path.split("/")[0].lower() == v.class_name.lower() for v in test)
+
+
+def test_a_broken_line_in_a_real_list_names_the_file_and_line(real_lists, tmp_path):
+    copy = tmp_path / "ucfTrainTestlist"
+    shutil.copytree(real_lists, copy)
+    lines = (copy / "trainlist01.txt").read_bytes().split(b"\r\n")
+    path, label = lines[4999].split(b" ")
+    lines[4999] = path + b" %d" % (int(label) % 101 + 1)  # another class's label
+    (copy / "trainlist01.txt").write_bytes(b"\r\n".join(lines))
+    with pytest.raises(DatasetFileError, match=r"trainlist01.txt:5000: label \d+ but classInd.txt gives"):
+        read_ucf101_split(copy, 1, "train")
+    lines = (copy / "testlist02.txt").read_bytes().split(b"\r\n")
+    lines[9] = lines[9].replace(b"_g", b"_x", 1)
+    (copy / "testlist02.txt").write_bytes(b"\r\n".join(lines))
+    with pytest.raises(DatasetFileError, match=r"testlist02.txt:10: .* is not a UCF-101 video path"):
+        read_ucf101_split(copy, 2, "test")
+
+
+def test_the_real_1k_a_split_has_1000_distinct_videos():
+    videos = read_msrvtt_1ka(REAL_1KA)
+    assert len(videos) == len({v.video_id for v in videos}) == 1000
+    assert all(v.video_id.startswith("video") and 7010 <= int(v.video_id[5:]) <= 9999 and v.caption for v in videos)
+
+
+def test_files_digest_changes_with_any_byte(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("x\n")
+    b.write_text("y\n")
+    first = files_digest([a, b])
+    assert first == files_digest([a, b]) and first != files_digest([b, a])
+    b.write_text("y\r\n")
+    assert files_digest([a, b]) != first
+
+CLASSES = ["ApplyEyeMakeup", "Archery", "HandstandPushups", "PlayingCello", "YoYo"]  # a 5-class copy in the real format
 
 
 @pytest.fixture
@@ -15,9 +90,9 @@ def ucf_lists(tmp_path):
     lists = tmp_path / "ucfTrainTestlist"
     lists.mkdir()
     (lists / "classInd.txt").write_text("".join(f"{k} {name}\r\n" for k, name in enumerate(CLASSES, start=1)))  # CRLF as shipped
-    (lists / "trainlist01.txt").write_text(
-        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nHandStandPushups/v_HandStandPushups_g08_c01.avi 3\nYoYo/v_YoYo_g25_c05.avi 5\n")
-    (lists / "testlist01.txt").write_text(
+    (lists / "trainlist01.txt").write_text(  # the real spelling: folder HandstandPushups, stem HandStandPushups
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nHandstandPushups/v_HandStandPushups_g08_c01.avi 3\nYoYo/v_YoYo_g25_c05.avi 5\n")
+    (lists / "testlist01.txt").write_text(  # and a copy whose folder was renamed to the stem's spelling
         "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\nHandStandPushups/v_HandStandPushups_g01_c02.avi\nPlayingCello/v_PlayingCello_g07_c04.avi\n")
     return lists
 
