@@ -68,3 +68,30 @@ def test_bad_features_are_rejected():
         stats.update(np.full((2, 4), np.nan))
     with pytest.raises(ValueError, match="at least 2"):
         stats_of(np.zeros((1, 4))).covariance
+
+
+def stylegan_v_fvd(real: np.ndarray, generated: np.ndarray) -> float:
+    """StyleGAN-V's FVD, written here from its definitions: `FeatureStats.get_mean_cov` (float64
+    mean, raw second moment divided by n minus the mean's outer product) and `compute_fvd`
+    (scipy.linalg.sqrtm of sigma_gen @ sigma_real, real part of the total)."""
+    def mean_cov(features):
+        features = features.astype(np.float64)
+        mean = features.sum(axis=0) / len(features)
+        return mean, features.T @ features / len(features) - np.outer(mean, mean)
+    mu_real, sigma_real = mean_cov(real)
+    mu_gen, sigma_gen = mean_cov(generated)
+    root = scipy.linalg.sqrtm(np.dot(sigma_gen, sigma_real))
+    return float(np.real(np.square(mu_gen - mu_real).sum() + np.trace(sigma_gen + sigma_real - root * 2)))
+
+
+@pytest.mark.parametrize("samples", [2048, 300])
+def test_parity_with_stylegan_v_fvd_on_i3d_sized_features(samples):
+    rng = np.random.default_rng(samples)
+    mixing = rng.normal(size=(400, 400)) / 20
+    real = rng.normal(size=(samples, 400)) @ mixing
+    generated = rng.normal(0.1, 1.1, size=(samples, 400)) @ mixing + rng.normal(scale=0.2, size=400)
+    expected = stylegan_v_fvd(real, generated)
+    assert stats_distance(stats_of(real, chunks=7), stats_of(generated), ddof=0) == pytest.approx(expected, rel=1e-6)
+    # Dividing by n - 1 instead moves the number by about the ratio of the divisors
+    unbiased = stats_distance(stats_of(real), stats_of(generated), ddof=1)
+    assert unbiased != pytest.approx(expected, rel=1e-6) and unbiased == pytest.approx(expected, rel=3 / samples)

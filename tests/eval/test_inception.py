@@ -37,3 +37,29 @@ def test_rejects_logits_and_too_many_splits():
         inception_score(np.random.default_rng(0).normal(size=(20, 5)))
     with pytest.raises(ValueError, match="splits"):
         inception_score(np.full((5, 3), 1 / 3), splits=10)
+
+
+def stylegan_v_isv(probabilities: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
+    """StyleGAN-V's `compute_isv`, written here from its definition: shuffle with
+    numpy RandomState(42), split at i * n // splits, KL of each row to its split's marginal."""
+    probs = probabilities.astype(np.float64).copy()
+    np.random.RandomState(42).shuffle(probs)
+    n, scores = len(probs), []
+    for i in range(num_splits):
+        part = probs[i * n // num_splits : (i + 1) * n // num_splits]
+        kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@pytest.mark.parametrize("samples", [10_000, 2048, 1001])
+def test_parity_with_stylegan_v_video_is(samples):
+    rng = np.random.default_rng(samples)
+    logits = rng.normal(size=(samples, 101)) * 3 + rng.normal(size=101)  # uneven classes, confident rows
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    mean, std = inception_score(probabilities, splits=10)
+    expected_mean, expected_std = stylegan_v_isv(probabilities)
+    assert mean == pytest.approx(expected_mean, rel=1e-6) and std == pytest.approx(expected_std, rel=1e-6)
+    unshuffled, _ = inception_score(probabilities, splits=10, shuffle_seed=None)
+    assert unshuffled != pytest.approx(expected_mean, rel=1e-9)  # the shuffle is part of the protocol
