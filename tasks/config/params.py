@@ -337,12 +337,14 @@ class TrainControlnetParams(TrainingParams):
         return [f"train_controlnet.{key}" for key, used in needed.items() if used and not getattr(self, key)]
 
 
-PROTOCOLS = ("heldout", "captions", "ucf101", "msrvtt")
+PROTOCOLS = ("heldout", "captions", "ucf101", "msrvtt", "stylegan-v", "ucf101-is10k", "msrvtt-paper")  # the last three: eval/protocols.py
+UCF101_SUBSETS = ("test", "train", "train,test")
+UCF101_PROMPTS = ("table", "template")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    protocols: str = "heldout,captions"  # comma-separated: heldout (the data's held-out videos), captions (prompt following, demo world), ucf101, msrvtt
+    protocols: str = "heldout,captions"  # comma-separated: heldout (the data's held-out videos), captions (prompt following, demo world), ucf101, msrvtt; reference protocols stylegan-v, ucf101-is10k, msrvtt-paper
     caption_prompts: int = 24  # captions protocol: at most this many training captions and as many unseen combinations (seeded)
     num_videos: int = 16  # generated videos per protocol (heldout, ucf101); L/H: 2048 (StyleGAN-V's fvd2048)
     max_real: int = 2048  # real videos behind the FVD statistics (a seeded subset when there are more)
@@ -357,10 +359,13 @@ class EvaluateParams:
     ucf101_lists: str = ""  # ucfTrainTestlist/ (classInd.txt, trainlist0N.txt, testlist0N.txt)
     ucf101_videos: str = ""  # UCF-101 video root: {Class}/v_{Class}_gNN_cNN.avi
     ucf101_split: int = 1
+    ucf101_subset: str = "test"  # which lists of the split: test, train, or train,test
+    ucf101_prompts: str = "table"  # table: eval/ucf101_prompts.py's sentences; template: ucf101_prompt_template over the class name
     ucf101_prompt_template: str = "a person {action}"  # {action}: 'applying eye makeup'; also {words}, {name}
     msrvtt_annotations: str = ""  # test_videodatainfo.json (all 2990 test videos) or MSRVTT_JSFUSION_test.csv (1k-A)
     msrvtt_videos: str = ""  # folder of {video_id}.mp4
     msrvtt_num_videos: int = 0  # 0 = one per video of the split (2990 test, or 1000 for 1k-A); else a seeded subset
+    reference_sample_limit: int = 0  # 0: the reference protocols' own counts (2048, 10000, 2990); else a cap, recorded as a deviation
     batch_size: int = 4  # videos per generation batch
     sample_count: int = 4  # generated videos per protocol saved as MP4/GIF to MLflow
     num_workers: int = 2  # Ray actors that generate and score (one per GPU when use_gpu)
@@ -374,14 +379,22 @@ class EvaluateParams:
             raise ParamsError(f"evaluate.protocols: empty; choose from {', '.join(PROTOCOLS)}")
         for key in ("max_real", "steps", "fvd_frames", "is_splits", "batch_size", "num_workers", "caption_prompts"):
             _check_positive(f"evaluate.{key}", getattr(self, key))
-        for key in ("num_videos", "msrvtt_num_videos", "sample_count"):
+        for key in ("num_videos", "msrvtt_num_videos", "sample_count", "reference_sample_limit"):
             if getattr(self, key) < 0:
                 raise ParamsError(f"evaluate.{key}: {getattr(self, key)} must be >= 0")
         _check_choice("evaluate.ucf101_split", self.ucf101_split, (1, 2, 3))
-        if "ucf101" in self.protocol_list and not (self.ucf101_lists and self.ucf101_videos):
-            raise ParamsError("evaluate.ucf101_lists and evaluate.ucf101_videos: required for the ucf101 protocol (local UCF-101 copy)")
-        if "msrvtt" in self.protocol_list and not (self.msrvtt_annotations and self.msrvtt_videos):
-            raise ParamsError("evaluate.msrvtt_annotations and evaluate.msrvtt_videos: required for the msrvtt protocol (local MSR-VTT copy)")
+        _check_choice("evaluate.ucf101_subset", self.ucf101_subset, UCF101_SUBSETS)
+        _check_choice("evaluate.ucf101_prompts", self.ucf101_prompts, UCF101_PROMPTS)
+        for name in self.protocol_list:
+            needs = {"ucf101": ("ucf101_lists", "ucf101_videos"), "stylegan-v": ("ucf101_lists", "ucf101_videos"), "ucf101-is10k": ("ucf101_lists",),
+                     "msrvtt": ("msrvtt_annotations", "msrvtt_videos"), "msrvtt-paper": ("msrvtt_annotations", "msrvtt_videos")}.get(name, ())
+            missing = [f"evaluate.{key}" for key in needs if not getattr(self, key)]
+            if missing:
+                raise ParamsError(f"{' and '.join(missing)}: required for the {name} protocol (a local {'MSR-VTT' if 'msrvtt' in name else 'UCF-101'} copy; see the README's evaluation section)")
+
+    @property
+    def ucf101_subset_list(self) -> list[str]:
+        return self.ucf101_subset.split(",")
 
     @property
     def protocol_list(self) -> list[str]:

@@ -1,6 +1,8 @@
-"""evaluate: the stage end to end on tiny random models (held-out clips of real fixture videos and
-a UCF-101-format copy made of the fixtures, broken files included), the protocol recorded with
-every number, the real statistics cache, MLflow; and seeded generation independent of batching."""
+"""evaluate: the stage end to end on tiny random models (held-out clips of real fixture videos, and
+a UCF-101 tree in the real layout: the official classInd.txt, real class folders with the
+HandstandPushups/v_HandStandPushups quirk, a CRLF test list naming fixture videos, broken files
+included), our own and the reference protocols recorded with every number, the real statistics
+cache, MLflow; and seeded generation independent of batching."""
 
 import json
 import os
@@ -10,16 +12,18 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from eval.ucf101_prompts import prompt_table_digest
 from tasks.config.params import CacheLatentsParams, EvaluateParams, Params, TrainUnetParams
 from tasks.inference.encoders import encode_captions, load_text
 from tasks.inference.generation import VideoGenerator
 from tasks.inference.models import load_unet
-from tasks.stages.evaluate import evaluate, listed_video
+from tasks.evaluation.protocols import listed_video
+from tasks.stages.evaluate import evaluate
 from tasks.storage.clip_shards import held_out_videos
-from tests.conftest import FIXTURE_SOURCES, write_fixture_clips, write_tiny_models
+from tests.conftest import FIXTURE_SOURCES, SHARED, write_fixture_clips, write_tiny_models
 
 SOURCES = FIXTURE_SOURCES
-UCF_CLASSES = ("PlayingCello", "HandstandPushups")
+REAL_CLASS_INDEX = SHARED / "datasets" / "benchmark-splits" / "ucfTrainTestlist" / "classInd.txt"
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +42,17 @@ def project(tmp_path_factory, fixture_clip_reader, fixture_videos):
 
     ucf = root / "ucf101"
     (ucf / "ucfTrainTestlist").mkdir(parents=True)
-    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("".join(f"{k} {name}\n" for k, name in enumerate(UCF_CLASSES, start=1)))
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_bytes(REAL_CLASS_INDEX.read_bytes())  # the official 101 classes
     test_list = []
-    for k, (folder, source) in enumerate([("PlayingCello", SOURCES[0]), ("PlayingCello", SOURCES[1]), ("HandStandPushups", SOURCES[2]),
-                                          ("HandStandPushups", "rotated90_3frames.mov"), ("HandStandPushups", "empty.mp4")]):
-        path = f"{folder}/v_{folder}_g0{k + 1}_c01.avi"
+    for k, (folder, stem, source) in enumerate([("PlayingCello", "PlayingCello", SOURCES[0]), ("PlayingCello", "PlayingCello", SOURCES[1]),
+                                                ("HandstandPushups", "HandStandPushups", SOURCES[2]),
+                                                ("HandstandPushups", "HandStandPushups", "rotated90_3frames.mov"),
+                                                ("HandstandPushups", "HandStandPushups", "empty.mp4")]):
+        path = f"{folder}/v_{stem}_g0{k + 1}_c01.avi"
         (ucf / "videos" / folder).mkdir(parents=True, exist_ok=True)
         os.symlink(fixture_videos / source, ucf / "videos" / path)
         test_list.append(path)
-    (ucf / "ucfTrainTestlist" / "testlist01.txt").write_text("\n".join(test_list) + "\n")
+    (ucf / "ucfTrainTestlist" / "testlist01.txt").write_bytes(("\r\n".join(test_list) + "\r\n").encode())  # CRLF, as shipped
 
     msrvtt = root / "msrvtt"
     (msrvtt / "videos").mkdir(parents=True)
@@ -63,7 +69,8 @@ def project(tmp_path_factory, fixture_clip_reader, fixture_videos):
 def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_session):
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    cfg = EvaluateParams(protocols="heldout,ucf101,msrvtt", num_videos=4, steps=2, batch_size=3, sample_count=1, num_workers=2,
+    cfg = EvaluateParams(protocols="heldout,ucf101,msrvtt,stylegan-v,ucf101-is10k", num_videos=4, steps=2, batch_size=3, sample_count=1, num_workers=2,
+                         reference_sample_limit=4,
                          ucf101_lists=str(project / "ucf101" / "ucfTrainTestlist"), ucf101_videos=str(project / "ucf101" / "videos"),
                          msrvtt_annotations=str(project / "msrvtt" / "test_videodatainfo.json"), msrvtt_videos=str(project / "msrvtt" / "videos"))
     params = Params(evaluate=cfg, train_unet=TrainUnetParams(held_out_share=0.34))
@@ -81,24 +88,44 @@ def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_
         assert (protocol["frames"], protocol["resolution"], protocol["sampler_steps"], protocol["cfg"], protocol["seed"]) == (8, "64x64", 2, cfg.guidance_scale, 0)
         assert protocol["weights"]["i3d"] == "random-i3d-seed0" and len(protocol["weights"]["unet"]) == 64
         assert protocol["real_stats_cached"] is False
-    assert ucf["protocol"]["split"] == "testlist01" and ucf["protocol"]["prompt_template"] == "a person {action}"
+    assert ucf["protocol"]["split"] == "testlist01" and ucf["protocol"]["prompt_table_sha256"] == prompt_table_digest()
+    assert ucf["protocol"]["real_frames"]["rule"].startswith("from frame 0")
+
+    # The reference protocols: their definitions, their viewing, and the deviation a small budget is
+    stylegan, is10k = report["protocols"]["stylegan-v"], report["protocols"]["ucf101-is10k"]
+    assert set(stylegan) == {"fvd", "comparable", "protocol"} and stylegan["fvd"] > 0  # FVD only: no IS on 2048 samples
+    assert set(is10k) == {"is_mean", "is_std", "comparable", "protocol"} and is10k["is_mean"] >= 1.0
+    record = stylegan["protocol"]
+    assert record["reference"]["name"] == "stylegan-v" and record["covariance_divisor"] == "n"
+    assert (record["frames"], record["generated_frames"], record["resolution"], record["generated_size"]) == (16, 16, "256x256", "64x64")
+    assert record["generated_videos"] == 4 and record["real_videos"] == 3 and record["real_skipped"] == 2  # the 3-frame and empty files
+    assert record["follows_reference"] is False and "reference_sample_limit 4" in record["deviations"][0]
+    assert "4 generated / 4 real videos instead of 2048 / 2048" in record["deviations"][0]
+    offsets = record["real_frames"]
+    assert offsets["stride"] == 1 and len(offsets["sha256"]) == 64 and len(offsets["first"]) == 3
+    assert all(0 <= int(line.split()[1]) <= 280 - 16 for line in offsets["first"])  # seeded windows inside the fixtures
+    assert record["lists_sha256"] and record["prompt_table_sha256"] == prompt_table_digest() and record["split"] == "testlist01"
+    assert is10k["protocol"]["real_videos"] == 0 and is10k["protocol"]["is_splits"] == 4 and is10k["protocol"]["is_shuffle"] == "numpy RandomState(42)"
+    assert stylegan["comparable"] is False and is10k["comparable"] is False
     table = pd.read_csv(project / "plots" / "eval" / "ucf101.csv")
     assert list(table["frame"]) == list(range(8)) and np.isnan(table["consistency"][0]) and table["clipsim_real"].notna().all()
 
     client = MlflowClient()
     run = client.get_run(report["mlflow_run_id"])
-    assert run.data.metrics["ucf101/fvd"] == pytest.approx(ucf["fvd"]) and run.data.params["evaluate.protocols"] == "heldout,ucf101,msrvtt"
+    assert run.data.metrics["ucf101/fvd"] == pytest.approx(ucf["fvd"]) and run.data.params["evaluate.protocols"] == cfg.protocols
     assert run.data.tags["versvideo.stage"] == "evaluate"
     samples = [item.path for item in client.list_artifacts(run.info.run_id, "samples")]
-    assert len(samples) == 6 and {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}  # one sample per protocol
+    assert len(samples) == 10 and {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}  # one sample per protocol
 
     # Second run: the real statistics come from data/eval_stats; seeded generation gives the same numbers
     again = evaluate(params)
-    for name in ("heldout", "ucf101", "msrvtt"):
+    for name in ("heldout", "ucf101", "msrvtt", "stylegan-v"):
         assert again["protocols"][name]["protocol"]["real_stats_cached"] is True
         for key in ("fvd", "clipsim", "frame_consistency", "real_clipsim", "is_mean"):
-            assert again["protocols"][name][key] == pytest.approx(report["protocols"][name][key], rel=1e-6)
-    assert len(list((project / "data" / "eval_stats").glob("*.npz"))) == 3
+            if key in report["protocols"][name]:
+                assert again["protocols"][name][key] == pytest.approx(report["protocols"][name][key], rel=1e-6)
+    assert again["protocols"]["stylegan-v"]["protocol"]["real_frames"] == report["protocols"]["stylegan-v"]["protocol"]["real_frames"]
+    assert len(list((project / "data" / "eval_stats").glob("*.npz"))) == 4
 
 
 def test_generation_is_seeded_per_video_independent_of_the_batch(project):
