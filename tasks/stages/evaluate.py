@@ -352,11 +352,14 @@ def protocol_metrics(protocol: Protocol, result: dict[str, Any], s: Settings, id
         "generated_videos": len(protocol.prompts), "real_videos": int(real["fvd"].count), "real_skipped": int(real["skipped"]),
         "real_unused_reserves": int(real.get("unused", 0)), "real_stats_cached": result["real_cached"], "dataset": protocol.dataset,
         "split": protocol.split, "seed": s.cfg.seed, "frames": view.frames, "generated_frames": view.generate_frames, "fvd_frames": view.fvd_frames,
-        "is_frames": min(view.frames, C3D_FRAMES), "is_splits": splits, "is_shuffle": "numpy RandomState(42)", "clipsim_frames": len(protocol.prompts) * view.frames,
+        "is_frames": min(view.frames, C3D_FRAMES), "is_splits": splits, "is_shuffle": "numpy RandomState(42)",
         "covariance_divisor": "n" if protocol.covariance_ddof == 0 else "n - 1", "resolution": f"{view.height}x{view.width}",
-        "generated_size": f"{s.height}x{s.width}", "resize": "cover, centre crop", "fps": s.fps, "real_frames": offsets_record(real["offsets"], view),
+        "generated_size": f"{s.height}x{s.width}", "resize": "cover, centre crop", "fps": "native" if view.real_read == "window" else s.fps,
+        "real_frames": offsets_record(real["offsets"], view),
         "sampler": "DDIM", "sampler_steps": s.steps, "cfg": s.guidance_scale, "weights": ids, **protocol.details,
     }
+    if "clipsim" in wanted:
+        record["clipsim_frame_count"] = len(protocol.prompts) * view.frames  # msrvtt-paper: 2990 x 16 = 47,840
     if protocol.reference:
         record.update(reference=protocol.reference.record(), follows_reference=not deviations, deviations=deviations)
     return {**figures, "comparable": comparable and not deviations, "protocol": record}

@@ -88,6 +88,7 @@ def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_
         assert (protocol["frames"], protocol["resolution"], protocol["sampler_steps"], protocol["cfg"], protocol["seed"]) == (8, "64x64", 2, cfg.guidance_scale, 0)
         assert protocol["weights"]["i3d"] == "random-i3d-seed0" and len(protocol["weights"]["unet"]) == 64
         assert protocol["real_stats_cached"] is False
+        assert protocol["clipsim_frame_count"] == protocol["generated_videos"] * 8  # CLIPSIM's terms: every frame of every video
     assert ucf["protocol"]["split"] == "testlist01" and ucf["protocol"]["prompt_table_sha256"] == prompt_table_digest()
     assert ucf["protocol"]["real_frames"]["rule"].startswith("from frame 0")
 
@@ -105,6 +106,7 @@ def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_
     assert offsets["stride"] == 1 and len(offsets["sha256"]) == 64 and len(offsets["first"]) == 3
     assert all(0 <= int(line.split()[1]) <= 280 - 16 for line in offsets["first"])  # seeded windows inside the fixtures
     assert record["lists_sha256"] and record["prompt_table_sha256"] == prompt_table_digest() and record["split"] == "testlist01"
+    assert record["fps"] == "native" and "clipsim_frame_count" not in record
     assert is10k["protocol"]["real_videos"] == 0 and is10k["protocol"]["is_splits"] == 4 and is10k["protocol"]["is_shuffle"] == "numpy RandomState(42)"
     assert stylegan["comparable"] is False and is10k["comparable"] is False
     table = pd.read_csv(project / "plots" / "eval" / "ucf101.csv")
