@@ -46,8 +46,9 @@ class ClipFrameScorer:
     """Ray Data callable class: loads CLIP once per actor, scores the middle frame of each clean
     segment against its caption (cosine similarity, unscaled, as CLIPSIM)."""
 
-    def __init__(self, model_name: str, weights: str) -> None:
+    def __init__(self, model_name: str, weights: str, videos_root: str) -> None:
         torch.set_num_threads(1)
+        self.videos_root = videos_root  # rows' paths are relative to it
         self.model, self.tokenizer = load_clip(model_name, weights)
         size = self.model.visual.image_size
         self.size = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -58,7 +59,7 @@ class ClipFrameScorer:
         for row in batch.itertuples():
             middle = (int(row.segment_start) + int(row.segment_end) - 1) // 2
             height, width = cover_size(int(row.height), int(row.width), self.size, self.size)
-            images.append(center_crop(decode_frames(Path(row.path), [middle], height, width), self.size, self.size)[0])
+            images.append(center_crop(decode_frames(Path(self.videos_root) / row.path, [middle], height, width), self.size, self.size)[0])
         image_features = F.normalize(self.model.encode_image(clip_pixels(np.stack(images), self.model)), dim=-1)
         text_features = F.normalize(self.model.encode_text(self.tokenizer(list(batch["name"]))), dim=-1)
         scores = (image_features * text_features).sum(dim=-1).numpy().astype(np.float64)

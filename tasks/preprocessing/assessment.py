@@ -6,6 +6,9 @@ Checks that compare rows with each other (re-crawled ids, identical files) stay 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -66,10 +69,16 @@ def assess_video(row: dict, videos_root: str, cfg: FilterParams, decode: DecodeP
     try:
         _assess(record, videos_root, cfg, decode)
     except VideoError as error:
-        record.update(reason=error.reason, detail=error.detail)
+        record.update(reason=error.reason, detail=relative_to_root(error.detail, videos_root))
     except Exception as error:  # a bug or an unforeseen file: reject the row, keep the stage going
-        record.update(reason="internal_error", detail=f"{type(error).__name__}: {error}")
+        record.update(reason="internal_error", detail=relative_to_root(f"{type(error).__name__}: {error}", videos_root))
     return record
+
+
+def relative_to_root(text: str, videos_root: str) -> str:
+    """A message with the files under videos_root named relative to it: the filter's outputs
+    are then the same bytes in every checkout and on every machine (DVC hashes them)."""
+    return text.replace(os.path.join(os.path.abspath(videos_root), ""), "")
 
 
 def _assess(record: dict, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> None:
@@ -87,7 +96,7 @@ def _assess(record: dict, videos_root: str, cfg: FilterParams, decode: DecodePar
     path = video_path(videos_root, row["page_dir"], row["videoid"])
     probe = probe_video(path)
     record.update({
-        "path": str(path),
+        "path": Path(os.path.relpath(path, os.path.abspath(videos_root))).as_posix(),  # readers join it to data.videos_root
         "container": probe.container,
         "codec": probe.codec,
         "num_frames": probe.num_frames,

@@ -4,6 +4,8 @@ one fixed-shape uint8 clip shard."""
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from tasks.config.params import DecodeParams
 from tasks.operations.ray_runtime import collect_with_progress, ensure_ray
 from tasks.storage.atomic import write_npy
 from tasks.storage.clip_shards import shard_name
-from tasks.storage.video_io import VideoError, center_crop, cover_size, open_reader, read_frames, window_length
+from tasks.storage.video_io import VideoError, center_crop, cover_size, open_reader, path_under, read_frames, window_length
 
 
 def clip_starts(segment_start: int, segment_end: int, stride: int, cfg: DecodeParams, keyframes: list[int] | None = None) -> list[int]:
@@ -51,7 +53,7 @@ def decode_video_clips(path: str, height: int, width: int, segment_start: int, s
     return starts, np.ascontiguousarray(frames).reshape(len(starts), cfg.frames, cfg.height, cfg.width, 3)
 
 
-def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str) -> pd.DataFrame:
+def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, videos_root: str) -> pd.DataFrame:
     """Ray Data UDF: decode the videos of each shard in the batch, write the shard, return its
     index rows (kind=clip) and failed videos (kind=rejected)."""
     rows = []
@@ -59,7 +61,8 @@ def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str) -> pd.Dat
         clips = []
         for row in videos.itertuples():
             try:
-                starts, video_clips = decode_video_clips(row.path, row.height, row.width, row.segment_start, row.segment_end, row.stride, cfg)
+                path = path_under(videos_root, row.path)  # kept.parquet's paths are relative to data.videos_root
+                starts, video_clips = decode_video_clips(str(path), row.height, row.width, row.segment_start, row.segment_end, row.stride, cfg)
             except VideoError as error:
                 rows.append({"kind": "rejected", "video_id": row.videoid, "shard": shard, "reason": error.reason, "detail": error.detail})
                 continue
@@ -86,9 +89,10 @@ def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str) -> pd.Dat
 INDEX_COLUMNS = ["kind", "clip_id", "video_id", "shard", "shard_row", "start_frame", "stride", "source_fps", "caption", "reason", "detail"]
 
 
-def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Decode all kept videos into shards under out_dir, a new or empty folder (the decode stage
-    builds one beside the previous clips and swaps it in); returns (clip index, rejected videos)."""
+def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, videos_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode all kept videos (their `path` relative to videos_root, as the filter writes it) into
+    shards under out_dir, a new or empty folder (the decode stage builds one beside the previous
+    clips and swaps it in); returns (clip index, rejected videos)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.glob("clips-*.npy")):
         raise ValueError(f"{out_dir}: already holds clip shards; decode into a new or empty folder, so no shard of an earlier run survives under a reused name")
@@ -105,7 +109,8 @@ def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path) -> tuple[
                 batch_size=None,  # one block = one shard
                 num_cpus=1,
                 compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
-                fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve())},  # Ray workers do not share our cwd
+                # absolute: Ray workers do not share our cwd
+                fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve()), "videos_root": os.path.abspath(videos_root)},
             )
         )
         result = collect_with_progress(shards, "decode", len(kept), "videos decoded", count=lambda batch: batch["video_id"].nunique())

@@ -32,12 +32,12 @@ def main(params: Params) -> None:
     # Built beside the previous clips and swapped in whole: until this run completes, readers
     # (and a crash) keep the previous complete set.
     with atomic_folder(CLIPS) as staging:
-        summary = decode_into(kept, cfg, staging)
+        summary = decode_into(kept, cfg, staging, params.data.videos_root)
     print(f"decode: {summary['clips']} clips of {tuple(summary['clip_shape'])} from {summary['videos_decoded']} videos in {summary['shards']} shard(s); {summary['videos_rejected']} video(s) rejected")
 
 
-def decode_into(kept: pd.DataFrame, cfg: DecodeParams, folder: Path) -> dict:
-    index, rejected = decode_clips(kept, cfg, folder)
+def decode_into(kept: pd.DataFrame, cfg: DecodeParams, folder: Path, videos_root: str) -> dict:
+    index, rejected = decode_clips(kept, cfg, folder, videos_root)
     write_parquet(index, folder / "index.parquet")
     write_parquet(rejected, folder / "rejected.parquet")
     summary = {

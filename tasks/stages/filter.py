@@ -65,7 +65,7 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
         assessed.loc[copies, "detail"] = "same bytes as videoid " + assessed.loc[copies, "content_sha256"].map(first_row)
 
     if cfg.clip_weights:  # scores are recorded; rows below clip_min_score are rejected
-        assessed = _apply_clip_filter(assessed, cfg)
+        assessed = _apply_clip_filter(assessed, cfg, os.path.abspath(videos_root))
 
     kept = assessed[assessed["reason"] == ""].drop(columns=["reason", "detail"]).reset_index(drop=True)
     rejected = assessed[assessed["reason"] != ""].reset_index(drop=True)
@@ -73,7 +73,7 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
     return _typed(kept), _typed(rejected)
 
 
-def _apply_clip_filter(assessed: pd.DataFrame, cfg: FilterParams) -> pd.DataFrame:
+def _apply_clip_filter(assessed: pd.DataFrame, cfg: FilterParams, videos_root: str) -> pd.DataFrame:
     from tasks.inference.clip_score import ClipFrameScorer  # imports open_clip only when enabled
 
     candidates = assessed[assessed["reason"] == ""]
@@ -86,7 +86,7 @@ def _apply_clip_filter(assessed: pd.DataFrame, cfg: FilterParams) -> pd.DataFram
             batch_format="pandas",
             batch_size=16,
             compute=ray.data.ActorPoolStrategy(size=1),  # one CLIP model in memory
-            fn_constructor_kwargs={"model_name": cfg.clip_model, "weights": cfg.clip_weights},
+            fn_constructor_kwargs={"model_name": cfg.clip_model, "weights": cfg.clip_weights, "videos_root": videos_root},
         )
         .to_pandas()
         .set_index("row_index")["clip_score"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def path_under(root: str | Path, relative: str, follow_links: bool = False) -> P
     resolve = os.path.abspath if follow_links else os.path.realpath
     real_root = resolve(root)
     if os.path.commonpath([real_root, resolve(candidate)]) != real_root:
-        raise VideoError("path_outside_root", f"{relative} resolves outside videos_root {real_root} (via '..' or a symlink)")
+        raise VideoError("path_outside_root", f"{relative} resolves outside videos_root (via '..' or a symlink)")
     return candidate
 
 
@@ -151,6 +152,11 @@ def center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return frames[..., top : top + height, left : left + width, :]
 
 
+# decord prefixes its messages with the wall-clock time ("[07:40:50] src/video/..."): dropped, so
+# the same broken file gets the same message (rejected.parquet is hashed by DVC)
+_LOG_TIME = re.compile(r"\[\d{2}:\d{2}:\d{2}\] ")
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    text = _LOG_TIME.sub("", str(error)).strip().splitlines()
     return text[0][:300] if text else ""

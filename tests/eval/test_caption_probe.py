@@ -83,7 +83,7 @@ def test_the_probe_agrees_with_the_captions_of_the_real_decoded_demo_clips(tmp_p
         assessed = assess_video(row, str(tmp_path), FilterParams(), cfg)
         if assessed["reason"]:  # static, empty caption, ...: the filter's rejections
             continue
-        _, clips = decode_video_clips(assessed["path"], assessed["height"], assessed["width"], assessed["segment_start"], assessed["segment_end"], assessed["stride"], cfg)
+        _, clips = decode_video_clips(str(tmp_path / assessed["path"]), assessed["height"], assessed["width"], assessed["segment_start"], assessed["segment_end"], assessed["stride"], cfg)
         results += [probe(clip) for clip in clips]
         captions += [row["name"]] * len(clips)
     scores = agreement(results, captions)

@@ -45,7 +45,7 @@ def clips_dir(fixture_videos, ray_session, tmp_path_factory):
     decode_cfg = DecodeParams(clips_per_shard=2)
     kept, _ = filter_videos(fixture_csv(fixture_videos), str(fixture_videos), FilterParams(), decode_cfg)
     out = tmp_path_factory.mktemp("ws") / "data" / "clips"
-    index, _ = decode_clips(kept, decode_cfg, out)
+    index, _ = decode_clips(kept, decode_cfg, out, fixture_videos)
     index.to_parquet(out / "index.parquet", index=False)
     assert len(index) == 6 and index["shard"].nunique() == 3
     return out

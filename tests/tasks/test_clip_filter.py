@@ -37,9 +37,9 @@ def tiny_clip(tmp_path_factory):
 
 def test_scorer_matches_a_direct_cosine_similarity(tiny_clip, fixture_videos):
     config, weights = tiny_clip
-    scorer = ClipFrameScorer(config, weights)
+    scorer = ClipFrameScorer(config, weights, str(fixture_videos))
     path = fixture_videos / "pancake_426x240_30fps.mkv"
-    batch = pd.DataFrame([{"row_index": 7, "path": str(path), "name": "pancakes in a pan", "segment_start": 0, "segment_end": 101, "height": 240, "width": 426}])
+    batch = pd.DataFrame([{"row_index": 7, "path": path.name, "name": "pancakes in a pan", "segment_start": 0, "segment_end": 101, "height": 240, "width": 426}])
     score = scorer(batch)["clip_score"].iloc[0]
 
     model, tokenizer = load_clip(config, weights)

@@ -1,6 +1,7 @@
 """filter + decode on the real fixture videos and on synthetic videos built to fail one check."""
 
 import json
+import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -16,6 +17,7 @@ from tasks.preprocessing.assessment import NUMERIC_FIELDS, assess_video
 from tasks.preprocessing.clips import clip_starts, decode_clips, decode_video_clips
 from tasks.preprocessing.synthetic import render
 from tasks.stages.filter import _typed, filter_videos, report
+from tasks.storage.atomic import write_parquet
 from tasks.storage.previews import write_mp4
 from tasks.storage.video_io import VideoError, center_crop, cover_size, resize_frames, video_path
 
@@ -47,7 +49,7 @@ def fixture_run(fixture_videos, ray_session, tmp_path_factory):
     decode_cfg = DecodeParams()
     kept, rejected = filter_videos(rows, str(fixture_videos), FilterParams(), decode_cfg)
     out = tmp_path_factory.mktemp("clips")
-    index, decode_rejected = decode_clips(kept, decode_cfg, out)
+    index, decode_rejected = decode_clips(kept, decode_cfg, out, fixture_videos)
     return rows, kept, rejected, index, decode_rejected, out, decode_cfg
 
 
@@ -60,6 +62,27 @@ def test_every_fixture_row_is_kept_or_rejected_with_its_specific_reason(fixture_
     assert all(rejected["detail"].str.len() > 0)
     summary = report(kept, rejected)
     assert summary["input_rows"] == len(rows) and summary["reasons"]["undecodable"] == 1
+
+
+def test_another_checkout_of_the_same_videos_gives_byte_identical_filter_and_decode_outputs(fixture_run, fixture_videos, tmp_path):
+    """DVC hashes kept.parquet, rejected.parquet and the clip shards: with absolute paths in them
+    a clone elsewhere (or a teammate's `dvc pull`) had other hashes and pointed into our disk.
+    Paths and messages are relative to data.videos_root, which decode joins back."""
+    rows, kept, rejected, index, _, out, decode_cfg = fixture_run
+    elsewhere = tmp_path / "another" / "checkout" / "videos"
+    shutil.copytree(fixture_videos, elsewhere)
+    kept_there, rejected_there = filter_videos(rows, str(elsewhere), FilterParams(), decode_cfg)
+    index_there, _ = decode_clips(kept_there, decode_cfg, tmp_path / "clips", elsewhere)
+    assert kept["path"].tolist() == sorted(GOOD)  # as listed: {page_dir}/{videoid}, page_dir "."
+    for name, here, there in (("kept", kept, kept_there), ("rejected", rejected, rejected_there), ("index", index, index_there)):
+        write_parquet(here, tmp_path / f"{name}-here.parquet")
+        write_parquet(there, tmp_path / f"{name}-there.parquet")
+        assert (tmp_path / f"{name}-here.parquet").read_bytes() == (tmp_path / f"{name}-there.parquet").read_bytes(), name
+    assert not rejected["detail"].str.contains(str(fixture_videos)).any()
+    assert "not_there.mp4 does not exist" in rejected.set_index("videoid").loc["not_there", "detail"]
+    for shard in index["shard"].unique():
+        shard_file = f"clips-{int(shard):05d}.npy"
+        assert (out / shard_file).read_bytes() == (tmp_path / "clips" / shard_file).read_bytes()
 
 
 def test_probe_metadata_of_kept_fixtures(fixture_run):
@@ -177,7 +200,7 @@ def test_odd_frame_rates_get_the_right_stride_and_the_right_frames(tmp_path, rat
     assessed = assess_video(row, str(tmp_path), FilterParams(), decode)
     assert assessed["reason"] == "" and assessed["stride"] == stride
     assert assessed["fps"] == pytest.approx(float(rate), rel=1e-3)
-    starts, clips = decode_video_clips(assessed["path"], 80, 112, assessed["segment_start"], assessed["segment_end"], stride, decode)
+    starts, clips = decode_video_clips(str(tmp_path / assessed["path"]), 80, 112, assessed["segment_start"], assessed["segment_end"], stride, decode)
     full = decord.VideoReader(str(tmp_path / "clip.mp4")).get_batch(list(range(frames))).asnumpy()
     for start, clip in zip(starts, clips):
         expected = center_crop(resize_frames(full[start + stride * np.arange(8)], 64, 90), 64, 64)
@@ -189,7 +212,7 @@ def test_a_csv_whose_videos_are_all_missing_is_rejected_row_by_row(tmp_path, ray
     rows = pd.DataFrame([{"videoid": f"gone{i}", "contentUrl": "", "duration": "", "page_dir": ".", "name": CAPTION} for i in range(3)])
     kept, rejected = filter_videos(rows, str(tmp_path), FilterParams(), DecodeParams())
     assert kept.empty and rejected["reason"].tolist() == ["missing_file"] * 3
-    index, decode_rejected = decode_clips(kept, DecodeParams(), tmp_path / "clips")
+    index, decode_rejected = decode_clips(kept, DecodeParams(), tmp_path / "clips", tmp_path)
     assert index.empty and decode_rejected.empty
 
 
@@ -216,9 +239,9 @@ def test_decode_rejects_a_video_that_fails_and_keeps_the_rest(fixture_run, fixtu
     reason; the shard still holds the other video's clips."""
     _, kept, *_ = fixture_run
     good = kept[kept["videoid"] == "mpeg4_320x240_25fps.avi"]
-    broken = good.assign(videoid="corrupt", path=str(fixture_videos / "corrupt_frames_1280x720.mp4"), height=720, width=1280, fps=10.0, stride=1, segment_start=0, segment_end=50)
+    broken = good.assign(videoid="corrupt", path="corrupt_frames_1280x720.mp4", height=720, width=1280, fps=10.0, stride=1, segment_start=0, segment_end=50)
     cfg = DecodeParams(clips_per_shard=8)
-    index, rejected = decode_clips(pd.concat([broken, good], ignore_index=True), cfg, tmp_path / "clips")
+    index, rejected = decode_clips(pd.concat([broken, good], ignore_index=True), cfg, tmp_path / "clips", fixture_videos)
     assert rejected[["video_id", "reason"]].values.tolist() == [["corrupt", "undecodable"]]
     assert set(index["video_id"]) == {"mpeg4_320x240_25fps.avi"}
     assert np.load(tmp_path / "clips" / "clips-00000.npy").shape[0] == len(index)
@@ -253,7 +276,7 @@ def test_filter_and_decode_report_rows_done_of_total_as_they_stream(fixture_vide
     monkeypatch.setattr(ray_runtime, "PROGRESS_SECONDS", 0.0)
     rows = fixture_csv(fixture_videos).query("videoid in @GOOD")  # three rows: three batches each way
     kept, _ = filter_videos(rows, str(fixture_videos), FilterParams(), DecodeParams())
-    decode_clips(kept, DecodeParams(clips_per_shard=2), tmp_path / "clips")
+    decode_clips(kept, DecodeParams(clips_per_shard=2), tmp_path / "clips", fixture_videos)
     lines = capsys.readouterr().out.splitlines()
     for stage, total, unit in (("filter", len(rows), "rows probed"), ("decode", len(kept), "videos decoded")):
         counts = [int(line.split(": ")[1].split("/")[0]) for line in lines if line.startswith(f"{stage}: ") and line.endswith(unit)]

@@ -65,7 +65,7 @@ def test_any_mix_of_rows_is_kept_or_rejected_once_and_never_crashes(video_pool, 
     # copies of one file under several ids: the first is kept, the others are duplicate_content
     assert kinds_kept == set(kinds) & set(GOOD)
 
-    index, decode_rejected = decode_clips(kept, decode_cfg, root / "clips")
+    index, decode_rejected = decode_clips(kept, decode_cfg, root / "clips", root)
     assert set(index["video_id"]) | set(decode_rejected["video_id"]) == set(kept["videoid"])
     assert not set(index["video_id"]) & set(decode_rejected["video_id"])
     for shard, clips in index.groupby("shard"):
