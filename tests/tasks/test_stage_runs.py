@@ -37,7 +37,7 @@ def decode_workspace(fixture_videos, ray_session, tmp_path_factory):
     kept, _ = filter_videos(fixture_csv(fixture_videos), str(fixture_videos), FilterParams(), DecodeParams())
     (root / "data/filtered").mkdir(parents=True)
     kept.to_parquet(root / "data/filtered/kept.parquet", index=False)
-    (root / "params.yaml").write_text("preset: smoke\n")
+    (root / "params.yaml").write_text(f"preset: smoke\ndata:\n  videos_root: {fixture_videos}\n")  # kept.parquet's paths are relative to it
     return root
 
 
