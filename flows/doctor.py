@@ -4,7 +4,8 @@
 - weights: every weight file each stage reads exists and has a sound header (the checks the
   stages themselves run first), and L/H have every pretrained file;
 - services: the ones the environment names answer (MLFLOW_TRACKING_URI's /health,
-  PREFECT_API_URL's /health, RAY_ADDRESS's port); unset ones run locally and need nothing;
+  PREFECT_API_URL's /health, RAY_ADDRESS's port, VERSVIDEO_RUN_STORAGE's bucket); unset ones run
+  locally and need nothing;
 - devices: the GPUs torch sees, and the CPU count.
 
 Each check prints one line; the exit status is 1 when any failed.
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.config.params import Params, ParamsError, load_params, write_preset
+from tasks.storage.object_store import RUN_STORAGE_VARIABLE, StorageError, is_uri, require_reachable
 from tasks.storage.weight_files import require_weight_files
 
 STAGES_WITH_WEIGHTS = ("filter", "cache_latents", "train_decoder", "train_controlnet", "evaluate")
@@ -35,7 +37,7 @@ def doctor(params_file: Path, preset: str | None) -> bool:
     def check(name: str, run: Callable[[], str]) -> None:
         try:
             detail, ok = run(), True
-        except (OSError, ValueError, ParamsError, urllib.error.URLError) as error:
+        except (OSError, ValueError, ParamsError, StorageError, urllib.error.URLError) as error:
             detail, ok = str(error), False
         print(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}", flush=True)
         results.append(ok)
@@ -45,7 +47,8 @@ def doctor(params_file: Path, preset: str | None) -> bool:
     if params:
         for stage in STAGES_WITH_WEIGHTS:
             check(f"weights of {stage}", lambda stage=stage: weights_of(params[0], stage))
-    for variable, probe in (("MLFLOW_TRACKING_URI", mlflow_answers), ("PREFECT_API_URL", prefect_answers), ("RAY_ADDRESS", ray_answers)):
+    for variable, probe in (("MLFLOW_TRACKING_URI", mlflow_answers), ("PREFECT_API_URL", prefect_answers), ("RAY_ADDRESS", ray_answers),
+                            (RUN_STORAGE_VARIABLE, run_storage_answers)):
         check(variable, lambda variable=variable, probe=probe: probe(os.environ[variable]) if os.environ.get(variable) else "not set: runs locally")
     check("devices", devices)
     return all(results)
@@ -94,6 +97,13 @@ def ray_answers(address: str) -> str:
         raise ValueError(f"{address}: expected HOST:PORT (the head node's GCS port, 6379 by default)")
     with socket.create_connection((host, int(port)), timeout=TIMEOUT_S):
         return f"{host}:{port} accepts connections"
+
+
+def run_storage_answers(location: str) -> str:
+    if not is_uri(location):
+        return f"{location}: a local folder (every node must see it)"
+    require_reachable(location)
+    return f"{location}: the bucket answers"
 
 
 def devices() -> str:

@@ -1,5 +1,6 @@
 """Shared test fixtures: the real fixture videos beside the checkout, one local Ray, one Prefect
-server and one MLflow server for the whole session (starting each costs seconds, so tests share them)."""
+server, one MLflow server and one S3-compatible object store for the whole session (starting each
+costs seconds, so tests share them)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,22 @@ def fixture_videos() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def object_store(tmp_path_factory):
+    """A real S3 endpoint on 127.0.0.1 (moto's server) with one bucket, for the whole session:
+    {"bucket": "s3://...", **the AWS variables}. The variables are exported to this process, so
+    that the local Ray's workers (which inherit the environment Ray starts with), pyarrow, boto3
+    and DVC reach it as a user's shell with them exported would."""
+    from tests.services import create_bucket, running, s3_server
+
+    server, env = s3_server(tmp_path_factory.mktemp("s3"))
+    with running(server), pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield {"bucket": create_bucket("versvideo-tests", env), **env}
+
+
+@pytest.fixture(scope="session")
+def ray_session(object_store):
     import ray
 
     from tasks.operations.ray_runtime import ensure_ray
@@ -48,12 +64,14 @@ def prefect_api(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_api(tmp_path_factory):
-    """A real `mlflow server` (sqlite store, proxied artifacts) on 127.0.0.1 for the tests that
-    talk to a tracking server: {"MLFLOW_TRACKING_URI": ...}."""
+def mlflow_api(tmp_path_factory, object_store):
+    """A real `mlflow server` on 127.0.0.1 for the tests that talk to a tracking server, as a team
+    runs one: a sqlite store, artifacts proxied into the object store's bucket
+    (s3://versvideo-tests/mlflow-artifacts/). {"MLFLOW_TRACKING_URI": ...}."""
     from tests.services import mlflow_server, running
 
-    server, env = mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    artifacts = f"{object_store['bucket']}/mlflow-artifacts"
+    server, env = mlflow_server(tmp_path_factory.mktemp("mlflow"), artifacts)
     with running(server):
         yield env
 

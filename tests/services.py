@@ -1,6 +1,7 @@
 """Real services on 127.0.0.1 for the tests that need them: a Prefect server, an MLflow tracking
-server and a Ray head node, each its own process started the way an operator would start it
-(`prefect server start`, `mlflow server`, `ray start --head`), stopped with its whole process tree.
+server, a Ray head node and an S3-compatible object store, each its own process started the way an
+operator would start it (`prefect server start`, `mlflow server`, `ray start --head`,
+`moto_server`), stopped with its whole process tree.
 
 Each comes with what a client needs to reach it (the env variables the pipeline reads), so a test
 runs the pipeline against them exactly as a user's shell with those variables exported would.
@@ -111,14 +112,34 @@ def prefect_server(folder: Path) -> tuple[Service, dict[str, str]]:
     return Service("prefect server", command, env, folder / "prefect-server.log", http_ok(f"{url}/health")), {"PREFECT_API_URL": url}
 
 
-def mlflow_server(folder: Path) -> tuple[Service, dict[str, str]]:
-    """`mlflow server` with a sqlite store and proxied artifacts in `folder`: clients upload
-    artifacts through the server, as they would to a shared one. Returns it and its client env."""
+def s3_server(folder: Path) -> tuple[Service, dict[str, str]]:
+    """moto's standalone S3-compatible server, in memory. Returns it and the standard AWS
+    variables a client (boto3, pyarrow, s3fs, DVC, Ray, MLflow) needs to reach it."""
+    port = free_port()
+    client = {"AWS_ENDPOINT_URL": f"http://{HOST}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+              "AWS_DEFAULT_REGION": "us-east-1"}
+    command = [str(BIN / "moto_server"), "-H", HOST, "-p", str(port)]
+    return Service("moto s3 server", command, {**os.environ, **client}, folder / "moto-server.log", http_ok(f"{client['AWS_ENDPOINT_URL']}/moto-api/")), client
+
+
+def create_bucket(name: str, env: dict[str, str]) -> str:
+    """A new bucket on the endpoint `env` names; returns its s3:// URI."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def mlflow_server(folder: Path, artifacts: str | None = None, extra_env: dict[str, str] | None = None) -> tuple[Service, dict[str, str]]:
+    """`mlflow server` with a sqlite store in `folder` and proxied artifacts in `artifacts` (a
+    folder or an s3:// URI; `extra_env` names its endpoint): clients upload artifacts through the
+    server, as they would to a shared one. Returns it and its client env."""
     port = free_port()
     command = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")]
+               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", artifacts or str(folder / "artifacts")]
     url = f"http://{HOST}:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job consumers (GenAI scorers): five idle processes less
+    env = {**os.environ, **(extra_env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job consumers (GenAI scorers): five idle processes less
     return Service("mlflow server", command, env, folder / "mlflow-server.log", http_ok(f"{url}/health")), {"MLFLOW_TRACKING_URI": url}
 
 

@@ -13,6 +13,10 @@ import ray
 from tasks.config.params import PROGRESS_SECONDS
 
 
+# the standard AWS variables: which account, region and (S3-compatible) endpoint object storage uses
+FORWARDED_TO_WORKERS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")
+
+
 def ensure_ray() -> None:
     """Start (or join) Ray once per process, before any Ray Data dataset exists: creating one
     auto-starts Ray with its defaults, which would skip these settings (the training stages'
@@ -22,7 +26,10 @@ def ensure_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         # The cluster's workers must have this project installed (same uv.lock), like the driver.
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        # They start with their node's environment, not the driver's: the object-store account and
+        # endpoint this run uses (checkpoints in a bucket) travel with the job
+        forwarded = {name: os.environ[name] for name in FORWARDED_TO_WORKERS if os.environ.get(name)}
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, runtime_env={"env_vars": forwarded} if forwarded else None)
     else:
         # A local Ray has no dashboard to export Ray Train's metrics to (ours go to MLflow) and one
         # machine gets no preemption notices: without the watcher each fit starts one actor fewer

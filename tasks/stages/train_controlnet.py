@@ -32,7 +32,7 @@ from eval.caption_probe import centroid_error, probe
 from eval.control import edge_correlation
 from model.presets import get_preset
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import CLIPS, CONTROLNET, CONTROLNET_METRICS, CONTROLNET_PLOTS, CONTROLNET_REPORT, DECODER, LATENTS, RUNS, UNET
+from tasks.config.paths import CLIPS, CONTROLNET, CONTROLNET_METRICS, CONTROLNET_PLOTS, CONTROLNET_REPORT, DECODER, LATENTS, UNET
 from tasks.inference.conditions import canny
 from tasks.inference.encoders import resolved_encoders
 from tasks.inference.generation import VideoGenerator
@@ -40,6 +40,7 @@ from tasks.operations.lineage import lineage_tags, tracking_uri
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import held_out_videos, read_clips
 from tasks.storage.latent_shards import latent_clip_dataset, load_null_context, read_index
+from tasks.storage.object_store import run_storage
 from tasks.storage.weight_files import require_weight_files
 from tasks.training.controlnet import ControlNetRecipe, generate_controlled
 from tasks.training.curves import write_loss_curves
@@ -94,7 +95,7 @@ def control_check(generator: VideoGenerator, recipe: ControlNetRecipe, clips: np
 
 
 def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet: Path = UNET, decoder: Path = DECODER,
-                     output_dir: Path = CONTROLNET, runs: Path = RUNS) -> dict[str, Any]:
+                     output_dir: Path = CONTROLNET, runs: str | Path | None = None) -> dict[str, Any]:
     """Train on the cache + clips with the UNet in `unet` frozen; exports to output_dir; returns the figures."""
     require_weight_files(params, "train_controlnet")
     cfg = params.train_controlnet
@@ -114,7 +115,7 @@ def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENT
     flat = flatten({"preset": params.preset, "train_controlnet": params_to_dict(params)["train_controlnet"]})
     result = fit(
         recipe, cfg, latent_clip_dataset(latents, clips, cfg.seed, held_out),
-        run_name=resumable_run_name("train_controlnet", params.preset, params_to_dict(params)["train_controlnet"], latents / "index.parquet", latents / "encoders.json", unet / "model.safetensors"), storage=runs, output_dir=output_dir,
+        run_name=resumable_run_name("train_controlnet", params.preset, params_to_dict(params)["train_controlnet"], latents / "index.parquet", latents / "encoders.json", unet / "model.safetensors"), storage=runs or run_storage(), output_dir=output_dir,
         params={**flat, "held_out_videos": len(held_out)}, tags=lineage_tags("train_controlnet"),
     )
     generator = VideoGenerator(unet, decoder, latents, encoders, controlnet_dir=output_dir)

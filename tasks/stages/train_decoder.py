@@ -28,12 +28,13 @@ from torch import nn
 from eval.reconstruction import per_clip_metrics, spread
 from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import CLIPS, DECODER, DECODER_PLOTS, LATENTS, RECONSTRUCTION_METRICS, RECONSTRUCTION_REPORT, RUNS
+from tasks.config.paths import CLIPS, DECODER, DECODER_PLOTS, LATENTS, RECONSTRUCTION_METRICS, RECONSTRUCTION_REPORT
 from tasks.inference.encoders import load_vae, resolved_encoders
 from tasks.inference.models import IMAGE_DECODER, load_decoder
 from tasks.operations.lineage import lineage_tags, tracking_uri
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import clip_dataset, read_clips, split_clips
+from tasks.storage.object_store import run_storage
 from tasks.storage.weight_files import require_weight_files
 from tasks.training.curves import write_loss_curves
 from tasks.training.decoder import DecoderRecipe, to_frames, to_video
@@ -81,7 +82,7 @@ def spread_table(per_clip: dict[str, dict[str, np.ndarray]], videos: np.ndarray,
     return {"spread": spreads, "differences": differences}
 
 
-def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, output_dir: Path = DECODER, runs: Path = RUNS) -> dict[str, Any]:
+def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, output_dir: Path = DECODER, runs: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune the TCM-VAE (and the image decoder beside it), compare them on held-out clips;
     returns the comparison (also written to output_dir/metrics.json)."""
     require_weight_files(params, "train_decoder")
@@ -101,7 +102,7 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
         recipe = DecoderRecipe(params.preset, cfg, encoders, variant, held_clips[0])
         result = fit(
             recipe, cfg, clip_dataset(clips, train_rows, seed=cfg.seed),
-            run_name=resumable_run_name("train_decoder", params.preset, params_to_dict(params)["train_decoder"], clips / "index.parquet", latents / "encoders.json", variant=name), storage=runs, output_dir=folders[name],
+            run_name=resumable_run_name("train_decoder", params.preset, params_to_dict(params)["train_decoder"], clips / "index.parquet", latents / "encoders.json", variant=name), storage=runs or run_storage(), output_dir=folders[name],
             params={**flat, "variant": name, "train_clips": len(train_rows), "held_out_clips": len(held_rows)}, tags=lineage_tags("train_decoder"),
         )
         runs_by_variant[name] = result["mlflow_run_id"]

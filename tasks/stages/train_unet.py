@@ -15,18 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import LATENTS, RUNS, TRAIN_UNET_METRICS, TRAIN_UNET_REPORT, UNET, UNET_PLOTS
+from tasks.config.paths import LATENTS, TRAIN_UNET_METRICS, TRAIN_UNET_REPORT, UNET, UNET_PLOTS
 from tasks.operations.lineage import lineage_tags
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import held_out_videos
 from tasks.storage.latent_shards import latent_dataset, load_null_context, read_index
+from tasks.storage.object_store import run_storage
 from tasks.training.curves import write_loss_curves
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary, resumable_run_name
 from tasks.training.unet import UNetRecipe
 
 
-def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = UNET, runs: Path = RUNS, run_name: str | None = None) -> dict[str, Any]:
+def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = UNET, runs: str | Path | None = None, run_name: str | None = None) -> dict[str, Any]:
     """Train on the cache in `latents`; exports to output_dir; returns the run's summary figures."""
     from tasks.inference.encoders import resolved_encoders  # see UNetRecipe.samples
 
@@ -46,7 +47,7 @@ def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = UNET,
     result = fit(
         recipe, cfg, latent_dataset(latents, seed=cfg.seed, exclude_videos=held_out),
         run_name=run_name or resumable_run_name("train_unet", params.preset, params_to_dict(params)["train_unet"], latents / "index.parquet", latents / "encoders.json"),
-        storage=runs, output_dir=output_dir, params=flat, tags=lineage_tags("train_unet"),
+        storage=runs or run_storage(), output_dir=output_dir, params=flat, tags=lineage_tags("train_unet"),
     )
     metrics = {**history_summary(result["mlflow_run_id"]), "steps": cfg.steps, "mlflow_run_id": result["mlflow_run_id"],
                "training_clips": len(training), "held_out_videos": len(held_out)}

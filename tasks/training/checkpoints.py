@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+from tasks.storage import object_store
 from tasks.training.weights import ExponentialAverage, full_state_dict, gather_whole
 
 
@@ -40,37 +41,51 @@ class TrainState:
     bad_in_a_row: int = 0
 
 
-def newest_checkpoint(reported: Checkpoint | None, found: str | None) -> Checkpoint | None:
-    """Ray Train's latest checkpoint, or the newest complete one on disk when that is newer."""
+CHECKPOINT_FILES = ("model.safetensors", "trainer.pt", "metrics.json", "state.json")  # ema.safetensors only when kept
+
+
+def checkpoint_step(checkpoint: Checkpoint) -> int:
+    """The step a checkpoint holds, read from its state.json alone (wherever it lives)."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/state.json") as stream:
+        return json.loads(stream.read())["step"]
+
+
+def newest_checkpoint(reported: Checkpoint | None, found: Checkpoint | None) -> Checkpoint | None:
+    """Ray Train's latest checkpoint, or the newest complete one in the run folder when that is newer."""
     if not found:
         return reported
-    if reported:
-        with reported.as_directory() as folder:
-            if json.loads(Path(folder, "state.json").read_text())["step"] >= json.loads(Path(found, "state.json").read_text())["step"]:
-                return reported
-    return Checkpoint.from_directory(found)
+    if reported and checkpoint_step(reported) >= checkpoint_step(found):
+        return reported
+    return found
 
 
-def latest_complete_checkpoint(run_folder: Path) -> str | None:
-    """The checkpoint folder with the highest step whose files are all present and readable,
-    tried newest first: only the newest are opened, and only their headers."""
-    def step_of(folder: Path) -> int:
+def latest_complete_checkpoint(run_folder: str) -> Checkpoint | None:
+    """The checkpoint folder of `run_folder` (a local path or an object-store URI) with the highest
+    step whose files are all present and readable, tried newest first: only the newest are
+    opened, and only their headers. In object storage, a file is a single PUT that lands whole or
+    not at all, so a copy cut short by a crash lacks files rather than holding a truncated one."""
+    def step_of(folder: str) -> int:
         try:
-            return json.loads((folder / "state.json").read_text())["step"]
+            return json.loads(object_store.read_text(object_store.join(folder, "state.json")) or "")["step"]
         except (OSError, ValueError, KeyError):
             return -1
 
-    for folder in sorted(run_folder.glob("checkpoint_*"), key=step_of, reverse=True):
+    for folder in sorted(object_store.subfolders(run_folder, "checkpoint_"), key=step_of, reverse=True):
         if step_of(folder) < 0:
             break
+        fs, path = object_store.filesystem(folder)
+        if object_store.is_uri(folder):
+            if set(CHECKPOINT_FILES) <= set(object_store.file_names(folder)):
+                return Checkpoint(path, filesystem=fs)
+            continue
         try:
-            with safe_open(str(folder / "model.safetensors"), framework="pt"):  # checks the header against the file size
+            with safe_open(f"{path}/model.safetensors", framework="pt"):  # checks the header against the file size
                 pass
-            torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)  # reads the zip's directory at the end
-            (folder / "metrics.json").read_text()
+            torch.load(f"{path}/trainer.pt", map_location="cpu", weights_only=True, mmap=True)  # reads the zip's directory at the end
+            Path(path, "metrics.json").read_text()
         except Exception:  # a copy cut short by a crash: not a checkpoint
             continue
-        return str(folder)
+        return Checkpoint(path, filesystem=fs)
     return None
 
 

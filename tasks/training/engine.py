@@ -93,10 +93,10 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
     # linear warmup, then constant (the paper's schedule); stepped by us once per optimizer step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
     state = TrainState()
-    # Ray's latest checkpoint, or a newer complete one on disk: a checkpoint persisted just before a
+    # Ray's latest checkpoint, or a newer complete one in the run folder: a checkpoint persisted just before a
     # crash (of the driver, or of this worker group) may never have reached Ray's records; checked
     # on every (re)start of the group (its metrics are recovered below, whether flushed or not)
-    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), latest_complete_checkpoint(Path(config["run_folder"])))
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), latest_complete_checkpoint(config["run_folder"]))
     if checkpoint:
         with checkpoint.as_directory() as folder:
             restored = load_checkpoint(Path(folder), model, state)  # whole weights, before sharding

@@ -16,17 +16,22 @@ from ray.train.torch import TorchTrainer
 
 from tasks.operations.lineage import tracking_uri
 from tasks.operations.ray_runtime import ensure_ray
+from tasks.storage import object_store
 from tasks.training.engine import Recipe, Setup, train_loop
 from tasks.training.tracking import echo_progress, mlflow_run, record_files
 
 
-def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, storage: Path, output_dir: Path, params: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
+def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, storage: str | Path, output_dir: Path, params: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
     """Train `recipe` on `dataset` with Ray Train; returns the final reported metrics and the
-    MLflow run id. A second call with the same run_name and storage resumes that run."""
+    MLflow run id. `storage` holds the run folders: a local path, or an object-store URI that
+    every node of a cluster reads (s3://bucket/prefix). A second call with the same run_name and
+    storage resumes that run."""
     ensure_ray()
-    storage = storage.resolve()
+    storage = object_store.absolute(storage)
+    object_store.require_reachable(storage)  # before any worker starts: Ray would retry a dead endpoint for minutes
+    run_folder = object_store.join(storage, run_name)
     uri = tracking_uri()
-    run_id = mlflow_run(uri, run_name, storage / run_name / "mlflow_run_id", params, tags)
+    run_id = mlflow_run(uri, run_name, object_store.join(run_folder, "mlflow_run_id"), params, tags)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     # Ray's CPU request leaves a core free so Ray Data's read tasks can be scheduled; torch's threads
     # use every core, since reading cached shards takes little (1-2% of step time measured): on
@@ -42,10 +47,10 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
             "recipe": recipe,
             "setup": Setup(train=cfg, output_dir=str(output_dir.resolve()), tracking_uri=uri, mlflow_run_id=run_id),
             "threads_per_worker": threads_per_worker,
-            "run_folder": str(storage / run_name),
+            "run_folder": run_folder,
         })},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not cfg.use_gpu else None),
-        run_config=RunConfig(name=run_name, storage_path=str(storage), failure_config=FailureConfig(max_failures=cfg.max_failures),
+        run_config=RunConfig(name=run_name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),  # Ray deletes older ones, never the newest
         datasets={"train": dataset},
     )
@@ -57,9 +62,10 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
-    checkpoint = result.checkpoint
+    # Ray's checkpoint path is inside its filesystem (no s3:// scheme): named from the run folder instead
+    checkpoint = object_store.join(run_folder, Path(result.checkpoint.path).name) if result.checkpoint else None
     if checkpoint:
-        record_files(client, run_id, "checkpoint", Path(checkpoint.path))
-    record_files(client, run_id, "weights", output_dir.resolve(), "*.safetensors")
+        record_files(client, run_id, "checkpoint", checkpoint)
+    record_files(client, run_id, "weights", str(output_dir.resolve()), "*.safetensors")
     client.set_terminated(run_id, status="FINISHED")
-    return {"mlflow_run_id": run_id, "checkpoint": checkpoint.path if checkpoint else None, "metrics": result.metrics or {}}
+    return {"mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": result.metrics or {}}

@@ -19,9 +19,10 @@ import numpy as np
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from model.weights import file_digest, file_sha256
+from model.weights import file_digest
 from tasks.config.params import PROGRESS_SECONDS
 from tasks.operations.lineage import log_params, start_run, tracking_uri
+from tasks.storage import object_store
 
 if TYPE_CHECKING:  # type hints only: the engine imports this module
     from tasks.training.engine import Setup
@@ -144,28 +145,29 @@ def history_summary(run_id: str) -> dict[str, float]:
     return out
 
 
-def mlflow_run(uri: str, run_name: str, marker: Path, params: dict[str, Any], tags: dict[str, str]) -> str:
-    """The MLflow run of this training run: reused when `marker` holds its id (a resumed run)."""
+def mlflow_run(uri: str, run_name: str, marker: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """The MLflow run of this training run: reused when the file at `marker` (in the run folder,
+    local or in object storage) holds its id, as after a crash; else a new one, whose id goes there."""
     client = MlflowClient(uri)
-    if marker.exists():
-        run_id = marker.read_text().strip()
+    previous = object_store.read_text(marker)
+    if previous:
         try:
-            client.update_run(run_id, status="RUNNING")
-            return run_id
+            client.update_run(previous.strip(), status="RUNNING")
+            return previous.strip()
         except mlflow.exceptions.MlflowException:  # the run lived in another tracking store: start a new one
             pass
     run_id = start_run(client, uri, run_name, tags)
     log_params(client, run_id, params)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run_id)
+    object_store.write_text(marker, run_id)
     return run_id
 
 
-def record_files(client: MlflowClient, run_id: str, name: str, folder: Path, pattern: str = "*") -> None:
-    """Tags `{name}.path` and `{name}.sha256.{file}` for the files in `folder` matching `pattern`:
-    MLflow records where the large files are and what they hold; the files stay on disk and in DVC."""
-    files = sorted(path for path in folder.glob(pattern) if path.is_file())
-    tags = {f"{name}.path": str(folder), **{f"{name}.sha256.{path.name}": file_sha256(path) for path in files}}
+def record_files(client: MlflowClient, run_id: str, name: str, folder: str, pattern: str = "*") -> None:
+    """Tags `{name}.path` and `{name}.sha256.{file}` for the files in `folder` (a local path or an
+    object-store URI) matching `pattern`: MLflow records where the large files are and what they
+    hold; the files stay where they are (on disk and in DVC, or in the bucket)."""
+    names = object_store.file_names(folder, pattern)
+    tags = {f"{name}.path": folder, **{f"{name}.sha256.{file}": object_store.sha256(object_store.join(folder, file)) for file in names}}
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from uuid import UUID
 
+import boto3
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -104,7 +105,9 @@ def test_failed_stage_resumes_and_a_rerun_does_nothing(project, services):
     filtered = next(run for run in stage_runs if run.info.run_name == "stage:filter")  # its metrics file: headline numbers only
     assert filtered.data.metrics["filter/kept"] > 0 and set(filtered.data.metrics) == {"filter/kept", "filter/rejected", "stage_seconds"}
     downloaded = Path(client.download_artifacts(parents[-1].info.run_id, "dvc.lock", str(folder / "downloaded")))
-    assert downloaded.read_bytes() == (folder / "dvc.lock").read_bytes()  # uploaded through the server's artifact proxy
+    assert downloaded.read_bytes() == (folder / "dvc.lock").read_bytes()  # uploaded through the server's artifact proxy...
+    stored = boto3.client("s3").list_objects_v2(Bucket="versvideo-tests", Prefix="mlflow-artifacts/")["Contents"]
+    assert any(item["Key"].endswith(f"{parents[-1].info.run_id}/artifacts/dvc.lock") for item in stored)  # ...into its S3 bucket
 
     # Prefect, through the server's API: the flow runs MLflow names, their tasks and summaries
     with temporary_settings({PREFECT_API_URL: services["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:

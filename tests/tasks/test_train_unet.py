@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import boto3
 import numpy as np
 import psutil
 import pytest
@@ -117,20 +118,27 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ddp_two_workers, late
     assert tags["weights.sha256.model.safetensors"] == hashlib.sha256((tmp_path / "one" / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_two_workers, latents_dir, tmp_path):
+def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_two_workers, latents_dir, object_store, tmp_path):
     """FSDP shards the same model over the same two workers: the same seed gives the same losses.
     Its run is interrupted twice: a worker is killed after the first checkpoint (Ray Train
     restarts the group from it), and the first call stops at step 20 while a second call with the
     same run name (a new driver, as after a crash) resumes there. Restored weights, EMA, optimizer
     state, RNG streams and data position make the history the uninterrupted run's, step for step,
-    and the exported EMA weights the same."""
-    runs = tmp_path / "runs"
+    and the exported EMA weights the same. The run folders live in the object store (S3 on
+    127.0.0.1), as on a cluster whose nodes share no disk: checkpoints are written, found and
+    restored there."""
+    runs = f"{object_store['bucket']}/runs-{tmp_path.name}"
+    bucket = boto3.client("s3")
     killed = []
+
+    def checkpoint_keys() -> list[str]:
+        listing = bucket.list_objects_v2(Bucket=runs.split("/")[2], Prefix=runs.split("/", 3)[3] + "/")
+        return [item["Key"] for item in listing.get("Contents", [])]
 
     def kill_a_worker_after_the_first_checkpoint():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            if list(runs.glob("*/checkpoint_*")):
+            if any("/checkpoint_" in key for key in checkpoint_keys()):
                 # this session's local Ray only (its raylet is our child): never another run's worker on the machine
                 for process in psutil.Process().children(recursive=True):
                     with contextlib.suppress(psutil.Error):  # a process that ended while we looked
@@ -138,7 +146,7 @@ def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_t
                             process.kill()
                             killed.append(process.pid)
                             return
-            time.sleep(0.05)
+            time.sleep(0.2)
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
@@ -153,6 +161,9 @@ def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_t
     assert [step for step, _ in history] == list(range(1, 31))  # no step twice, none missing
     np.testing.assert_allclose([value for _, value in history], [value for _, value in reference], rtol=1e-4)
     assert metrics["steps"] == 30 and metrics["loss_last_10pct"] < metrics["loss_first_10pct"]
+    assert not list(tmp_path.glob("**/checkpoint_*")) and any(key.endswith("/model.safetensors") for key in checkpoint_keys())  # in the bucket only
+    tags = MlflowClient().get_run(metrics["mlflow_run_id"]).data.tags
+    assert tags["checkpoint.path"].startswith(f"{runs}/fsdp/checkpoint_") and tags["checkpoint.sha256.state.json"]
     exported = load_file(str(tmp_path / "unet" / "model.safetensors"))
     assert exported.keys() == ddp_two_workers["weights"].keys()
     for name, tensor in exported.items():  # float noise of different reduction orders (measured: < 1e-3)
