@@ -5,7 +5,9 @@ on a tiny synthetic set (the data stages; training and evaluation have their own
 A failing stage is reported by name and a rerun resumes at it without redoing the finished ones;
 with nothing changed no stage does work; changing a param reruns the stage that reads it. Then each
 service is asked through its own API what happened: MLflow's runs, tags, dataset inputs and
-artifacts; Prefect's flow runs, task runs and summary artifacts; Ray's node the stages ran on."""
+artifacts (in the S3 bucket behind its server); Prefect's flow runs, task runs and summary
+artifacts; Ray's node the stages ran on. Last, the outputs go to the team's DVC remote, a bucket,
+and come back into a clone elsewhere with nothing to rerun."""
 
 import json
 import os
@@ -57,9 +59,12 @@ def write_params(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+BIN_FIRST = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # the environment's versvideo, dvc
+
+
 def versvideo_pipeline(folder: Path, services: dict[str, str]) -> subprocess.CompletedProcess:
     """`versvideo pipeline --stages ...` in `folder` with the services' variables exported."""
-    env = {**os.environ, **services, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **services, **BIN_FIRST}
     return subprocess.run(["versvideo", "pipeline", "--stages", ",".join(STAGES)], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -70,7 +75,7 @@ def ran(finished: subprocess.CompletedProcess) -> dict[str, bool]:
     return {stage: status == "ran" for stage, status in rows}
 
 
-def test_failed_stage_resumes_and_a_rerun_does_nothing(project, services):
+def test_failed_stage_resumes_a_rerun_does_nothing_and_a_clone_elsewhere_pulls_it(project, services, object_store):
     folder, params = project
     write_params(folder, {**params, "cache_latents": {**params["cache_latents"], "vae_weights": "weights/missing-vae"}})
     failed = versvideo_pipeline(folder, services)
@@ -130,3 +135,31 @@ def test_failed_stage_resumes_and_a_rerun_does_nothing(project, services):
     worked = [run for run in runs if run.data.tags.get("dvc.ran") == "true" and run.info.run_name != "stage:prepare"]  # prepare: no Ray
     assert sorted(run.info.run_name for run in worked) == ["stage:cache_latents", "stage:decode", "stage:filter", "stage:filter"]
     assert {run.data.tags.get("ray.node_id") for run in worked} == {nodes[0]["NodeID"]}
+
+    a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder, f"{object_store['bucket']}/dvc-remote", services)
+
+
+def a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder: Path, remote: str, services: dict[str, str]) -> None:
+    """The team's DVC remote is a bucket (the session's S3 server, reached through the standard
+    AWS variables only: nothing about the endpoint or keys is in the repository). `dvc push` from
+    this clone; a clone in another directory `dvc pull`s, DVC finds nothing stale, and `versvideo
+    pipeline` does no stage work there: the outputs' hashes do not depend on where a clone sits."""
+    def git_or_dvc(*command: str, where: Path = folder) -> str:
+        finished = subprocess.run(command, cwd=where, capture_output=True, text=True, env={**os.environ, **BIN_FIRST})
+        assert finished.returncode == 0, f"{' '.join(command)}:\n{(finished.stdout + finished.stderr)[-3000:]}"
+        return finished.stdout
+
+    git_or_dvc("dvc", "remote", "add", "-d", "team", remote)
+    git_or_dvc("git", "add", "-A")
+    git_or_dvc("git", "-c", "user.name=Alice", "-c", "user.email=alice@example.com", "commit", "-q", "-m", "data stages")
+    git_or_dvc("dvc", "push")
+    bucket, prefix = remote.removeprefix("s3://").split("/", 1)
+    assert boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["KeyCount"] > 0
+
+    clone = folder.parent / f"{folder.name}-teammate" / "checkouts" / "versvideo"  # another directory, another depth
+    git_or_dvc("git", "clone", "-q", str(folder), str(clone), where=folder.parent)
+    git_or_dvc("dvc", "pull", "--with-deps", "cache_latents", where=clone)  # the outputs this run made
+    assert "up to date" in git_or_dvc("dvc", "status", "--with-deps", "cache_latents", where=clone)
+    assert ran(versvideo_pipeline(clone, services)) == dict.fromkeys(STAGES, False)
+    for path in ("data/filtered/kept.parquet", "data/clips/index.parquet", "data/latents/index.parquet"):
+        assert (clone / path).read_bytes() == (folder / path).read_bytes()
