@@ -168,3 +168,21 @@ def ray_head(folder: Path, num_cpus: int = 2) -> tuple[Service, dict[str, str]]:
         return probe.returncode == 0
 
     return Service("ray head", command, env, folder / "ray-head.log", connects, scratch=temp_dir), client
+
+
+def ray_worker_node(folder: Path, client: dict[str, str], num_cpus: int = 1) -> Service:
+    """A second node joining the head that `client` names (`ray start --address --block`, its own
+    raylet, object store and temp dir), as a worker machine of a cluster would; ready once the
+    head counts it among its alive nodes."""
+    env = {**os.environ, **client}
+    env.pop("RAY_ADDRESS")
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-node-", dir="/tmp"))
+    command = [str(BIN / "ray"), "start", "--block", f"--address={client['RAY_ADDRESS']}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+               "--disable-usage-stats"]
+
+    def joined() -> bool:
+        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(log_to_driver=False); print(sum(node['Alive'] for node in ray.nodes()))"],
+                               env={**os.environ, **client}, capture_output=True, text=True, timeout=120)
+        return probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] == ["2"]
+
+    return Service("ray worker node", command, env, folder / "ray-node.log", joined, scratch=temp_dir)

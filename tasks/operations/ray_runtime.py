@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -47,17 +48,36 @@ def ensure_ray() -> None:
     tag_stage_run({"ray.address": runtime.gcs_address, "ray.node_id": runtime.get_node_id(), "ray.job_id": runtime.get_job_id()})
 
 
+NODE_COLUMN = "_ray_node_id"
+
+
+def on_record(udf: Callable[..., pd.DataFrame]) -> Callable[..., pd.DataFrame]:
+    """A Ray Data batch function whose output rows also say which node ran it (NODE_COLUMN), so
+    that collect_with_progress can record where the work went; the column never reaches an output."""
+    @functools.wraps(udf)
+    def recorded(batch: pd.DataFrame, **kwargs) -> pd.DataFrame:
+        return udf(batch, **kwargs).assign(**{NODE_COLUMN: ray.get_runtime_context().get_node_id()})
+    return recorded
+
+
 def collect_with_progress(dataset: ray.data.Dataset, label: str, total: int, unit: str,
                           count: Callable[[pd.DataFrame], int] = len) -> pd.DataFrame:
     """The dataset as one DataFrame (what to_pandas gives), printing `label: done/total unit` at
     least every PROGRESS_SECONDS while it streams, and at the end (Ray's own progress bars are off
-    when the log is not a terminal). count(batch): how many units a batch completes."""
-    parts, done, last_line = [], 0, time.monotonic()
+    when the log is not a terminal). count(batch): how many units a batch completes. The nodes
+    that ran an `on_record` function's tasks go to the stage's MLflow run as `ray.nodes.{label}`."""
+    parts, done, last_line, nodes = [], 0, time.monotonic(), set()
     for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
+        if NODE_COLUMN in batch:
+            nodes.update(batch.pop(NODE_COLUMN))
         parts.append(batch)
         done += count(batch)
         if time.monotonic() - last_line >= PROGRESS_SECONDS:
             print(f"{label}: {done}/{total} {unit}", flush=True)
             last_line = time.monotonic()
     print(f"{label}: {done}/{total} {unit}, all done", flush=True)
-    return pd.concat(parts, ignore_index=True) if parts else dataset.to_pandas()
+    if nodes:
+        from tasks.operations.lineage import tag_stage_run
+
+        tag_stage_run({f"ray.nodes.{label}": ",".join(sorted(nodes))})
+    return pd.concat(parts, ignore_index=True) if parts else dataset.to_pandas().drop(columns=[NODE_COLUMN], errors="ignore")

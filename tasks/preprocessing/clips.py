@@ -13,7 +13,7 @@ import pandas as pd
 import ray
 
 from tasks.config.params import DecodeParams
-from tasks.operations.ray_runtime import collect_with_progress, ensure_ray
+from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_record
 from tasks.storage.atomic import write_npy
 from tasks.storage.clip_shards import shard_name
 from tasks.storage.video_io import VideoError, center_crop, cover_size, open_reader, path_under, read_frames, window_length
@@ -104,7 +104,7 @@ def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, videos_ro
         shards = (
             ray.data.from_pandas([group for _, group in kept.loc[:, columns].groupby("shard")])
             .map_batches(
-                decode_shard,
+                on_record(decode_shard),
                 batch_format="pandas",
                 batch_size=None,  # one block = one shard
                 num_cpus=1,

@@ -16,7 +16,7 @@ import ray
 
 from tasks.config.params import DecodeParams, FilterParams, Params
 from tasks.config.paths import FILTER_METRICS, FILTER_REPORT, FILTERED, KEPT, REJECTED
-from tasks.operations.ray_runtime import collect_with_progress, ensure_ray
+from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_record
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
 from tasks.storage.atomic import atomic_folder, write_json, write_metrics, write_parquet
 from tasks.storage.webvid import read_webvid_csv
@@ -32,7 +32,7 @@ def _assess_on_ray(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, deco
         ray.data.from_pandas(rows)
         .repartition(max(1, min(len(rows), 4 * cfg.num_workers)))
         .map_batches(
-            assess_batch,
+            on_record(assess_batch),
             batch_format="pandas",
             batch_size=1,
             num_cpus=1,

@@ -27,7 +27,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.services import ray_head, running
+from tests.services import ray_head, ray_worker_node, running
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "filter", "decode", "cache_latents"]
@@ -35,10 +35,12 @@ STAGES = ["prepare", "filter", "decode", "cache_latents"]
 
 @pytest.fixture(scope="module")
 def services(request, tmp_path_factory):
-    """The three servers, started side by side: {env variable: value} for their clients."""
-    ray, ray_env = ray_head(tmp_path_factory.mktemp("services"))
+    """The three servers, started side by side: {env variable: value} for their clients. Ray is a
+    cluster of two nodes, one core each, as two machines would be: a head and a worker node."""
+    folder = tmp_path_factory.mktemp("services")
+    ray, ray_env = ray_head(folder, num_cpus=1)
     servers = {**request.getfixturevalue("prefect_api"), **request.getfixturevalue("mlflow_api")}  # the session's; they start while Ray does
-    with running(ray):
+    with running(ray), running(ray_worker_node(folder, ray_env, num_cpus=1)):
         yield {**servers, **ray_env}
 
 
@@ -49,6 +51,7 @@ def project(tmp_path, services):
         (shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__")) if source.is_dir() else shutil.copy(source, tmp_path / name))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"].update(num_videos=6, seconds=1.5)
+    params["decode"]["clips_per_shard"] = 4  # 2 videos a shard: 3 decode tasks, for the cluster's two nodes
     params["cache_latents"]["smoke_vae_fit_steps"] = 0  # a random stand-in VAE: its fit has its own test
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(command, cwd=tmp_path, check=True)
@@ -126,15 +129,20 @@ def test_failed_stage_resumes_a_rerun_does_nothing_and_a_clone_elsewhere_pulls_i
         assert "| cache_latents | **failed** | |" in markdown[flow_run_ids[0]]
         assert "| cache_latents | ran |" in markdown[flow_run_ids[1]] and "| decode | up to date |" in markdown[flow_run_ids[1]]
 
-    # Ray, through a driver joining the head at 127.0.0.1: the Ray stages ran on its one node, this
-    # machine (Ray registers a node under the host's address even when told 127.0.0.1)
+    # Ray, through a driver joining the head at 127.0.0.1: two alive nodes (both on this machine:
+    # Ray registers a node under the host's address even when told 127.0.0.1), and the per-video
+    # work of filter and decode ran on both
     probe = subprocess.run([sys.executable, "-c", "import json, ray; ray.init(log_to_driver=False); print(json.dumps(ray.nodes()))"],
                            env={**os.environ, **services}, capture_output=True, text=True, check=True)
     nodes = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert [(node["NodeManagerHostname"], node["Alive"]) for node in nodes] == [(socket.gethostname(), True)]
+    assert sorted((node["NodeManagerHostname"], node["Alive"]) for node in nodes) == [(socket.gethostname(), True)] * 2
+    node_ids = {node["NodeID"] for node in nodes}
     worked = [run for run in runs if run.data.tags.get("dvc.ran") == "true" and run.info.run_name != "stage:prepare"]  # prepare: no Ray
     assert sorted(run.info.run_name for run in worked) == ["stage:cache_latents", "stage:decode", "stage:filter", "stage:filter"]
-    assert {run.data.tags.get("ray.node_id") for run in worked} == {nodes[0]["NodeID"]}
+    assert {run.data.tags.get("ray.node_id") for run in worked} <= node_ids  # the node each stage's driver attached to
+    first_filter, first_decode = (next(run for run in worked if run.info.run_name == f"stage:{stage}") for stage in ("filter", "decode"))
+    assert set(first_filter.data.tags["ray.nodes.filter"].split(",")) == node_ids
+    assert set(first_decode.data.tags["ray.nodes.decode"].split(",")) == node_ids
 
     a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder, f"{object_store['bucket']}/dvc-remote", services)
 
@@ -143,9 +151,11 @@ def a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder: Path, remo
     """The team's DVC remote is a bucket (the session's S3 server, reached through the standard
     AWS variables only: nothing about the endpoint or keys is in the repository). `dvc push` from
     this clone; a clone in another directory `dvc pull`s, DVC finds nothing stale, and `versvideo
-    pipeline` does no stage work there: the outputs' hashes do not depend on where a clone sits."""
+    pipeline` does no stage work there; filter and decode rerun there on one node write the same
+    bytes: the outputs' hashes depend neither on where a clone sits nor on how many nodes ran it."""
     def git_or_dvc(*command: str, where: Path = folder) -> str:
-        finished = subprocess.run(command, cwd=where, capture_output=True, text=True, env={**os.environ, **BIN_FIRST})
+        env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a stage DVC runs starts a local Ray
+        finished = subprocess.run(command, cwd=where, capture_output=True, text=True, env={**env, **BIN_FIRST})
         assert finished.returncode == 0, f"{' '.join(command)}:\n{(finished.stdout + finished.stderr)[-3000:]}"
         return finished.stdout
 
@@ -163,3 +173,9 @@ def a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder: Path, remo
     assert ran(versvideo_pipeline(clone, services)) == dict.fromkeys(STAGES, False)
     for path in ("data/filtered/kept.parquet", "data/clips/index.parquet", "data/latents/index.parquet"):
         assert (clone / path).read_bytes() == (folder / path).read_bytes()
+
+    # the same stages computed again there, on one node (a local Ray: no RAY_ADDRESS): the bytes
+    # the two-node cluster wrote in the other directory, so dvc.lock does not change
+    for stage in ("filter", "decode"):
+        git_or_dvc("dvc", "repro", "--force", "--single-item", stage, where=clone)
+    assert git_or_dvc("git", "status", "--porcelain", "dvc.lock", where=clone) == ""
