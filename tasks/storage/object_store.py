@@ -49,7 +49,7 @@ def join(location: str, *parts: str) -> str:
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem holding `location`, and the path inside it."""
     if not is_uri(location):
-        return pafs.LocalFileSystem(), str(Path(location).resolve())
+        return pafs.LocalFileSystem(), absolute(location)
     try:
         return pafs.FileSystem.from_uri(location)
     except (OSError, ValueError) as error:
