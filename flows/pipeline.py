@@ -35,7 +35,9 @@ from prefect.runtime import flow_run
 
 from tasks.config.params import flatten, load_params, params_to_dict
 from tasks.config.paths import CONTROLNET, DECODER, EVAL_REPORT, LATENTS, PIPELINE_SUMMARY, UNET
-from tasks.operations.lineage import PARENT_RUN_ENV, git_commit, log_params, record_stage, start_run, tracking_uri
+from tasks.operations.lineage import (
+    EXPERIMENT, PARENT_RUN_ENV, git_commit, log_params, record_stage, start_run, tracking_uri, ui_route,
+)
 from tasks.storage.atomic import atomic_path
 
 MODEL_FOLDERS = {"unet": UNET, "decoder": DECODER, "controlnet": CONTROLNET}
@@ -108,12 +110,14 @@ def register_model(metric: str, lower_is_better: bool, model_name: str) -> dict[
     return {"model": model_name, "version": decision.candidate_version, "promoted": decision.promoted, "reason": decision.reason}
 
 
-def summary_markdown(results: list[dict[str, Any]], failed: str | None, parent_run_id: str) -> str:
+def summary_markdown(results: list[dict[str, Any]], failed: str | None, parent_run_id: str, experiment: str) -> str:
     rows = [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date'} | {r['seconds']:.1f} |" for r in results]
     if failed:
         rows.append(f"| {failed} | **failed** | |")
     return "\n".join([
-        "# VersVideo pipeline", "", f"MLflow parent run: `{parent_run_id}` (experiment `versvideo`)", "",
+        "# VersVideo pipeline", "",
+        f"MLflow parent run: `{parent_run_id}` (experiment `{EXPERIMENT}`); in the MLflow UI: "
+        f"`{ui_route(experiment)}` (runs table, stage runs nested), `{ui_route(experiment, parent_run_id)}` (this run)", "",
         "| stage | status | seconds |", "|---|---|---|", *rows, "",
         f"Total: {sum(r['seconds'] for r in results):.1f} s. Metrics: `dvc metrics show`; evaluation: `reports/eval.json`.",
     ])
@@ -146,7 +150,7 @@ def pipeline(stages: list[str] | None = None, force: list[str] | None = None, me
         if Path("dvc.lock").is_file():
             client.log_artifact(parent, "dvc.lock")
         client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
-        summary = summary_markdown(results, failed, parent)
+        summary = summary_markdown(results, failed, parent, client.get_run(parent).info.experiment_id)
         create_markdown_artifact(summary, key="versvideo-pipeline-summary", description="stages, timings, MLflow run")
         with atomic_path(PIPELINE_SUMMARY) as tmp:  # the same summary where an ephemeral Prefect server's artifacts vanish with it
             tmp.write_text(summary)

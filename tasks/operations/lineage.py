@@ -95,8 +95,18 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-# The MLflow UI opens an experiment without this tag as GenAI "evaluation runs"; with it, as model training.
+# What the experiment is, for MLflow's search and for UIs that read it. The MLflow 3.17 UI itself
+# opens every experiment in the mode its GenAI / Model training switch was left in (GenAI in a new
+# browser); a link carrying MODEL_TRAINING_VIEW opens the runs table instead (see ui_route).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_route(experiment: str, run_id: str | None = None) -> str:
+    """The MLflow UI's route (after the server's address) to the experiment's runs table, or to one
+    run, in the model-training view."""
+    run = f"/runs/{run_id}" if run_id else ""
+    return f"#/experiments/{experiment}{run}?{MODEL_TRAINING_VIEW}"
 
 
 def experiment_id(client: MlflowClient, uri: str) -> str:

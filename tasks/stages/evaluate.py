@@ -392,6 +392,37 @@ def draw_per_frame(table: pd.DataFrame, path: Path, protocol: str) -> None:
         figure.savefig(tmp, format="png", dpi=90)
 
 
+PROBE_ATTRIBUTES = ("color", "shape", "direction")
+PROBE_GROUPS = {"training": "training captions", "unseen": "unseen combinations", "real_clips": "real clips (the probe itself)"}
+
+
+def prompt_following_table(figures: dict[str, Any]) -> pd.DataFrame:
+    """The captions protocol's probe accuracies, one row per (attribute, group), beside chance."""
+    return pd.DataFrame([
+        {"attribute": attribute, "group": group, "accuracy": figures[f"{attribute}_accuracy_{group}"], "chance": figures[f"{attribute}_chance"]}
+        for attribute in PROBE_ATTRIBUTES for group in PROBE_GROUPS
+    ])
+
+
+def draw_prompt_following(table: pd.DataFrame, path: Path) -> None:
+    """Grouped bars: for each attribute the caption probe reads, how often the generated video shows
+    the prompted value (training captions, unseen combinations) and how often the probe reads the
+    real clips right (its ceiling), with chance as a dashed line."""
+    figure = Figure(figsize=(7, 3.2), layout="constrained")
+    axes = figure.add_subplot(1, 1, 1)
+    width = 0.8 / len(PROBE_GROUPS)
+    for offset, (group, label) in enumerate(PROBE_GROUPS.items()):
+        rows = table[table["group"] == group]
+        axes.bar(np.arange(len(PROBE_ATTRIBUTES)) + (offset - 1) * width, rows["accuracy"], width, label=label)
+    chance = table.drop_duplicates("attribute")["chance"].to_numpy()
+    axes.hlines(chance, np.arange(len(PROBE_ATTRIBUTES)) - 0.45, np.arange(len(PROBE_ATTRIBUTES)) + 0.45, colors="black", linestyles="dashed", label="chance")
+    axes.set(title="evaluate/captions: prompt following (caption probe)", ylabel="accuracy", ylim=(0, 1.05),
+             xticks=np.arange(len(PROBE_ATTRIBUTES)), xticklabels=PROBE_ATTRIBUTES)
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=90)
+
+
 def check_inputs(params: Params, protocols: list[Protocol]) -> None:
     cfg = params.evaluate
     require_weight_files(params, "evaluate")
@@ -447,6 +478,11 @@ def evaluate(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet:
             with atomic_path(PLOTS / f"{protocol.name}.csv") as tmp:
                 table.to_csv(tmp, index=False)
             draw_per_frame(table, PLOTS / f"{protocol.name}.png", protocol.name)
+        if "color_accuracy_training" in report["protocols"].get("captions", {}):
+            table = prompt_following_table(report["protocols"]["captions"])
+            with atomic_path(PLOTS / "prompt_following.csv") as tmp:
+                table.to_csv(tmp, index=False)
+            draw_prompt_following(table, PLOTS / "prompt_following.png")
         report["mlflow_run_id"] = log_to_mlflow(report, params, Path(samples))
     return report
 

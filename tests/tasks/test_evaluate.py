@@ -203,6 +203,12 @@ def test_captions_protocol_scores_prompt_following_beside_chance_and_the_real_cl
     client = MlflowClient()
     run = client.search_runs([client.get_experiment_by_name("versvideo").experiment_id])[0]
     assert run.data.metrics["captions/direction_accuracy_unseen"] == figures["direction_accuracy_unseen"]
+    plotted = pd.read_csv(root / "plots" / "eval" / "prompt_following.csv").set_index(["attribute", "group"])
+    assert len(plotted) == 9 and (root / "plots" / "eval" / "prompt_following.png").stat().st_size > 0
+    for key in ("color", "shape", "direction"):
+        for group in ("training", "unseen", "real_clips"):
+            assert plotted.loc[(key, group), "accuracy"] == figures[f"{key}_accuracy_{group}"]
+            assert plotted.loc[(key, group), "chance"] == figures[f"{key}_chance"]
 
 
 def test_a_benchmark_list_entry_cannot_leave_its_videos_folder(tmp_path):

@@ -1,9 +1,12 @@
 """Lineage tags: after a stage, every run it opened carries the input hashes DVC locked for it."""
 
+from pathlib import Path
+
+import mlflow
 import yaml
 from mlflow import MlflowClient
 
-from tasks.operations.lineage import EXPERIMENT_KIND, lineage_tags, record_stage, start_run
+from tasks.operations.lineage import EXPERIMENT_KIND, MODEL_TRAINING_VIEW, lineage_tags, record_stage, start_run, ui_route
 
 
 def write_lock(folder, latents_md5: str) -> None:
@@ -50,3 +53,15 @@ def test_runs_carry_mlflows_standard_tags_in_a_model_training_experiment(tmp_pat
     client.delete_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND[0])  # as an older version left it
     start_run(client, uri, "pipeline", {})
     assert client.get_experiment(experiment.experiment_id).tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+
+
+def test_the_ui_route_asks_for_the_model_training_view_the_installed_ui_knows():
+    """The MLflow 3.17 UI opens experiments in GenAI mode whatever their kind tag says; the route we
+    print carries the query parameter its bundle reads. Checked against the installed bundle, so an
+    MLflow upgrade that renames the parameter fails here rather than in a user's browser."""
+    assert ui_route("7") == f"#/experiments/7?{MODEL_TRAINING_VIEW}"
+    assert ui_route("7", "abc") == f"#/experiments/7/runs/abc?{MODEL_TRAINING_VIEW}"
+    key, value = MODEL_TRAINING_VIEW.split("=")
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    sources = [path.read_text(errors="ignore") for path in bundle.glob("*.js")]
+    assert any(f'get("{key}")' in text and f'"{value}"' in text for text in sources)
