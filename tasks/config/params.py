@@ -198,6 +198,12 @@ class TrainingParams:
         if not 0 <= self.ema_decay < 1:
             raise ParamsError(f"{self.SECTION}.ema_decay: {self.ema_decay} must be in [0, 1)")
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all workers: Table 4's "batch size per GPU x # GPUs"
+        when batch_size x grad_accum is the per-GPU batch."""
+        return self.batch_size * self.grad_accum * self.num_workers
+
 
 @dataclass(frozen=True)
 class TrainUnetParams(TrainingParams):
@@ -445,7 +451,8 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "L": {
         "filter": {"min_short_side": 256},
         "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
-        "train_unet": {"steps": 100_000, "batch_size": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
+        # Table 4: 16 per GPU on 16 GPUs, a global batch of 256: 2 clips a micro-step, 8 micro-steps
+        "train_unet": {"steps": 100_000, "batch_size": 2, "grad_accum": 8, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,
@@ -453,7 +460,8 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "H": {
         "filter": {"min_short_side": 320},
         "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
-        "train_unet": {"steps": 100_000, "batch_size": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True, "strategy": "fsdp"},
+        # Table 4: 2 per GPU on 32 GPUs, a global batch of 64: 1 clip a micro-step, 2 micro-steps
+        "train_unet": {"steps": 100_000, "batch_size": 1, "grad_accum": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True, "strategy": "fsdp"},
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,

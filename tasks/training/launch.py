@@ -31,6 +31,7 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
     object_store.require_reachable(storage)  # before any worker starts: Ray would retry a dead endpoint for minutes
     run_folder = object_store.join(storage, run_name)
     uri = tracking_uri()
+    params = {**params, f"{cfg.SECTION}.global_batch": cfg.global_batch}  # batch_size x grad_accum x num_workers
     run_id = mlflow_run(uri, run_name, object_store.join(run_folder, "mlflow_run_id"), params, tags)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     # Ray's CPU request leaves a core free so Ray Data's read tasks can be scheduled; torch's threads

@@ -70,7 +70,7 @@ class UNetRecipe:
         save_safetensors({name: tensor.contiguous() for name, tensor in merged.state_dict().items()}, folder / "model.safetensors")
         frames, height, width = self.clip_shape
         write_json({"preset": self.preset, "unet": dataclasses.asdict(merged.config), "merged_experts": True,
-                    "clip": {"frames": frames, "height": height, "width": width}}, folder / "config.json")
+                    "clip": {"frames": frames, "height": height, "width": width}, "global_batch": self.cfg.global_batch}, folder / "config.json")
 
     @torch.no_grad()
     def samples(self, model: nn.Module, step: int, folder: Path) -> list[Path]:

@@ -79,6 +79,14 @@ def test_only_the_smoke_controlnet_draws_training_timesteps_at_high_noise(preset
         load_params(REPO_PARAMS, ["train_unet.timestep_sampling=normal"])
 
 
+@pytest.mark.parametrize("preset, per_gpu, gpus", [("L", 16, 16), ("H", 2, 32)])  # Table 4: batch size per GPU, # GPUs
+def test_the_unet_trains_with_table_4s_global_batch(preset, per_gpu, gpus, preset_params):
+    unet = preset_params[preset].train_unet
+    assert unet.num_workers == gpus and unet.batch_size * unet.grad_accum == per_gpu
+    assert unet.global_batch == per_gpu * gpus == {"L": 256, "H": 64}[preset]
+    assert load_params(REPO_PARAMS, ["train_unet.grad_accum=3", "train_unet.num_workers=2"]).train_unet.global_batch == 8 * 3 * 2
+
+
 def test_h_shards_the_unet_whose_training_state_outgrows_a_gpu(preset_params):
     assert preset_params["H"].train_unet.strategy == "fsdp"
     assert preset_params["L"].train_unet.strategy == "ddp"

@@ -102,8 +102,11 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ddp_two_workers, late
     # 10-step means agree to within the run-to-run noise of this tiny setup (measured: < 15%).
     np.testing.assert_allclose(curve_two, curve_one, rtol=0.3)
     assert curve_one[-1] < curve_one[0] and curve_two[-1] < curve_two[0]
-    # sample_every=0: one sample, at the end, as MP4 and GIF artifacts of the run
     client = MlflowClient()
+    for run_id in (one["mlflow_run_id"], ddp_two_workers["mlflow_run_id"]):  # 4 x 1 x 1 = 2 x 1 x 2
+        assert client.get_run(run_id).data.params["train_unet.global_batch"] == "4"
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["global_batch"] == 4
+    # sample_every=0: one sample, at the end, as MP4 and GIF artifacts of the run
     folders = [item.path for item in client.list_artifacts(one["mlflow_run_id"], "samples")]
     assert folders == ["samples/step_0000030"]
     assert sorted(item.path.rsplit("/", 1)[1] for item in client.list_artifacts(one["mlflow_run_id"], folders[0])) == ["sample0_a_blob_moves.gif", "sample0_a_blob_moves.mp4"]
