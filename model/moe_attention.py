@@ -8,7 +8,8 @@ A transformer block on video features (b, c, t, h, w):
     temporal MoE FFN         M experts (4 in L and H)
 
 MoE without a router (eq. 6): during training each sequence's tokens are shuffled, split into N
-groups, and group i goes through expert i; outputs are un-shuffled. After every optimizer step
+groups of ceil(L/N) or floor(L/N) tokens, and each group goes through its own expert, drawn per
+forward; outputs are un-shuffled. After every optimizer step
 the experts are pulled toward each other (eq. 7-8, `average_experts`). For inference
 `merge_experts` turns each MoE layer into one FFN holding the experts' mean, so MoE costs
 nothing at inference; an unmerged layer in eval mode already computes exactly that FFN.
@@ -69,16 +70,20 @@ class MoEFeedForward(nn.Module):
         batch, length, dim = x.shape
         n = self.num_experts
         group = math.ceil(length / n)
-        # Eq. 6: shuffle (one permutation per sequence), split into n groups of `group` tokens;
-        # when length is not divisible by n the last groups are padded and the padding dropped.
+        # Eq. 6: shuffle (one permutation per sequence), split into n groups of `group` tokens.
         order = torch.argsort(torch.rand(batch, length, device=x.device), dim=1)  # (B, L)
         shuffled = torch.gather(x, 1, order[..., None].expand(-1, -1, dim))
+        # When n does not divide L, the group * n - L < n padding slots are dealt round-robin
+        # (token k to group k mod n), so each group holds ceil(L/n) or floor(L/n) tokens;
+        # padding the end of "n g" groups instead left whole experts idle (16 of 32 on a 4x4
+        # grid). Which expert takes which group is drawn anew in every forward (`experts`), so
+        # no expert is the one that always gets the short group.
         shuffled = F.pad(shuffled, (0, 0, 0, group * n - length))
-        # Expert-major layout (n, b*g, d): one batched matmul per layer, expert i on its rows.
-        groups = rearrange(shuffled, "b (n g) d -> n (b g) d", n=n)
-        hidden = geglu(torch.baddbmm(self.b1[:, None], groups, self.w1))
-        out = torch.baddbmm(self.b2[:, None], hidden, self.w2)
-        out = rearrange(out, "n (b g) d -> b (n g) d", b=batch)[:, :length]
+        groups = rearrange(shuffled, "b (g n) d -> n (b g) d", n=n)  # expert-major: one batched matmul
+        experts = torch.randperm(n, device=x.device)  # expert i takes group experts[i]
+        hidden = geglu(torch.baddbmm(self.b1[:, None], groups[experts], self.w1))
+        out = torch.baddbmm(self.b2[:, None], hidden, self.w2)[torch.argsort(experts)]  # back in group order
+        out = rearrange(out, "n (b g) d -> b (g n) d", b=batch)[:, :length]
         return torch.empty_like(out).scatter_(1, order[..., None].expand(-1, -1, dim), out)  # un-shuffle
 
     @torch.no_grad()
