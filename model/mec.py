@@ -21,6 +21,7 @@ path is skipped and MEC is the plain 2D conv.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,21 @@ class MECPaths:
     channel: bool = True  # CE, eq. 4
     motion: bool = True  # ME, eq. 5
 
+    # Table 5's column names for the paths (train_unet.mec_paths lists the ones that are on)
+    NAMES: ClassVar[dict[str, str]] = {"2d+1d": "factorized_temporal", "ste": "spatial_temporal", "ce": "channel", "me": "motion"}
+
     @property
     def any_excitation(self) -> bool:
         return self.spatial_temporal or self.channel or self.motion
+
+    @classmethod
+    def from_names(cls, names: str) -> MECPaths:
+        """'2d+1d,ste,ce,me' (all on, the paper's MEC) ... '' (plain 2-D convolutions)."""
+        chosen = {name.strip() for name in names.split(",") if name.strip()}
+        unknown = chosen - set(cls.NAMES)
+        if unknown:
+            raise ValueError(f"unknown MEC path(s) {', '.join(sorted(unknown))}; choose from {', '.join(cls.NAMES)}")
+        return cls(**{field: name in chosen for name, field in cls.NAMES.items()})
 
 
 class TemporalShift(nn.Module):

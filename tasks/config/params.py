@@ -220,6 +220,12 @@ class TrainUnetParams(TrainingParams):
     # but the ControlNet trained on the cubic UNet steered worse (14 px from its control against 10)
     timestep_sampling: str = "uniform"
     expert_exchange_rate: float = 0.001  # lambda of eq. 7-8, applied after every optimizer step
+    # the ablations of Tables 2 and 5: which MEC paths are on ("" = plain 2-D convolutions) and
+    # how many experts each MoE-STA layer has (1 = a plain FFN); the export records them, so
+    # generate and evaluate load the architecture that was trained
+    mec_paths: str = "2d+1d,ste,ce,me"
+    spatial_experts: int = 4  # L, H: 32 (Table 4)
+    temporal_experts: int = 2  # L, H: 4
     gradient_checkpointing: bool = False
     sample_count: int = 2
     sample_steps: int = 20  # DDIM steps for those samples
@@ -233,6 +239,11 @@ class TrainUnetParams(TrainingParams):
             if not 0 <= getattr(self, key) < 1:
                 raise ParamsError(f"train_unet.{key}: {getattr(self, key)} must be in [0, 1)")
         _check_choice("train_unet.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        for key in ("spatial_experts", "temporal_experts"):
+            _check_positive(f"train_unet.{key}", getattr(self, key))
+        unknown = sorted({name.strip() for name in self.mec_paths.split(",") if name.strip()} - set(MEC_PATHS))
+        if unknown:
+            raise ParamsError(f"train_unet.mec_paths: unknown path(s) {', '.join(unknown)}; list some of {','.join(MEC_PATHS)} ('' = no MEC)")
 
 
 @dataclass(frozen=True)
@@ -276,6 +287,7 @@ class TrainDecoderParams(TrainingParams):
 
 CONTROL_CONDITIONS = ("canny", "hed", "depth", "image")  # model.controlnet.CONDITIONS, spelled here to keep torch out of params (a test pins them equal)
 IMAGE_MODES = ("repeat", "first_frame")  # the image condition: the reference frame repeated, or on frame 0 only
+MEC_PATHS = ("2d+1d", "ste", "ce", "me")  # model.mec.MECPaths.NAMES, spelled here to keep torch out of params (a test pins them equal)
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")  # model.diffusion.TIMESTEP_SAMPLINGS, spelled here to keep torch out of params (a test pins them equal)
 
 
@@ -452,7 +464,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "filter": {"min_short_side": 256},
         "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
         # Table 4: 16 per GPU on 16 GPUs, a global batch of 256: 2 clips a micro-step, 8 micro-steps
-        "train_unet": {"steps": 100_000, "batch_size": 2, "grad_accum": 8, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
+        "train_unet": {"steps": 100_000, "spatial_experts": 32, "temporal_experts": 4, "batch_size": 2, "grad_accum": 8, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,
@@ -461,7 +473,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "filter": {"min_short_side": 320},
         "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
         # Table 4: 2 per GPU on 32 GPUs, a global batch of 64: 1 clip a micro-step, 2 micro-steps
-        "train_unet": {"steps": 100_000, "batch_size": 1, "grad_accum": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True, "strategy": "fsdp"},
+        "train_unet": {"steps": 100_000, "spatial_experts": 32, "temporal_experts": 4, "batch_size": 1, "grad_accum": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True, "strategy": "fsdp"},
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,

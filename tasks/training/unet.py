@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from model.diffusion import Schedule, ddim_sample, drop_text, v_loss
+from model.mec import MECPaths
 from model.moe_attention import average_experts, merge_experts
-from model.presets import get_preset
+from model.presets import UNetConfig, get_preset
 from model.unet import VersVideoUNet
 from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, TrainUnetParams
 from tasks.storage.atomic import save_safetensors, write_json
@@ -40,8 +41,15 @@ class UNetRecipe:
         return self.cfg.image_share > 0  # image steps (t = 1) leave the temporal layers out
 
     def build(self) -> nn.Module:
-        unet = dataclasses.replace(get_preset(self.preset).unet, gradient_checkpointing=self.cfg.gradient_checkpointing)
-        return VersVideoUNet(unet)
+        return VersVideoUNet(self.unet_config)
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        """The preset's UNet with the ablation params (MEC paths, expert counts) of this run."""
+        return dataclasses.replace(
+            get_preset(self.preset).unet, gradient_checkpointing=self.cfg.gradient_checkpointing, mec_paths=MECPaths.from_names(self.cfg.mec_paths),
+            spatial_experts=self.cfg.spatial_experts, temporal_experts=self.cfg.temporal_experts,
+        )
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator) -> torch.Tensor:
         x0 = batch["latents"].float().permute(0, 2, 1, 3, 4)  # cache (b, t, c, h, w) -> (b, c, t, h, w)

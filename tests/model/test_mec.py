@@ -82,3 +82,11 @@ def test_motion_excitation_sees_motion():
     moving = torch.cat([frame.roll(shifts=step, dims=-1) for step in range(5)], dim=2)
     moving_gate = me(moving)
     assert (moving_gate[:, :, 1] - moving_gate[:, :, 0]).abs().max() > 1e-3
+
+
+def test_table_5_names_select_the_paths():
+    assert MECPaths.from_names("2d+1d, ste,ce,me") == MECPaths()
+    assert MECPaths.from_names("ste,ce,me") == MECPaths(factorized_temporal=False)  # Table 5, row 1
+    assert MECPaths.from_names("") == MECPaths(False, False, False, False)  # plain 2-D convolutions
+    with pytest.raises(ValueError, match="unknown MEC path"):
+        MECPaths.from_names("2d,ste")

@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from flows.cli import main as cli_main
+from model.mec import MECPaths
 from model.presets import get_preset
-from tasks.config.params import PRESETS, VALUES_MARK, ParamsError, flatten, load_params, params_to_dict, preset_values
+from tasks.config.params import MEC_PATHS, PRESETS, VALUES_MARK, ParamsError, flatten, load_params, params_to_dict, preset_values
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -85,6 +86,19 @@ def test_the_unet_trains_with_table_4s_global_batch(preset, per_gpu, gpus, prese
     assert unet.num_workers == gpus and unet.batch_size * unet.grad_accum == per_gpu
     assert unet.global_batch == per_gpu * gpus == {"L": 256, "H": 64}[preset]
     assert load_params(REPO_PARAMS, ["train_unet.grad_accum=3", "train_unet.num_workers=2"]).train_unet.global_batch == 8 * 3 * 2
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_unet_params_default_to_the_presets_architecture(preset, preset_params):
+    """Expert counts and MEC paths are params (for the ablations); by default they are the
+    model preset's (Table 4: 32 spatial and 4 temporal experts for L and H, every MEC path)."""
+    unet, model = preset_params[preset].train_unet, get_preset(preset).unet
+    assert (unet.spatial_experts, unet.temporal_experts) == (model.spatial_experts, model.temporal_experts)
+    assert MECPaths.from_names(unet.mec_paths) == model.mec_paths == MECPaths()
+    assert MEC_PATHS == tuple(MECPaths.NAMES)  # params' spelling of the path names
+    with pytest.raises(ParamsError, match="train_unet.mec_paths: unknown path"):
+        load_params(REPO_PARAMS, ["train_unet.mec_paths=2d+1d,mse"])
+    assert load_params(REPO_PARAMS, ["train_unet.mec_paths=''"]).train_unet.mec_paths == ""
 
 
 def test_h_shards_the_unet_whose_training_state_outgrows_a_gpu(preset_params):
