@@ -70,8 +70,9 @@ def latest_complete_checkpoint(run_folder: str) -> Checkpoint | None:
         except (OSError, ValueError, KeyError):
             return -1
 
-    for folder in sorted(object_store.subfolders(run_folder, "checkpoint_"), key=step_of, reverse=True):
-        if step_of(folder) < 0:
+    steps = {folder: step_of(folder) for folder in object_store.subfolders(run_folder, "checkpoint_")}  # one read each (a GET in a bucket)
+    for folder in sorted(steps, key=steps.__getitem__, reverse=True):
+        if steps[folder] < 0:
             break
         fs, path = object_store.filesystem(folder)
         if object_store.is_uri(folder):
