@@ -9,15 +9,18 @@ that MLflow may not have yet).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -88,6 +91,21 @@ def latest_complete_checkpoint(run_folder: str) -> Checkpoint | None:
             continue
         return Checkpoint(path, filesystem=fs)
     return None
+
+
+@contextlib.contextmanager
+def local_folder(checkpoint: Checkpoint) -> Iterator[Path]:
+    """The checkpoint's files in a local folder: the folder itself on a local disk, else this
+    process's own download, removed afterwards. Not Ray's `as_directory`: it shares one download
+    per node between the processes holding the same Checkpoint object, and a rank that arrives
+    after the first download has finished downloads again over the files another rank is reading
+    (two FSDP ranks resuming from S3 read a torn trainer.pt)."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="versvideo-checkpoint-") as folder:
+        checkpoint.to_directory(folder)
+        yield Path(folder)
 
 
 def report_checkpoint(accelerator, model, ema: ExponentialAverage | None, optimizer, scheduler, state: TrainState, world: int, metrics: dict[str, float], pending: list[Metric]) -> None:

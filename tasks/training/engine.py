@@ -33,7 +33,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from tasks.storage.atomic import atomic_folder
-from tasks.training.checkpoints import TrainState, latest_complete_checkpoint, load_checkpoint, newest_checkpoint, report_checkpoint, restore_rng
+from tasks.training.checkpoints import (
+    TrainState, latest_complete_checkpoint, load_checkpoint, local_folder, newest_checkpoint, report_checkpoint, restore_rng,
+)
 from tasks.training.tracking import PROGRESS_TAG, MetricBuffer, Progress, group_metrics
 from tasks.training.weights import ExponentialAverage, inference_copy, whole
 
@@ -98,8 +100,8 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
     # on every (re)start of the group (its metrics are recovered below, whether flushed or not)
     checkpoint = newest_checkpoint(ray.train.get_checkpoint(), latest_complete_checkpoint(config["run_folder"]))
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            restored = load_checkpoint(Path(folder), model, state)  # whole weights, before sharding
+        with local_folder(checkpoint) as folder:
+            restored = load_checkpoint(folder, model, state)  # whole weights, before sharding
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaced the parameters by sharded ones: the groups (clipped apart) are taken again
     groups = recipe.parameter_groups(accelerator.unwrap_model(model))

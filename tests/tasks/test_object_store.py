@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray import cloudpickle
 from safetensors.torch import save_file
 
 from tasks.config.params import CacheLatentsParams, Params, TrainUnetParams
 from tasks.preprocessing.synthetic_latents import synthetic_cache
 from tasks.stages.train_unet import train_unet
 from tasks.storage.object_store import StorageError, file_names, filesystem, is_uri, join, read_text, require_reachable, sha256, subfolders, write_text
-from tasks.training.checkpoints import checkpoint_step, latest_complete_checkpoint, newest_checkpoint
+from tasks.training.checkpoints import checkpoint_step, latest_complete_checkpoint, local_folder, newest_checkpoint
 from tests.services import free_port
 
 
@@ -72,10 +73,25 @@ def test_the_newest_complete_checkpoint_is_found_on_disk_and_in_a_bucket(locatio
         write_checkpoint(location, 30, truncated=True)  # its copy stopped mid-file
     found = latest_complete_checkpoint(location)
     assert checkpoint_step(found) == 20
-    with found.as_directory() as folder:  # restored from wherever it lives
-        assert json.loads(open(f"{folder}/state.json").read()) == {"step": 20}
+    with local_folder(found) as folder:  # restored from wherever it lives
+        assert json.loads((folder / "state.json").read_text()) == {"step": 20}
     older = latest_complete_checkpoint(location)
     assert newest_checkpoint(older, found) is older  # ties keep Ray's own
+
+
+def test_two_ranks_resuming_from_one_checkpoint_each_read_a_copy_nobody_writes_over(location):
+    """Both ranks of a resumed run get the same Checkpoint (one pickled object). Ray's as_directory
+    gave them one download folder per node, and the rank that came second downloaded again over
+    the files the first was reading: the FSDP resume from S3 failed once on a torn trainer.pt."""
+    write_checkpoint(location, 10)
+    found = latest_complete_checkpoint(location)
+    received = cloudpickle.loads(cloudpickle.dumps(found))  # what the second rank holds
+    with local_folder(found) as first:
+        with local_folder(received) as second:
+            assert (second / "trainer.pt").is_file()
+            assert (first == second) == (not is_uri(location))  # on a local disk: the folder itself, read in place
+        torch.load(first / "trainer.pt", weights_only=True)  # whole after the other rank's download and clean-up
+    assert first.exists() == second.exists() == (not is_uri(location))  # downloads removed, a local checkpoint kept
 
 
 def test_an_unreachable_endpoint_or_a_missing_bucket_fails_in_seconds_naming_it(object_store, monkeypatch):
