@@ -167,7 +167,7 @@ def test_a_code_change_marks_exactly_the_stages_that_import_it(tmp_path):
     for stage in STAGES.values():
         for kind in ("deps", "outs", "metrics", "plots"):
             for entry in stage.get(kind, []):
-                path = (next(iter(entry)) if isinstance(entry, dict) else entry).replace("${data.csv}", params["data"]["csv"]).replace("${data.videos_root}", params["data"]["videos_root"])
+                path = (next(iter(entry)) if isinstance(entry, dict) else entry).replace("${data.csv}", params["data"]["csv"]).replace("${data.videos_root}", params["data"]["videos_root"]).replace("${data.images}", params["data"]["images"])
                 target = work / path
                 if target.exists():
                     continue

@@ -42,6 +42,9 @@ class ParamsError(ValueError):
 class DataParams:
     csv: str = "data/raw/webvid.csv"  # WebVid-format CSV: videoid,contentUrl,duration,page_dir,name
     videos_root: str = "data/raw/videos"  # a row's file is {videos_root}/{page_dir}/{videoid}.mp4
+    # image-text pairs for joint training (LAION's role in the paper): img2dataset WebDataset .tar
+    # shards and/or Parquet tables pointing at images (tasks/storage/image_text.py); "" = none
+    images: str = "data/raw/images"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class PrepareParams:
     source: str = "synthetic"  # synthetic: the embedded default set | webvid: a user's CSV + videos
     webvid_csv: str = ""  # source=webvid: the user's CSV (videos under data.videos_root)
     num_videos: int = 256  # synthetic set size
+    num_images: int = 256  # synthetic image-text set size (written to data.images)
     seconds: float = 1.0  # synthetic video length: one 8-frame clip at 8 fps, the shape crossing the frame
     fps: int = 24
     width: int = 112
@@ -60,6 +64,7 @@ class PrepareParams:
         if self.source == "webvid" and not self.webvid_csv:
             raise ParamsError("prepare.webvid_csv: required when prepare.source is 'webvid' (path to your WebVid CSV)")
         _check_positive("prepare.num_videos", self.num_videos)
+        _check_positive("prepare.num_images", self.num_images)
         _check_positive("prepare.seconds", self.seconds)
         _check_positive("prepare.fps", self.fps)
         _check_at_most("prepare.fps", self.fps, MAX_FPS)

@@ -14,10 +14,13 @@ FILTERED = Path("data/filtered")
 KEPT = FILTERED / "kept.parquet"
 REJECTED = FILTERED / "rejected.parquet"
 FILTER_REPORT = FILTERED / "report.json"
-# decode: clips-NNNNN.npy shards + index.parquet
+IMAGES_KEPT, IMAGES_REJECTED = FILTERED / "images_kept.parquet", FILTERED / "images_rejected.parquet"  # the image-text pairs'
+# decode: clips-NNNNN.npy shards + index.parquet; the images as one-frame clips under images/
 CLIPS = Path("data/clips")
+IMAGE_CLIPS = CLIPS / "images"
 # cache_latents: latent shards, text contexts, index.parquet, encoders.json, null_context.npy
 LATENTS = Path("data/latents")
+IMAGE_LATENTS = LATENTS / "images"
 # the training stages' exports (weights + config.json + metrics.json) and their Ray Train runs
 UNET = Path("models/unet")
 DECODER = Path("models/decoder")

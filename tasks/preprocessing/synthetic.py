@@ -4,11 +4,13 @@ Every video is drawn from a seeded RNG and encoded single-threaded, so the same 
 the same bytes (DVC sees an unchanged output). The caption states what moves and which way, which is
 what a tiny text-to-video model can learn. A few rows are deliberately bad so that the filter
 stage has real work on the demo: static shots, a hard scene cut, an exact duplicate file, an
-empty caption and a re-crawled (duplicate) videoid.
+empty caption and a re-crawled (duplicate) videoid. Beside the videos, an image-text set of
+single frames of the same world (generate_images) stands in for LAION.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -58,27 +60,29 @@ def draw_shape(frame: np.ndarray, shape: str, color: tuple[int, int, int], cy: f
     frame[mask] = color
 
 
+def draw_scene(rng: np.random.Generator, height: int, width: int, num_frames: int) -> dict:
+    """What one shot shows: the shape, its colour, direction, background, size, speed and lane."""
+    color, shape = list(PALETTE)[rng.integers(len(PALETTE))], SHAPES[rng.integers(len(SHAPES))]
+    directions = [direction for direction in DIRECTIONS if not never_drawn(color, shape, direction)]
+    return {
+        "color": color,
+        "shape": shape,
+        "direction": directions[rng.integers(len(directions))],
+        "texture": TEXTURES[rng.integers(len(TEXTURES))],
+        "size": rng.uniform(0.16, 0.24) * min(height, width),
+        "speed": rng.uniform(0.8, 1.0) * min(height, width) / num_frames,
+        # across the motion: where the shape's path lies (a share of the frame), so that where a
+        # shape is is not given by its direction alone and a control map carries news
+        "lane": rng.uniform(0.3, 0.7),
+    }
+
+
 def render(
     height: int, width: int, num_frames: int, rng: np.random.Generator, *, static: bool, cut_at: int | None
 ) -> tuple[np.ndarray, str]:
     """(num_frames, h, w, 3) uint8 frames and their caption."""
 
-    def scene() -> dict:
-        color, shape = list(PALETTE)[rng.integers(len(PALETTE))], SHAPES[rng.integers(len(SHAPES))]
-        directions = [direction for direction in DIRECTIONS if not never_drawn(color, shape, direction)]
-        return {
-            "color": color,
-            "shape": shape,
-            "direction": directions[rng.integers(len(directions))],
-            "texture": TEXTURES[rng.integers(len(TEXTURES))],
-            "size": rng.uniform(0.16, 0.24) * min(height, width),
-            "speed": rng.uniform(0.8, 1.0) * min(height, width) / num_frames,
-            # across the motion: where the shape's path lies (a share of the frame), so that where a
-            # shape is is not given by its direction alone and a control map carries news
-            "lane": rng.uniform(0.3, 0.7),
-        }
-
-    scenes = [scene(), scene()]
+    scenes = [draw_scene(rng, height, width, num_frames), draw_scene(rng, height, width, num_frames)]
     backgrounds = [texture(s["texture"], height, width, rng) for s in scenes]
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     for t in range(num_frames):
@@ -143,3 +147,44 @@ def _row(videoid: str, page_dir: str, caption: str, seconds: float) -> dict:
         "page_dir": page_dir,
         "name": caption,
     }
+
+
+# The image-text set (joint image-video training, section 3.1): single frames of the same world,
+# captioned as a still image is ("a red circle on a striped background"), in img2dataset's
+# WebDataset layout. Deliberately bad samples, so the filter has image work too: a truncated
+# JPEG, a sample without a caption file, and one too small to train on.
+TRUNCATED_IMAGE, UNCAPTIONED_IMAGE, TINY_IMAGE = 5, 9, 13
+
+
+def render_image(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """(h, w, 3) uint8 and its caption: a shape anywhere in the central area of a background."""
+    s = draw_scene(rng, height, width, num_frames=1)
+    frame = texture(s["texture"], height, width, rng)[:height, :width].astype(np.uint8).copy()
+    cy, cx = height * rng.uniform(0.3, 0.7), width * rng.uniform(0.3, 0.7)
+    draw_shape(frame, s["shape"], PALETTE[s["color"]], cy, cx, s["size"])
+    return frame, f"a {s['color']} {s['shape']} on a {s['texture']} background"
+
+
+def generate_images(images_root: Path, *, num_images: int, height: int, width: int, seed: int, per_shard: int = 1000) -> int:
+    """Write the image-text set as NNNNN.tar shards (+ their metadata Parquet); returns the
+    number of samples written (bad ones included)."""
+    from PIL import Image
+
+    from tasks.storage.image_text import ImageSample, write_webdataset_shard
+
+    images_root.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for index in range(num_images):
+        rng = np.random.default_rng([seed, 1_000_003, index])  # a stream of its own: the videos' RNGs are [seed, index]
+        size = (height, width) if index != TINY_IMAGE else (height // 4, width // 4)
+        frame, caption = render_image(*size, rng)
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=95)
+        data = buffer.getvalue()
+        if index == TRUNCATED_IMAGE:
+            data = data[: len(data) // 2]
+        key = f"{index // per_shard:05d}{index % per_shard:04d}"  # img2dataset's keys: shard, then position
+        samples.append(ImageSample(key, data, ".jpg", None if index == UNCAPTIONED_IMAGE else caption, url=f"synthetic://images/{key}.jpg"))
+    for shard in range(0, num_images, per_shard):
+        write_webdataset_shard(images_root / f"{shard // per_shard:05d}.tar", samples[shard : shard + per_shard])
+    return len(samples)

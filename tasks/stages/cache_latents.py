@@ -15,6 +15,10 @@ staging folder is taken over by the rerun, so a crash costs only the shards in f
 marks the folder `persist: true` so DVC leaves the previous cache in place for the rerun. Same
 inputs and seed give identical bytes: the posterior noise of each clip is drawn from a generator
 seeded by (seed, clip_id), independent of which actor or batch encodes it.
+
+The image stream's one-frame clips (data/clips/images) are encoded the same way, by the same
+encoders, into data/latents/images (its own shards and index.parquet): the UNet reads them as a
+second dataset of latents (1, 4, h/8, w/8).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import pandas as pd
 
 from model.presets import get_preset
 from tasks.config.params import CacheLatentsParams, Params
-from tasks.config.paths import CACHE_LATENTS_REPORT, CLIPS, LATENTS
+from tasks.config.paths import CACHE_LATENTS_REPORT, CLIPS, IMAGE_CLIPS, IMAGE_LATENTS, LATENTS
 from tasks.inference.encoders import encode_captions, encoder_info, load_text, project_path
 from tasks.preprocessing.latents import cache_latents
 from tasks.preprocessing.smoke_vae import fit_smoke_vae
@@ -42,9 +46,12 @@ def main(params: Params) -> None:
     if not index_path.exists():
         raise FileNotFoundError(f"{index_path} not found: run the decode stage first (versvideo stage decode)")
     index = pd.read_parquet(index_path)
+    if not (IMAGE_CLIPS / "index.parquet").exists():  # decode always writes it, empty without images
+        raise FileNotFoundError(f"{IMAGE_CLIPS / 'index.parquet'} not found: these clips predate the image stream; rerun the decode stage (versvideo stage decode)")
+    image_index = pd.read_parquet(IMAGE_CLIPS / "index.parquet")
     with atomic_folder(LATENTS, resume=True) as staging:
         started = time.perf_counter()
-        status, info = build_cache(index, cfg, params.preset, staging)
+        status, image_status, info = build_cache(index, image_index, cfg, params.preset, staging)
         seconds = time.perf_counter() - started
     encoded = status[status["status"] == "encoded"]
     frames, height, width = params.decode.frames, params.decode.height, params.decode.width
@@ -57,18 +64,22 @@ def main(params: Params) -> None:
         "seconds": round(seconds, 2),
         # per actor, encoding time only (the stage's wall time includes starting Ray and the actors)
         "actor_clips_per_s": round(float(encoded["clips"].sum() / encoded["seconds"].sum()), 2) if len(encoded) else None,
+        "images": len(image_index),
+        "image_shards_encoded": int((image_status["status"] == "encoded").sum()),
         "random_init": info["random_init"],
         "comparable": info["comparable"],
     }
     write_json(summary, CACHE_LATENTS_REPORT)
     print(f"cache_latents: {summary['clips']} clips -> latents {tuple(summary['latent_shape'])} in {summary['shards']} shard(s) "
-          f"({summary['shards_encoded']} encoded, {summary['shards_skipped']} already complete) in {seconds:.1f} s"
+          f"({summary['shards_encoded']} encoded, {summary['shards_skipped']} already complete)"
+          + (f", {len(image_index)} images -> latents (1, 4, {height // 8}, {width // 8})" if len(image_index) else "") + f" in {seconds:.1f} s"
           + ("; stand-in encoders (smoke): comparable=false" if info["random_init"] else ""))
 
 
-def build_cache(index: pd.DataFrame, cfg: CacheLatentsParams, preset: str, staging: Path) -> tuple[pd.DataFrame, dict]:
-    """The whole cache (shards, VAE fit, empty-prompt context, encoders.json, index) in `staging`;
-    returns the per-shard status and the encoders' description."""
+def build_cache(index: pd.DataFrame, image_index: pd.DataFrame, cfg: CacheLatentsParams, preset: str, staging: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The whole cache (shards, VAE fit, empty-prompt context, encoders.json, index; the image
+    stream's shards and index under images/) in `staging`; returns the per-shard status of the
+    videos and of the images, and the encoders' description."""
     stand_in = not cfg.vae_weights and cfg.smoke_vae_fit_steps > 0
     if stand_in:
         fitted = fit_smoke_vae(index, CLIPS, staging / "image_vae", cfg, previous=LATENTS / "image_vae")
@@ -81,9 +92,10 @@ def build_cache(index: pd.DataFrame, cfg: CacheLatentsParams, preset: str, stagi
         raise ValueError(f"cache_latents.text_model: token width {info['text_encoder']['width']} does not match the {preset} UNet's context_dim {context_dim}")
 
     status = cache_latents(index, cfg, info, CLIPS, staging, previous=LATENTS)
+    image_status = cache_latents(image_index, cfg, info, IMAGE_CLIPS, staging / IMAGE_LATENTS.name, previous=IMAGE_LATENTS)
+    write_parquet(image_index, staging / IMAGE_LATENTS.name / "index.parquet")
     text, tokenizer = load_text(cfg)  # on the driver, for the one empty-prompt context
     write_npy(encode_captions(text, tokenizer, [""])[0], staging / "null_context.npy")
     write_json(info, staging / "encoders.json")
     write_parquet(index, staging / "index.parquet")
-    return status, info
-
+    return status, image_status, info

@@ -4,6 +4,10 @@ rejected.parquet; report.json counts rows per reason (metrics/filter.json: kept 
 
 Per-video work (probe, decode sample frames, scores, content hash) runs on Ray Data; checks that
 compare rows with each other (re-crawled videoids, identical files) run on the driver.
+
+The image-text pairs of data.images (joint training) are filtered beside them, one Ray task per
+shard or Parquet file: every record lands in exactly one of images_kept.parquet and
+images_rejected.parquet, with its reason (tasks/preprocessing/image_assessment.py).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import pandas as pd
 import ray
 
 from tasks.config.params import DecodeParams, FilterParams, Params
-from tasks.config.paths import FILTER_METRICS, FILTER_REPORT, FILTERED, KEPT, REJECTED
+from tasks.config.paths import FILTER_METRICS, FILTER_REPORT, FILTERED, IMAGES_KEPT, IMAGES_REJECTED, KEPT, REJECTED
 from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_record
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
+from tasks.preprocessing.image_assessment import IMAGE_COLUMNS, IMAGE_REASONS, assess_sources_batch, reject_repeats
+from tasks.storage.image_text import source_files
 from tasks.storage.atomic import atomic_folder, write_json, write_metrics, write_parquet
 from tasks.storage.webvid import read_webvid_csv
 from tasks.storage.weight_files import require_weight_files
@@ -110,13 +116,36 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def report(kept: pd.DataFrame, rejected: pd.DataFrame) -> dict:
+def filter_images(images_root: str, cfg: FilterParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every record of every source file of `images_root`: (kept, rejected), together each once."""
+    sources = source_files(images_root)
+    ensure_ray()
+    assessed = (
+        ray.data.from_pandas(pd.DataFrame({"source": sources}))
+        .repartition(len(sources))
+        .map_batches(
+            on_record(assess_sources_batch), batch_format="pandas", batch_size=1, num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
+            fn_kwargs={"images_root": os.path.abspath(images_root), "cfg": cfg},
+        )
+    )
+    assessed = collect_with_progress(assessed, "filter", len(sources), "image sources read", count=lambda batch: batch["source"].nunique())
+    # source-file order, then the file's own order: the same inputs give the same bytes
+    order = {source: position for position, source in enumerate(sources)}
+    assessed = assessed.reindex(columns=IMAGE_COLUMNS) if not assessed.empty else pd.DataFrame(columns=IMAGE_COLUMNS)
+    assessed = reject_repeats(assessed.sort_values("source", key=lambda column: column.map(order), kind="stable"))
+    kept = assessed[assessed["reason"] == ""].drop(columns=["reason", "detail"]).reset_index(drop=True)
+    rejected = assessed[assessed["reason"] != ""].reset_index(drop=True)
+    return kept, rejected
+
+
+def report(kept: pd.DataFrame, rejected: pd.DataFrame, reasons: tuple[str, ...] = REASONS) -> dict:
     counts = rejected["reason"].value_counts()
     return {
         "input_rows": len(kept) + len(rejected),
         "kept": len(kept),
         "rejected": len(rejected),
-        "reasons": {reason: int(counts.get(reason, 0)) for reason in REASONS},
+        "reasons": {reason: int(counts.get(reason, 0)) for reason in reasons},
     }
 
 
@@ -125,12 +154,20 @@ def main(params: Params) -> None:
     rows = read_webvid_csv(params.data.csv)
     kept, rejected = filter_videos(rows, params.data.videos_root, params.filter, params.decode)
     summary = report(kept, rejected)
-    # the three outputs are written together beside the previous ones and swapped in as one folder:
+    # no image-text set (data.images ''): empty tables, so every declared output exists
+    images_kept, images_rejected = filter_images(params.data.images, params.filter) if params.data.images else (pd.DataFrame(columns=IMAGE_COLUMNS),) * 2
+    summary["images"] = report(images_kept, images_rejected, IMAGE_REASONS)
+    # the outputs are written together beside the previous ones and swapped in as one folder:
     # a crash never pairs a new kept.parquet with an old rejected.parquet
     with atomic_folder(FILTERED) as staging:
         write_parquet(kept, staging / KEPT.name)
         write_parquet(rejected, staging / REJECTED.name)
+        write_parquet(images_kept, staging / IMAGES_KEPT.name)
+        write_parquet(images_rejected, staging / IMAGES_REJECTED.name)
         write_json(summary, staging / FILTER_REPORT.name)
-    write_metrics({"kept": summary["kept"], "rejected": summary["rejected"]}, FILTER_METRICS)
-    reasons = ", ".join(f"{reason} {count}" for reason, count in summary["reasons"].items() if count)
-    print(f"filter: kept {summary['kept']} of {summary['input_rows']} rows; rejected: {reasons or 'none'}")
+    images = summary["images"]
+    write_metrics({"kept": summary["kept"], "rejected": summary["rejected"], "images_kept": images["kept"], "images_rejected": images["rejected"]}, FILTER_METRICS)
+    for what, counts in (("rows", summary), ("images", images)):
+        if counts["input_rows"]:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in counts["reasons"].items() if count)
+            print(f"filter: kept {counts['kept']} of {counts['input_rows']} {what}; rejected: {reasons or 'none'}")

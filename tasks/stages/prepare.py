@@ -1,9 +1,10 @@
 """Stage `prepare`: put a WebVid-format CSV (and, for the default data, the videos) in place.
 
-source=synthetic writes the embedded default dataset under data.videos_root, and a marker file
-there that says so: a folder without it (a user's own videos) is never replaced.
-source=webvid reads the user's CSV (videos stay where data.videos_root points); data.csv must be
-another file, so the user's CSV is never rewritten.
+source=synthetic writes the embedded default dataset under data.videos_root and its image-text
+set (img2dataset's WebDataset shards) under data.images, each with a marker file that says so: a
+folder without it (a user's own videos or images) is never replaced.
+source=webvid reads the user's CSV (videos stay where data.videos_root points, images where
+data.images does); data.csv must be another file, so the user's CSV is never rewritten.
 Either way, re-crawled videoids keep their last caption, and a row whose field count differs from
 the header's (an unquoted comma) is dropped; both are listed, with line numbers for the latter, in
 data/raw/prepare_report.json.
@@ -22,7 +23,7 @@ from tasks.preprocessing import synthetic
 from tasks.storage.atomic import atomic_folder, atomic_path, remove_stale_temporaries, write_json
 from tasks.storage.webvid import COLUMNS, dedupe_videoids, read_webvid_rows
 
-SYNTHETIC_MARKER = ".versvideo-synthetic.json"  # in data.videos_root: prepare wrote this folder, and may replace it
+SYNTHETIC_MARKER = ".versvideo-synthetic.json"  # in data.videos_root or data.images: prepare wrote this folder, and may replace it
 
 
 def prepare(params: Params) -> dict:
@@ -36,8 +37,10 @@ def prepare(params: Params) -> dict:
     malformed = pd.DataFrame(columns=["line", "fields", "text"])
     if cfg.source == "synthetic":
         raw = _write_synthetic_videos(params)
+        images = _write_synthetic_images(params) if data.images else 0
     else:
         raw, malformed = read_webvid_rows(cfg.webvid_csv)  # a row of the wrong width costs that row, not the file
+        images = None  # the user's, read by filter
     kept, dropped = dedupe_videoids(raw)
     with atomic_path(data.csv) as tmp:
         kept.loc[:, list(COLUMNS)].to_csv(tmp, index=False)
@@ -49,6 +52,7 @@ def prepare(params: Params) -> dict:
         "rows": len(kept),
         "duplicate_videoid_rows": len(dropped),
         "duplicates": dropped.loc[:, ["videoid", "name"]].to_dict(orient="records"),
+        "synthetic_images": images,
     }
     write_json(report, PREPARE_REPORT)
     return report
@@ -57,7 +61,7 @@ def prepare(params: Params) -> dict:
 def _write_synthetic_videos(params: Params) -> pd.DataFrame:
     cfg = params.prepare
     final = Path(params.data.videos_root)
-    refuse_foreign_folder(final)
+    refuse_foreign_folder(final, "data.videos_root")
     # Render into a temporary folder and swap it in whole: a crash leaves the old set intact.
     with atomic_folder(final) as tmp:
         rows = synthetic.generate(tmp, num_videos=cfg.num_videos, seconds=cfg.seconds, fps=cfg.fps, height=cfg.height, width=cfg.width, seed=cfg.seed)
@@ -65,15 +69,25 @@ def _write_synthetic_videos(params: Params) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def refuse_foreign_folder(videos_root: Path) -> None:
-    """prepare.source=synthetic replaces data.videos_root: only an empty folder, or one it wrote itself."""
-    if videos_root.is_symlink() or (videos_root.exists() and not videos_root.is_dir()):
-        raise ValueError(f"data.videos_root {videos_root}: is a link or a file, not a folder prepare wrote; point it at a new folder")
-    if videos_root.is_dir() and any(videos_root.iterdir()) and not (videos_root / SYNTHETIC_MARKER).is_file():
+def _write_synthetic_images(params: Params) -> int:
+    cfg = params.prepare
+    final = Path(params.data.images)
+    refuse_foreign_folder(final, "data.images")
+    with atomic_folder(final) as tmp:
+        count = synthetic.generate_images(tmp, num_images=cfg.num_images, height=cfg.height, width=cfg.width, seed=cfg.seed)
+        (tmp / SYNTHETIC_MARKER).write_text(json.dumps({"written_by": "versvideo stage prepare", "source": "synthetic", "images": count}) + "\n")
+    return count
+
+
+def refuse_foreign_folder(folder: Path, key: str) -> None:
+    """prepare.source=synthetic replaces the folder `key` names: only an empty one, or one it wrote itself."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ValueError(f"{key} {folder}: is a link or a file, not a folder prepare wrote; point it at a new folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / SYNTHETIC_MARKER).is_file():
         raise ValueError(
-            f"data.videos_root {videos_root}: holds files prepare did not write (no {SYNTHETIC_MARKER} in it), and "
-            "prepare.source=synthetic would replace them. Point data.videos_root at a new or empty folder (or delete this "
-            "one if an older version of prepare wrote it), or set prepare.source=webvid with prepare.webvid_csv to train on the videos there"
+            f"{key} {folder}: holds files prepare did not write (no {SYNTHETIC_MARKER} in it), and "
+            f"prepare.source=synthetic would replace them. Point {key} at a new or empty folder (or delete this "
+            "one if an older version of prepare wrote it), or set prepare.source=webvid with prepare.webvid_csv to train on your own data"
         )
 
 
@@ -82,4 +96,5 @@ def main(params: Params) -> None:
     print(
         f"prepare: {report['rows']} videos in {params.data.csv} "
         f"({report['duplicate_videoid_rows']} re-crawled videoid rows and {report['malformed_rows']} malformed rows dropped, see {PREPARE_REPORT})"
+        + (f"; {report['synthetic_images']} image-text pairs in {params.data.images}" if report["synthetic_images"] else "")
     )

@@ -50,7 +50,7 @@ def project(tmp_path, services):
         source = REPO / name
         (shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__")) if source.is_dir() else shutil.copy(source, tmp_path / name))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"].update(num_videos=6, seconds=1.5)
+    params["prepare"].update(num_videos=6, num_images=8, seconds=1.5)
     params["decode"]["clips_per_shard"] = 4  # 2 videos a shard: 3 decode tasks, for the cluster's two nodes
     params["cache_latents"]["smoke_vae_fit_steps"] = 0  # a random stand-in VAE: its fit has its own test
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):

@@ -26,12 +26,14 @@ from model.image_vae import build_tiny_image_vae, decode_latents, encode_posteri
 from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, tokenizer_for
 from tasks.config.params import CacheLatentsParams, DecodeParams, FilterParams, Params, load_params, require_pretrained_weights
 from tasks.inference.encoders import clip_noise_seed, encoder_info
+from tasks.preprocessing import synthetic
 from tasks.preprocessing.clips import decode_clips
+from tasks.preprocessing.image_clips import decode_images
 from tasks.preprocessing.latents import cache_latents
 from tasks.preprocessing.smoke_vae import fit_smoke_vae
 from tasks.preprocessing.synthetic import render
 from tasks.stages.cache_latents import main as cache_latents_stage
-from tasks.stages.filter import filter_videos
+from tasks.stages.filter import filter_images, filter_videos
 from tasks.storage.clip_shards import shard_name as clip_shard_name
 from tasks.storage.latent_shards import latent_dataset, read_latent_shard, shard_name
 from tests.tasks.test_filter_decode import fixture_csv
@@ -48,6 +50,12 @@ def clips_dir(fixture_videos, ray_session, tmp_path_factory):
     index, _ = decode_clips(kept, decode_cfg, out, fixture_videos)
     index.to_parquet(out / "index.parquet", index=False)
     assert len(index) == 6 and index["shard"].nunique() == 3
+    # and the image stream: four synthetic image-text pairs as one-frame clips, two shards
+    images = out.parent / "raw_images"
+    synthetic.generate_images(images, num_images=4, height=64, width=64, seed=0)
+    image_index, _ = decode_images(filter_images(str(images), FilterParams())[0], decode_cfg, out / "images", images)
+    image_index.to_parquet(out / "images" / "index.parquet", index=False)
+    assert len(image_index) == 4
     return out
 
 
@@ -179,8 +187,8 @@ def test_killed_flow_keeps_the_previous_cache_and_resumes_without_recomputing_fi
     monkeypatch.chdir(killed)
     set_cache_seed(killed, 1)
     cache_latents_stage(load_params("params.yaml"))  # the previous cache
-    previous = {path.name: path.read_bytes() for path in latents.iterdir()}
-    assert len(previous) == 6
+    previous = file_bytes(latents)
+    assert len(previous) == 6 + 3  # and the image stream's two shards + index under images/
 
     set_cache_seed(killed, 0)
     env = {**stage_env(), **prefect_api, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -195,7 +203,7 @@ def test_killed_flow_keeps_the_previous_cache_and_resumes_without_recomputing_fi
     [staging] = killed.glob("data/.tmp-*-latents")
     finished = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in staging.glob("latents-*.parquet")}
     assert 1 <= len(finished) < 3, f"kill landed {'after' if finished else 'before'} the work: {sorted(finished)}"
-    assert {path.name: path.read_bytes() for path in latents.iterdir()} == previous  # the previous cache, whole
+    assert file_bytes(latents) == previous  # the previous cache, whole
 
     rerun = subprocess.run(flow_command(), cwd=killed, env=env, capture_output=True, text=True)  # the same flow again
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
@@ -210,19 +218,25 @@ def test_killed_flow_keeps_the_previous_cache_and_resumes_without_recomputing_fi
     clean = workspace(tmp_path / "clean", clips_dir, slow_vae_folder)
     monkeypatch.chdir(clean)  # the uninterrupted run: the same stage, in this process's Ray
     cache_latents_stage(load_params("params.yaml"))
-    names = sorted(path.name for path in (clean / "data" / "latents").iterdir())
-    assert names == ["encoders.json", "index.parquet", "latents-00000.parquet", "latents-00001.parquet", "latents-00002.parquet", "null_context.npy"]
+    names = sorted(file_bytes(clean / "data" / "latents"))
+    assert names == ["encoders.json", "images/index.parquet", "images/latents-00000.parquet", "images/latents-00001.parquet", "index.parquet",
+                     "latents-00000.parquet", "latents-00001.parquet", "latents-00002.parquet", "null_context.npy"]
     for name in names:  # byte for byte
         assert (latents / name).read_bytes() == (clean / "data" / "latents" / name).read_bytes(), name
     assert all((latents / name).read_bytes() != previous[name] for name in names if name.startswith("latents-"))  # the seed changed them all
     report = json.loads((clean / "reports" / "cache_latents.json").read_text())
     assert report["random_init"] is True and report["comparable"] is False and report["latent_shape"] == [8, 4, 8, 8]
+    assert report["images"] == 4 and read_latent_shard(latents / "images" / "latents-00000.parquet")["latents"].shape == (2, 1, 4, 8, 8)
 
     monkeypatch.chdir(killed)  # a rerun with unchanged inputs links every shard of the cache in place
     inodes = {path.name: path.stat().st_ino for path in latents.glob("latents-*.parquet")}
     cache_latents_stage(load_params("params.yaml"))
     assert {path.name: path.stat().st_ino for path in latents.glob("latents-*.parquet")} == inodes
     assert json.loads((killed / "reports" / "cache_latents.json").read_text())["shards_skipped"] == 3
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 def set_cache_seed(root: Path, seed: int) -> None:

@@ -15,6 +15,7 @@ from tasks.config.params import DecodeParams, FilterParams
 from tasks.operations import ray_runtime
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, assess_video
 from tasks.preprocessing.clips import clip_starts, decode_clips, decode_video_clips
+from tasks.preprocessing import synthetic
 from tasks.preprocessing.synthetic import render
 from tasks.stages.filter import _typed, filter_videos, report
 from tasks.storage.atomic import write_parquet
@@ -175,8 +176,9 @@ def test_filter_reasons_on_built_videos(tmp_path, ray_session):
 def test_stage_commands_exit_0_on_the_fixtures(fixture_videos, tmp_path):
     """The acceptance run through the real command line, as dvc.yaml calls it."""
     fixture_csv(fixture_videos).to_csv(tmp_path / "fixtures.csv", index=False)
+    synthetic.generate_images(tmp_path / "images", num_images=16, height=64, width=64, seed=0)
     (tmp_path / "params.yaml").write_text(
-        f"preset: smoke\ndata:\n  csv: fixtures.csv\n  videos_root: {fixture_videos}\n"
+        f"preset: smoke\ndata:\n  csv: fixtures.csv\n  videos_root: {fixture_videos}\n  images: images\n"
     )
     for stage in ("filter", "decode"):
         done = subprocess.run([sys.executable, "-m", "flows.cli", "stage", stage], cwd=tmp_path, capture_output=True, text=True)
@@ -185,6 +187,9 @@ def test_stage_commands_exit_0_on_the_fixtures(fixture_videos, tmp_path):
     assert (summary["input_rows"], summary["kept"]) == (8, 3)
     clips = json.loads((tmp_path / "data/clips/report.json").read_text())
     assert clips["clip_shape"] == [8, 64, 64, 3] and clips["videos_decoded"] == 3
+    assert summary["images"]["kept"] == 13 and summary["images"]["input_rows"] == 16
+    images = json.loads((tmp_path / "data/clips/images/report.json").read_text())
+    assert images["clip_shape"] == [1, 64, 64, 3] and images["clips"] == 13
     assert not list((tmp_path / "data").rglob(".tmp-*"))
 
 

@@ -17,8 +17,9 @@ import ray
 
 from tasks.config.params import DecodeParams, FilterParams, load_params
 from tasks.operations.stage_lock import StageBusy, stage_lock
+from tasks.preprocessing import synthetic
 from tasks.stages import filter as filter_stage
-from tasks.stages.filter import filter_videos
+from tasks.stages.filter import filter_images, filter_videos
 from tasks.training.engine import export_atomically
 from tests.tasks.test_cache_latents import kill_tree, stage_env
 from tests.tasks.test_filter_decode import fixture_csv
@@ -32,12 +33,16 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def decode_workspace(fixture_videos, ray_session, tmp_path_factory):
-    """A workspace whose filter stage has run on the real fixture videos."""
+    """A workspace whose filter stage has run on the real fixture videos and a synthetic image set."""
     root = tmp_path_factory.mktemp("workspace")
     kept, _ = filter_videos(fixture_csv(fixture_videos), str(fixture_videos), FilterParams(), DecodeParams())
+    synthetic.generate_images(root / "images", num_images=16, height=64, width=64, seed=0)
+    images_kept, _ = filter_images(str(root / "images"), FilterParams())
     (root / "data/filtered").mkdir(parents=True)
     kept.to_parquet(root / "data/filtered/kept.parquet", index=False)
-    (root / "params.yaml").write_text(f"preset: smoke\ndata:\n  videos_root: {fixture_videos}\n")  # kept.parquet's paths are relative to it
+    images_kept.to_parquet(root / "data/filtered/images_kept.parquet", index=False)
+    # kept.parquet's paths are relative to videos_root, images_kept.parquet's to images
+    (root / "params.yaml").write_text(f"preset: smoke\ndata:\n  videos_root: {fixture_videos}\n  images: images\n")
     return root
 
 
@@ -109,19 +114,22 @@ def test_filter_crashing_between_its_outputs_keeps_the_previous_three(tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("preset: smoke\n")
     fixture_csv(fixture_videos).to_csv("rows.csv", index=False)
-    params = load_params("params.yaml", ["data.csv=rows.csv", f"data.videos_root={fixture_videos}"])
-    filter_stage.main(params)
+    synthetic.generate_images(tmp_path / "images", num_images=16, height=64, width=64, seed=0)
+    sources = ["data.csv=rows.csv", f"data.videos_root={fixture_videos}", "data.images=images"]
+    filter_stage.main(load_params("params.yaml", sources))
     previous = tree_digest(tmp_path / "data/filtered")
-    assert set(previous) == {"kept.parquet", "rejected.parquet", "report.json"}
-    report = json.loads((tmp_path / "data/filtered/report.json").read_text())  # DVC's metrics file: its two headline numbers
-    assert json.loads((tmp_path / "metrics/filter.json").read_text()) == {"kept": report["kept"], "rejected": report["rejected"]} == {"kept": 3, "rejected": 5}
+    assert set(previous) == {"kept.parquet", "rejected.parquet", "images_kept.parquet", "images_rejected.parquet", "report.json"}
+    report = json.loads((tmp_path / "data/filtered/report.json").read_text())  # DVC's metrics file: its headline numbers
+    assert json.loads((tmp_path / "metrics/filter.json").read_text()) == {
+        "kept": report["kept"], "rejected": report["rejected"], "images_kept": report["images"]["kept"], "images_rejected": report["images"]["rejected"],
+    } == {"kept": 3, "rejected": 5, "images_kept": 13, "images_rejected": 3}
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(filter_stage, "write_json", crash)  # after both parquet files are written
     with pytest.raises(OSError, match="disk full"):
-        filter_stage.main(load_params("params.yaml", ["data.csv=rows.csv", f"data.videos_root={fixture_videos}", "filter.min_motion=0.5"]))
+        filter_stage.main(load_params("params.yaml", [*sources, "filter.min_motion=0.5"]))
     assert tree_digest(tmp_path / "data/filtered") == previous
     assert not list((tmp_path / "data").glob(".tmp-*"))
 

@@ -1,0 +1,81 @@
+"""What the decode stage does to the kept image-text pairs: each image becomes a one-frame clip
+(1, height, width, 3) uint8, resized so its short side covers the clip size and centre-cropped as
+the videos' frames are, written in shards of the videos' kind (tasks/storage/clip_shards.py). The
+latent cache and the UNet's image stream then read them as they read the videos, with t = 1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+
+from tasks.config.params import DecodeParams
+from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_record
+from tasks.storage.atomic import write_npy
+from tasks.storage.clip_shards import shard_name
+from tasks.storage.image_text import SourceReader, decode_image
+from tasks.storage.video_io import VideoError, center_crop, cover_size
+
+IMAGE_INDEX_COLUMNS = ["clip_id", "video_id", "shard", "shard_row", "source", "member", "caption"]
+_RESULT_COLUMNS = ["kind", *IMAGE_INDEX_COLUMNS, "reason", "detail"]
+
+
+def image_frame(image: np.ndarray, cfg: DecodeParams) -> np.ndarray:
+    """(h, w, 3) uint8 -> (1, cfg.height, cfg.width, 3): aspect-preserving bicubic resize to
+    cover the clip size, then the centre crop (the videos' resize-then-crop)."""
+    from PIL import Image
+
+    height, width = cover_size(image.shape[0], image.shape[1], cfg.height, cfg.width)
+    resized = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0))
+    return np.ascontiguousarray(center_crop(resized, cfg.height, cfg.width))[None]
+
+
+def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, images_root: str) -> pd.DataFrame:
+    """Ray Data UDF: the images of one shard (each source file opened once), written as one clip
+    shard; returns its index rows (kind=clip) and the images that no longer decode (kind=rejected:
+    the file changed since the filter read it)."""
+    rows, frames = [], []
+    shard = int(batch["shard"].iloc[0])
+    for source, records in batch.groupby("source", sort=False):
+        with SourceReader(images_root, str(source)) as reader:
+            for record in records.itertuples():
+                entry = {"clip_id": record.key, "video_id": record.key, "shard": shard, "source": source, "member": record.member, "caption": record.caption}
+                try:
+                    image = decode_image(reader.read(record.member), f"{source}:{record.member}")
+                except VideoError as error:
+                    rows.append({**entry, "kind": "rejected", "shard_row": -1, "reason": error.reason, "detail": error.detail})
+                    continue
+                rows.append({**entry, "kind": "clip", "shard_row": len(frames)})
+                frames.append(image_frame(image, cfg))
+    if frames:
+        write_npy(np.stack(frames), Path(out_dir) / shard_name(shard))
+    return pd.DataFrame.from_records(rows, columns=_RESULT_COLUMNS)
+
+
+def decode_images(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, images_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every kept image (images_kept.parquet's rows, in their order) into one-frame clip shards of
+    cfg.clips_per_shard under out_dir, a new or empty folder; returns (index, rejected)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob("clips-*.npy")):
+        raise ValueError(f"{out_dir}: already holds clip shards; decode into a new or empty folder")
+    kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // cfg.clips_per_shard)
+    if len(kept):
+        ensure_ray()
+        shards = ray.data.from_pandas([group for _, group in kept.loc[:, ["shard", "key", "source", "member", "caption"]].groupby("shard")]).map_batches(
+            on_record(decode_image_shard), batch_format="pandas", batch_size=None, num_cpus=1,  # one block = one shard
+            compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
+            fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve()), "images_root": os.path.abspath(images_root)},
+        )
+        result = collect_with_progress(shards, "decode", len(kept), "images decoded")
+        result = result.loc[:, _RESULT_COLUMNS]
+    else:
+        result = pd.DataFrame(columns=_RESULT_COLUMNS)
+    result = result.sort_values(["shard", "kind", "shard_row"], kind="stable")
+    index = result[result["kind"] == "clip"].loc[:, IMAGE_INDEX_COLUMNS].reset_index(drop=True)
+    rejected = result[result["kind"] == "rejected"].loc[:, ["clip_id", "source", "member", "reason", "detail"]].reset_index(drop=True)
+    for column in ("shard", "shard_row"):
+        index[column] = index[column].astype("int64")
+    return index, rejected
