@@ -54,7 +54,7 @@ def training_step_figures(preset: str, batch: int, gradient_checkpointing: bool,
     torch.manual_seed(0)
     frames, height, width = clip_shape(preset)
     shape = latent_shape(preset)
-    train = TrainUnetParams(batch_size=batch, gradient_checkpointing=gradient_checkpointing, image_share=0.0, lr=5e-5)  # every step a video step: one FLOP count
+    train = TrainUnetParams(batch_size=batch, gradient_checkpointing=gradient_checkpointing, image_share=0.0, image_batch_size=0, lr=5e-5)  # videos only: one FLOP count
     context_dim = get_preset(preset).unet.context_dim
     recipe = UNetRecipe(preset, train, np.zeros((77, context_dim), np.float16), [], CacheLatentsParams(), (frames, height, width))
     cuda = device.type == "cuda"
@@ -141,10 +141,10 @@ def engine_figures() -> dict:
         latents = synthetic_cache(work / "latents")
         figures = {}
         for name, workers, strategy in (("1", 1, "ddp"), ("2", 2, "ddp"), ("2-fsdp", 2, "fsdp")):
-            train = TrainUnetParams(steps=STEPS, batch_size=4 // workers, num_workers=workers, strategy=strategy, checkpoint_every=STEPS,
+            train = TrainUnetParams(steps=STEPS, batch_size=4 // workers, image_share=0.0, image_batch_size=0, num_workers=workers, strategy=strategy, checkpoint_every=STEPS,
                                     sample_every=0, sample_count=1, sample_steps=2, held_out_share=0.0)
             recipe = UNetRecipe("smoke", train, load_null_context(latents), ["a red circle moves left"], CacheLatentsParams(smoke_vae_fit_steps=0), clip_shape("smoke"))
-            run = fit(recipe, train, latent_dataset(latents, seed=train.seed), run_name=f"bench-{name}", storage=work / "runs",
+            run = fit(recipe, train, {"train": latent_dataset(latents, seed=train.seed)}, run_name=f"bench-{name}", storage=work / "runs",
                       output_dir=work / f"unet-{name}", params={}, tags={})
             figures[name] = history_summary(run["mlflow_run_id"])
     finally:

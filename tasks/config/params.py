@@ -214,12 +214,18 @@ class TrainingParams:
 class TrainUnetParams(TrainingParams):
     SECTION: ClassVar[str] = "train_unet"
     steps: int = 1500  # smoke (fixed-lane demo set): the prompt's colour in 79 % of samples after 1000 steps, 92 % after 1500
-    batch_size: int = 8
+    batch_size: int = 6  # video clips per worker and micro-step
     lr: float = 1e-3  # L/H: 5e-5 (the paper's); the smoke UNet is tiny and trains for minutes
     checkpoint_every: int = 500
     sample_every: int = 750
     text_dropout: float = 0.1  # the empty prompt instead of the caption (classifier-free guidance)
-    image_share: float = 0.25  # share of steps trained on single frames (joint image-video training)
+    # Joint image-video training (section 3.1): the paper gives image-text pairs 1/4 of the GPUs.
+    # Every worker instead takes image_batch_size images (t = 1) beside its batch_size clips in
+    # every micro-step and weighs their loss image_share against 1 - image_share: the averaged
+    # gradient is the paper's for any num_workers, and every rank uses every parameter (FSDP).
+    # Smoke's 6 + 2 is a quarter of each batch; L's 3 + 1 x 4 micro-steps is Table 4's 16 per GPU
+    image_share: float = 0.25
+    image_batch_size: int = 2  # images per worker and micro-step; preset: 2 (smoke), 1 (L, H)
     # uniform (the paper's), or cubic: most steps at high noise, where a video's colours and layout are
     # decided. Smoke, 1500 steps: the prompt's colour in 75 % of samples with cubic, 62 % with uniform,
     # but the ControlNet trained on the cubic UNet steered worse (14 px from its control against 10)
@@ -243,12 +249,20 @@ class TrainUnetParams(TrainingParams):
         for key in ("text_dropout", "image_share", "expert_exchange_rate", "held_out_share"):
             if not 0 <= getattr(self, key) < 1:
                 raise ParamsError(f"train_unet.{key}: {getattr(self, key)} must be in [0, 1)")
+        if self.image_batch_size < 0 or (self.image_share > 0) != (self.image_batch_size > 0):
+            raise ParamsError(f"train_unet.image_share {self.image_share} and image_batch_size {self.image_batch_size}: images are trained "
+                              "with both above 0, or not at all with both 0")
         _check_choice("train_unet.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         for key in ("spatial_experts", "temporal_experts"):
             _check_positive(f"train_unet.{key}", getattr(self, key))
         unknown = sorted({name.strip() for name in self.mec_paths.split(",") if name.strip()} - set(MEC_PATHS))
         if unknown:
             raise ParamsError(f"train_unet.mec_paths: unknown path(s) {', '.join(unknown)}; list some of {','.join(MEC_PATHS)} ('' = no MEC)")
+
+    @property
+    def global_batch(self) -> int:
+        """Videos and images per optimizer step over all workers (Table 4's batch size x # GPUs)."""
+        return (self.batch_size + self.image_batch_size) * self.grad_accum * self.num_workers
 
 
 @dataclass(frozen=True)
@@ -444,6 +458,9 @@ class Params:
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
+        if self.train_unet.image_share > 0 and not self.data.images:
+            raise ParamsError("train_unet.image_share: joint image-video training needs an image-text set; set data.images "
+                              "(img2dataset WebDataset shards or a Parquet), or train_unet.image_share 0 and image_batch_size 0")
 
 
 # TCM-VAE decoder fine-tuning at scale (the paper trains it on 100k videos; LDM's KL-f8 recipe for the GAN).
@@ -468,8 +485,8 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "L": {
         "filter": {"min_short_side": 256},
         "decode": {"frames": 16, "height": 256, "width": 256, "clips_per_shard": 64},
-        # Table 4: 16 per GPU on 16 GPUs, a global batch of 256: 2 clips a micro-step, 8 micro-steps
-        "train_unet": {"steps": 100_000, "spatial_experts": 32, "temporal_experts": 4, "batch_size": 2, "grad_accum": 8, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
+        # Table 4: 16 per GPU on 16 GPUs, a global batch of 256: 3 clips + 1 image a micro-step, 4 micro-steps
+        "train_unet": {"steps": 100_000, "spatial_experts": 32, "temporal_experts": 4, "batch_size": 3, "image_batch_size": 1, "grad_accum": 4, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 16},
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,
@@ -477,8 +494,8 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "H": {
         "filter": {"min_short_side": 320},
         "decode": {"frames": 24, "height": 320, "width": 576, "clips_per_shard": 16},
-        # Table 4: 2 per GPU on 32 GPUs, a global batch of 64: 1 clip a micro-step, 2 micro-steps
-        "train_unet": {"steps": 100_000, "spatial_experts": 32, "temporal_experts": 4, "batch_size": 1, "grad_accum": 2, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True, "strategy": "fsdp"},
+        # Table 4: 2 per GPU on 32 GPUs, a global batch of 64: 1 clip + 1 image a step (the images weigh 1/4)
+        "train_unet": {"steps": 100_000, "spatial_experts": 32, "temporal_experts": 4, "batch_size": 1, "image_batch_size": 1, "grad_accum": 1, "lr": 5e-5, "warmup_steps": 1000, "ema_decay": 0.9999, "checkpoint_every": 1000, "sample_every": 5000, "use_gpu": True, "num_workers": 32, "gradient_checkpointing": True, "strategy": "fsdp"},
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,

@@ -114,7 +114,7 @@ def train_controlnet(params: Params, clips: Path = CLIPS, latents: Path = LATENT
     )
     flat = flatten({"preset": params.preset, "train_controlnet": params_to_dict(params)["train_controlnet"]})
     result = fit(
-        recipe, cfg, latent_clip_dataset(latents, clips, cfg.seed, held_out),
+        recipe, cfg, {"train": latent_clip_dataset(latents, clips, cfg.seed, held_out)},
         run_name=resumable_run_name("train_controlnet", params.preset, params_to_dict(params)["train_controlnet"], latents / "index.parquet", latents / "encoders.json", unet / "model.safetensors"), storage=runs or run_storage(), output_dir=output_dir,
         params={**flat, "held_out_videos": len(held_out)}, tags=lineage_tags("train_controlnet"),
     )

@@ -101,7 +101,7 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
         folders[name] = output_dir if name == "tcm_vae" else output_dir / IMAGE_DECODER
         recipe = DecoderRecipe(params.preset, cfg, encoders, variant, held_clips[0])
         result = fit(
-            recipe, cfg, clip_dataset(clips, train_rows, seed=cfg.seed),
+            recipe, cfg, {"train": clip_dataset(clips, train_rows, seed=cfg.seed)},
             run_name=resumable_run_name("train_decoder", params.preset, params_to_dict(params)["train_decoder"], clips / "index.parquet", latents / "encoders.json", variant=name), storage=runs or run_storage(), output_dir=folders[name],
             params={**flat, "variant": name, "train_clips": len(train_rows), "held_out_clips": len(held_rows)}, tags=lineage_tags("train_decoder"),
         )

@@ -3,8 +3,9 @@ latent cache, on the training engine (tasks/training/engine.py).
 
 Per step (section 2, Table 4): v-prediction loss (model/diffusion.py) at a uniform timestep; the
 caption's context replaced by the empty prompt's with p = text_dropout (classifier-free
-guidance); on a seeded `image_share` of the steps, one frame per clip (joint image-video
-training); after every optimizer step the experts of each MoE layer are pulled towards each
+guidance); in every micro-step, beside the clips, image_batch_size image-text pairs as one-frame
+latents (data/latents/images), their loss weighted image_share (joint image-video training,
+section 3.1); after every optimizer step the experts of each MoE layer are pulled towards each
 other's mean (eq. 7-8). The output, models/unet/, holds merged-expert inference weights
 (section 2.2) + config.json + metrics.json.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config.params import Params, flatten, params_to_dict
-from tasks.config.paths import LATENTS, TRAIN_UNET_METRICS, TRAIN_UNET_REPORT, UNET, UNET_PLOTS
+from tasks.config.paths import IMAGE_LATENTS, LATENTS, TRAIN_UNET_METRICS, TRAIN_UNET_REPORT, UNET, UNET_PLOTS
 from tasks.operations.lineage import lineage_tags
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import held_out_videos
@@ -43,14 +44,24 @@ def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = UNET,
         encoders=resolved_encoders(latents, params.cache_latents),
         clip_shape=(params.decode.frames, params.decode.height, params.decode.width),
     )
+    datasets = {"train": latent_dataset(latents, seed=cfg.seed, exclude_videos=held_out)}
+    images = latents / IMAGE_LATENTS.name
+    image_count = 0
+    if cfg.image_share:
+        image_count = len(read_index(images)) if (images / "index.parquet").exists() else 0
+        if image_count < cfg.image_batch_size * cfg.num_workers:
+            raise ValueError(f"{images}: {image_count} cached image(s), fewer than image_batch_size x num_workers = {cfg.image_batch_size * cfg.num_workers}: "
+                             "point data.images at image-text shards and rerun filter, decode and cache_latents, or set train_unet.image_share 0 and image_batch_size 0")
+        datasets["images"] = latent_dataset(images, seed=cfg.seed)
     flat = flatten({"preset": params.preset, "train_unet": params_to_dict(params)["train_unet"]})
     result = fit(
-        recipe, cfg, latent_dataset(latents, seed=cfg.seed, exclude_videos=held_out),
-        run_name=run_name or resumable_run_name("train_unet", params.preset, params_to_dict(params)["train_unet"], latents / "index.parquet", latents / "encoders.json"),
+        recipe, cfg, datasets,
+        run_name=run_name or resumable_run_name("train_unet", params.preset, params_to_dict(params)["train_unet"], latents / "index.parquet", latents / "encoders.json",
+                                                *([images / "index.parquet"] if cfg.image_share else [])),
         storage=runs or run_storage(), output_dir=output_dir, params=flat, tags=lineage_tags("train_unet"),
     )
     metrics = {**history_summary(result["mlflow_run_id"]), "steps": cfg.steps, "mlflow_run_id": result["mlflow_run_id"],
-               "training_clips": len(training), "held_out_videos": len(held_out)}
+               "training_clips": len(training), "training_images": image_count, "held_out_videos": len(held_out)}
     write_json(metrics, output_dir / "metrics.json")
     return metrics
 

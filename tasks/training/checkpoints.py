@@ -15,7 +15,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ from tasks.training.weights import ExponentialAverage, full_state_dict, gather_w
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_in_epoch: int = 0  # the data position within the epoch
+    # each data stream's position: [epoch, batches read in the epoch] (engine.iterate_batches)
+    positions: dict[str, list[int]] = field(default_factory=dict)
     skipped_steps: int = 0  # non-finite losses so far
     bad_in_a_row: int = 0
 
@@ -137,7 +137,10 @@ def report_checkpoint(accelerator, model, ema: ExponentialAverage | None, optimi
 def load_checkpoint(folder: Path, model: nn.Module, state: TrainState) -> dict[str, Any]:
     """Whole weights into the (not yet sharded) model; the rest is returned for after `prepare`."""
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    state.__dict__.update(json.loads((folder / "state.json").read_text()))
+    saved = json.loads((folder / "state.json").read_text())
+    if "epoch" in saved:  # a checkpoint from before the data streams: its one position is the "train" stream's
+        saved["positions"] = {"train": [saved.pop("epoch"), saved.pop("batches_in_epoch")]}
+    state.__dict__.update(saved)
     restored = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
     restored["ema"] = load_file(str(folder / "ema.safetensors")) if (folder / "ema.safetensors").exists() else None
     restored["metrics"] = json.loads((folder / "metrics.json").read_text())

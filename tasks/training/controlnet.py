@@ -55,6 +55,9 @@ class ControlNetRecipe:
     skips_parameters: bool = True  # adapters of conditions not drawn in a step, the style adapter on style-free steps
     fsdp_blocks: tuple[str, ...] = ()  # never sharded: TrainControlnetParams refuses fsdp
 
+    def streams(self) -> dict[str, tuple[int, float]]:
+        return {"train": (self.cfg.batch_size, 1.0)}
+
     def build(self) -> nn.Module:
         unet, _ = load_unet(self.unet_dir)
         encoder = load_style_encoder(self.cfg.style_model, self.cfg.style_weights, self.cfg.seed, self.allow_random)

@@ -43,6 +43,9 @@ class DecoderRecipe:
     skips_parameters: bool = True  # the discriminator has no gradient before disc_start
     fsdp_blocks: tuple[str, ...] = ()  # never sharded: TrainDecoderParams refuses fsdp
 
+    def streams(self) -> dict[str, tuple[int, float]]:
+        return {"train": (self.cfg.batch_size, 1.0)}
+
     def build(self) -> nn.Module:
         cfg = self.cfg
         vae = load_vae(self.encoders)

@@ -3,8 +3,8 @@
 Ray Train's `TorchTrainer` runs `train_loop` on each worker (launch.py starts it); inside, an
 `accelerate.Accelerator` does device placement, data parallelism over Ray's gloo/NCCL process
 group (`strategy`: DDP, or FSDP2 sharding weights, gradients and optimizer state) and bf16
-autocast on GPU (fp32 on CPU). Each worker reads its own shard of the dataset
-(`get_dataset_shard`). What is specific to a model lives in a `Recipe` (unet.py, decoder.py,
+autocast on GPU (fp32 on CPU). Each worker reads its own shard of every dataset the recipe's
+streams name (`get_dataset_shard`): the UNet's clips and images, the other models' clips. What is specific to a model lives in a `Recipe` (unet.py, decoder.py,
 controlnet.py): how to build it, its loss for a batch, what to do after each optimizer step, how
 to export it and how to draw samples.
 
@@ -43,8 +43,8 @@ from tasks.training.weights import ExponentialAverage, inference_copy, whole
 class Recipe(Protocol):
     """What the engine needs to know about one model. Must pickle (it travels to the workers)."""
 
-    # True when some steps leave parameters out of the graph (the UNet's image steps skip its
-    # temporal layers); DDP must then look for unused parameters each step
+    # True when a synced backward leaves parameters out of the graph; DDP must then look for
+    # unused parameters each step
     skips_parameters: bool
 
     # class names of the blocks FSDP shards as one unit each (their weights are gathered for their
@@ -52,6 +52,13 @@ class Recipe(Protocol):
     fsdp_blocks: tuple[str, ...]
 
     def build(self) -> nn.Module: ...
+
+    # The datasets each micro-step reads, in order: name -> (rows per worker, weight of its loss
+    # in the step's). The last one's backward syncs the gradients; the others' run under no_sync
+    # (their gradients wait on the workers and are averaged with it), so a stream may leave
+    # parameters out of its graph (the UNet's images skip the temporal layers) without costing an
+    # all-reduce of its own. One stream, "train", for every model but the jointly trained UNet.
+    def streams(self) -> dict[str, tuple[int, float]]: ...
 
     # the loss to minimise, or a dict with it under "loss" and detached parts to log beside it
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator) -> torch.Tensor | dict[str, torch.Tensor]: ...
@@ -114,35 +121,45 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
             ema.load_full(restored["ema"])
         restore_rng(restored["rng"][min(rank, len(restored["rng"]) - 1)])
 
-    batches = iterate_batches(ray.train.get_dataset_shard("train"), cfg, state, rank, accelerator.device)
+    streams = recipe.streams()
+    batches = {name: iterate_batches(ray.train.get_dataset_shard(name), name, rows, cfg, state, rank, accelerator.device) for name, (rows, _) in streams.items()}
     logger = MetricBuffer(setup) if accelerator.is_main_process else None
     if logger:  # the resumed checkpoint's steps, if the crash came before their flush; and what MLflow already has
         logger.recover(restored["metrics"] if checkpoint else [])
     progress = Progress(run_label(config["run_folder"]), cfg.steps) if logger else None
     while state.step < cfg.steps:
         started = time.perf_counter()
-        waited, losses, parts = 0.0, [], {}
+        waited, losses, parts, finite = 0.0, [], {}, True
         optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.grad_accum):
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - wait_start
-            # one generator per (seed, rank, step, micro): noise and timesteps are reproducible after a resume
-            generator = torch.Generator(accelerator.device).manual_seed(hash_seed(cfg.seed, rank, state.step, micro))
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss = recipe.loss(model, batch, state.step, generator)
-            if isinstance(loss, dict):  # rank 0 logs its own parts (averaged over micro-steps)
-                for name, value in loss.items():
-                    if name != "loss":
-                        parts[f"loss/{name}"] = parts.get(f"loss/{name}", 0.0) + float(value) / cfg.grad_accum
-                loss = loss["loss"]
-            loss = loss / cfg.grad_accum
-            if not all_finite(accelerator, loss):  # every rank takes the same branch
-                break
-            accelerator.backward(loss)
-            losses.append(loss.detach() * cfg.grad_accum)
-        if len(losses) < cfg.grad_accum:
+            for position, (name, (_, weight)) in enumerate(streams.items()):
+                wait_start = time.perf_counter()
+                batch = next(batches[name])
+                waited += time.perf_counter() - wait_start
+                # one generator per (seed, rank, step, micro, stream): noise and timesteps are reproducible after a resume
+                generator = torch.Generator(accelerator.device).manual_seed(hash_seed(cfg.seed, rank, state.step, micro, *([] if name == "train" else [name])))
+                last = micro == cfg.grad_accum - 1 and position == len(streams) - 1
+                # forward and backward inside it: FSDP2 reads the flag at backward, DDP at forward
+                with contextlib.nullcontext() if last else hold_gradient_sync(accelerator, model):
+                    with accelerator.autocast():
+                        loss = recipe.loss(model, batch, state.step, generator)
+                    if isinstance(loss, dict):  # rank 0 logs its own parts (averaged over micro-steps)
+                        for part, value in loss.items():
+                            if part != "loss":
+                                parts[f"loss/{part}"] = parts.get(f"loss/{part}", 0.0) + float(value) / cfg.grad_accum
+                        loss = loss["loss"]
+                    if len(streams) > 1:  # each stream's own loss, and the rows it gave the step (all workers)
+                        parts[f"loss/{name}"] = parts.get(f"loss/{name}", 0.0) + float(loss.detach()) / cfg.grad_accum
+                        parts[f"rows/{name}"] = parts.get(f"rows/{name}", 0) + len(next(iter(batch.values()))) * world
+                    loss = loss * (weight / cfg.grad_accum)
+                    # A non-finite loss anywhere skips the whole step on every rank (the check is
+                    # collective). Its backward still runs: a synced forward must be followed by
+                    # its backward, or DDP's next step finds the last reduction unfinished; the
+                    # step's gradients are dropped unused.
+                    finite = all_finite(accelerator, loss) and finite
+                    accelerator.backward(loss)
+                losses.append(loss.detach() * cfg.grad_accum)
+        if not finite:
             state.skipped_steps += 1
             state.bad_in_a_row += 1
             if state.bad_in_a_row > cfg.max_bad_steps:
@@ -157,9 +174,10 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
         if ema is not None:
             ema.update(accelerator.unwrap_model(model))
 
-        loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        # the weighted loss the step minimised (each stream's own under loss/{name} when several)
+        loss_mean = accelerator.reduce(torch.stack(losses).sum() / cfg.grad_accum, reduction="mean").item()
         seconds = time.perf_counter() - started
-        samples_per_s = cfg.batch_size * cfg.grad_accum * world / seconds
+        samples_per_s = cfg.global_batch / seconds  # every stream's rows, all workers
         if logger:
             logger.add(state.step, {
                 "loss": loss_mean, "lr": scheduler.get_last_lr()[0], **group_metrics("grad_norm", grad_norms),
@@ -221,25 +239,34 @@ def make_accelerator(cfg, recipe: Recipe):
     return accelerator
 
 
-def iterate_batches(shard, cfg, state: TrainState, rank: int, device: torch.device):
-    """Endless batches from this worker's shard, epoch after epoch, each epoch reshuffled with its
-    own seed; after a resume the batches of the interrupted epoch already consumed are skipped."""
+def iterate_batches(shard, stream: str, rows: int, cfg, state: TrainState, rank: int, device: torch.device):
+    """Endless batches of `rows` from this worker's shard of one stream, epoch after epoch, each
+    epoch reshuffled with its own seed; after a resume the batches of the interrupted epoch
+    already consumed are skipped (state.positions[stream] = [epoch, batches in the epoch])."""
+    position = state.positions.setdefault(stream, [0, 0])
     while True:
         seen = 0
+        epoch, done = position
         iterator = shard.iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, device=device,
-            local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=hash_seed(cfg.seed, rank, state.epoch),
+            batch_size=rows, drop_last=True, device=device, local_shuffle_buffer_size=cfg.shuffle_buffer,
+            local_shuffle_seed=hash_seed(cfg.seed, rank, epoch, *([] if stream == "train" else [stream])),
         )
         for index, batch in enumerate(iterator):
             seen += 1
-            if index < state.batches_in_epoch:
+            if index < done:
                 continue
-            state.batches_in_epoch = index + 1
+            position[1] = index + 1
             yield batch
         if seen == 0:
-            raise ValueError(f"a worker's data shard has fewer than batch_size={cfg.batch_size} rows: lower batch_size or num_workers, or cache more clips")
-        state.epoch += 1
-        state.batches_in_epoch = 0
+            raise ValueError(f"a worker's shard of the {stream!r} data has fewer than {rows} rows (its batch size): lower the batch size or num_workers, or cache more")
+        position[:] = [epoch + 1, 0]
+
+
+def hold_gradient_sync(accelerator, model):
+    """Gradients stay on the worker until a later backward: DDP's own no_sync where the model is
+    wrapped in DDP (Accelerate's is a no-op with one process, yet Ray Train's group of one still
+    wraps it, and an image batch leaves parameters unused), Accelerate's for FSDP2."""
+    return model.no_sync() if hasattr(model, "no_sync") else accelerator.no_sync(model)
 
 
 def hash_seed(*parts: int) -> int:

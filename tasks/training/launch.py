@@ -21,11 +21,14 @@ from tasks.training.engine import Recipe, Setup, train_loop
 from tasks.training.tracking import echo_progress, mlflow_run, record_files
 
 
-def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, storage: str | Path, output_dir: Path, params: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
-    """Train `recipe` on `dataset` with Ray Train; returns the final reported metrics and the
+def fit(recipe: Recipe, cfg: Any, datasets: dict[str, ray.data.Dataset], *, run_name: str, storage: str | Path, output_dir: Path, params: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
+    """Train `recipe` on `datasets` (one per stream the recipe reads, by name; each worker reads
+    its own shard of each) with Ray Train; returns the final reported metrics and the
     MLflow run id. `storage` holds the run folders: a local path, or an object-store URI that
     every node of a cluster reads (s3://bucket/prefix). A second call with the same run_name and
     storage resumes that run."""
+    if set(datasets) != set(recipe.streams()):
+        raise ValueError(f"the recipe reads the streams {sorted(recipe.streams())}, but datasets {sorted(datasets)} were given")
     ensure_ray()
     storage = object_store.absolute(storage)
     object_store.require_reachable(storage)  # before any worker starts: Ray would retry a dead endpoint for minutes
@@ -53,7 +56,7 @@ def fit(recipe: Recipe, cfg: Any, dataset: ray.data.Dataset, *, run_name: str, s
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not cfg.use_gpu else None),
         run_config=RunConfig(name=run_name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),  # Ray deletes older ones, never the newest
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     client = MlflowClient(uri)
     print(f"{run_name}: starting {cfg.num_workers} Ray Train worker(s) for {cfg.steps} steps (MLflow run {run_id})", flush=True)

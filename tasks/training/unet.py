@@ -1,13 +1,14 @@
 """What one step of the paper's stage 1 is (section 2, Table 4), for the training engine: the
-v-prediction loss at a uniform timestep with text dropout, seeded single-frame image steps (joint
-image-video training), the experts pulled together after every optimizer step (eq. 7-8), samples
-decoded with the cache's VAE, and the merged-expert export (section 2.2)."""
+v-prediction loss at a uniform timestep with text dropout, on the video clips and, beside them in
+every micro-step, on the image-text pairs as one-frame clips (joint image-video training, section
+3.1: with t = 1 the temporal layers are skipped, so images train the spatial layers only), the
+experts pulled together after every optimizer step (eq. 7-8), samples decoded with the cache's
+VAE, and the merged-expert export (section 2.2)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,14 @@ class UNetRecipe:
 
     fsdp_blocks = ("ResBlock", "SpatialTemporalTransformer")  # a MEC residual block; a spatial or temporal transformer with its MoE
 
-    @property
-    def skips_parameters(self) -> bool:
-        return self.cfg.image_share > 0  # image steps (t = 1) leave the temporal layers out
+    # the images' backward (t = 1, no temporal layers) runs under no_sync; the videos' synced one uses every parameter
+    skips_parameters = False
+
+    def streams(self) -> dict[str, tuple[int, float]]:
+        """Images first, videos last (their backward syncs): each weighs its share of the loss."""
+        if not self.cfg.image_share:
+            return {"train": (self.cfg.batch_size, 1.0)}
+        return {"images": (self.cfg.image_batch_size, self.cfg.image_share), "train": (self.cfg.batch_size, 1 - self.cfg.image_share)}
 
     def build(self) -> nn.Module:
         return VersVideoUNet(self.unet_config)
@@ -52,18 +58,11 @@ class UNetRecipe:
         )
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator) -> torch.Tensor:
+        """The v-loss of a batch of clips, or of images: the cache's (b, t, c, h, w) with t = 1."""
         x0 = batch["latents"].float().permute(0, 2, 1, 3, 4)  # cache (b, t, c, h, w) -> (b, c, t, h, w)
-        if self.image_step(step):  # one random frame per clip: an image batch (t = 1)
-            frame = torch.randint(0, x0.shape[2], (x0.shape[0],), generator=generator, device=x0.device)
-            x0 = x0[torch.arange(x0.shape[0], device=x0.device), :, frame][:, :, None]
         null = torch.from_numpy(self.null_context.astype(np.float32)).to(x0.device)
         context = drop_text(batch["context"].float(), null, self.cfg.text_dropout, generator)
         return v_loss(model, Schedule(get_preset(self.preset).diffusion), x0, context, generator, self.cfg.timestep_sampling)
-
-    def image_step(self, step: int) -> bool:
-        """Seeded by (seed, step) alone, so every worker trains the same kind of step (FSDP needs
-        every rank to use the same parameters: an image step leaves the temporal layers out)."""
-        return random.Random(f"{self.cfg.seed}/image/{step}").random() < self.cfg.image_share
 
     def parameter_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
         return {"unet": list(model.parameters())}

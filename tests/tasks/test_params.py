@@ -83,9 +83,22 @@ def test_only_the_smoke_controlnet_draws_training_timesteps_at_high_noise(preset
 @pytest.mark.parametrize("preset, per_gpu, gpus", [("L", 16, 16), ("H", 2, 32)])  # Table 4: batch size per GPU, # GPUs
 def test_the_unet_trains_with_table_4s_global_batch(preset, per_gpu, gpus, preset_params):
     unet = preset_params[preset].train_unet
-    assert unet.num_workers == gpus and unet.batch_size * unet.grad_accum == per_gpu
+    # clips and images together (joint training): the images a quarter of the rows, as the paper's GPUs
+    assert unet.num_workers == gpus and (unet.batch_size + unet.image_batch_size) * unet.grad_accum == per_gpu
     assert unet.global_batch == per_gpu * gpus == {"L": 256, "H": 64}[preset]
-    assert load_params(REPO_PARAMS, ["train_unet.grad_accum=3", "train_unet.num_workers=2"]).train_unet.global_batch == 8 * 3 * 2
+    assert {"L": unet.image_batch_size / (unet.batch_size + unet.image_batch_size) == 0.25, "H": unet.image_share == 0.25}[preset]
+    assert load_params(REPO_PARAMS, ["train_unet.grad_accum=3", "train_unet.num_workers=2"]).train_unet.global_batch == (6 + 2) * 3 * 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train_unet.image_batch_size=0"], "images are trained with both above 0, or not at all with both 0"),
+    (["train_unet.image_share=0"], "images are trained with both above 0, or not at all with both 0"),
+    (["data.images="], "joint image-video training needs an image-text set; set data.images"),
+])
+def test_joint_training_params_must_agree(overrides, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(REPO_PARAMS, overrides)
+    assert load_params(REPO_PARAMS, [*overrides, "train_unet.image_share=0", "train_unet.image_batch_size=0"]).train_unet.global_batch == 6
 
 
 @pytest.mark.parametrize("preset", PRESETS)

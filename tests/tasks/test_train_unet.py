@@ -64,24 +64,32 @@ def test_an_ablation_trains_exports_and_loads_back_as_that_architecture(paths, s
         torch.testing.assert_close(loaded(x, t, context), model.eval()(x, t, context), atol=1e-5, rtol=1e-4)
 
 
-def test_image_steps_are_a_seeded_share_and_train_single_frames():
-    unet_recipe = recipe(image_share=0.25, seed=3)
-    kinds = [unet_recipe.image_step(step) for step in range(4000)]
-    assert sum(kinds) / len(kinds) == pytest.approx(0.25, abs=0.02)
-    assert kinds == [recipe(image_share=0.25, seed=3).image_step(step) for step in range(4000)]  # every worker agrees
+# what t = 1 skips (section 3.1: images train the spatial layers only): the temporal attention and
+# its MoE, and every temporal path of the MEC convolutions (shift, excitations, the 1-D conv)
+TEMPORAL_PARAMETERS = ("attn_temporal", "ff_temporal", "norm_temporal", "norm_ff_t", ".shift.", ".ste.", ".ce.", ".me.", ".temporal.")
 
-    seen = []
 
-    class Spy(torch.nn.Module):
-        def forward(self, x, timesteps, context):
-            seen.append(x.shape)
-            return torch.zeros_like(x)
+@pytest.mark.parametrize("frames", [1, FRAMES])
+def test_images_reach_only_the_spatial_parameters_and_clips_reach_all(frames):
+    unet_recipe = recipe()
+    torch.manual_seed(0)
+    model = unet_recipe.build()
+    with torch.no_grad():  # off the zero-initialised output layer, so gradients reach every layer
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    batch = {"latents": torch.randn(2, frames, 4, SIZE, SIZE), "context": torch.randn(2, 77, WIDTH)}
+    unet_recipe.loss(model, batch, 0, torch.Generator().manual_seed(0)).backward()
+    reached = {name for name, param in model.named_parameters() if param.grad is not None and bool(param.grad.abs().sum() > 0)}
+    temporal = {name for name, _ in model.named_parameters() if any(part in name for part in TEMPORAL_PARAMETERS)}
+    everything = {name for name, _ in model.named_parameters()}
+    assert temporal and len(temporal) < len(everything)
+    assert reached == (everything - temporal if frames == 1 else everything)
 
-    batch = {"latents": torch.zeros(2, FRAMES, 4, SIZE, SIZE, dtype=torch.float16), "context": torch.zeros(2, 77, WIDTH, dtype=torch.float16)}
-    image_step = kinds.index(True)
-    unet_recipe.loss(Spy(), batch, image_step, torch.Generator().manual_seed(0))
-    unet_recipe.loss(Spy(), batch, kinds.index(False), torch.Generator().manual_seed(0))
-    assert seen == [(2, 4, 1, SIZE, SIZE), (2, 4, FRAMES, SIZE, SIZE)]  # (b, c, t, h, w): one frame, then the clip
+
+def test_a_step_reads_images_before_the_clips_weighted_by_image_share():
+    assert recipe(image_share=0.25, image_batch_size=2, batch_size=6).streams() == {"images": (2, 0.25), "train": (6, 0.75)}
+    assert list(recipe(image_share=0.25, image_batch_size=2).streams())[-1] == "train"  # the videos' backward syncs: every parameter
+    assert recipe(image_share=0.0, image_batch_size=0).streams() == {"train": (6, 1.0)}
 
 
 def test_after_each_optimizer_step_experts_move_towards_each_other():
@@ -114,15 +122,15 @@ def tracking(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddp_two_workers(latents_dir, tracking, ray_session, tmp_path_factory) -> dict:
-    """The reference run: DDP on two CPU workers (gloo), 30 steps of batch 2 each, uninterrupted,
+    """The reference run: DDP on two CPU workers (gloo), 30 steps of 2 clips + 1 image each, uninterrupted,
     exporting an EMA of the weights (which leaves the losses alone)."""
     folder = tmp_path_factory.mktemp("ddp")
-    metrics = train_unet(params_for(batch_size=2, num_workers=2, ema_decay=0.9), latents=latents_dir, output_dir=folder / "unet", runs=folder / "runs", run_name="ddp")
+    metrics = train_unet(params_for(batch_size=2, image_batch_size=1, num_workers=2, ema_decay=0.9), latents=latents_dir, output_dir=folder / "unet", runs=folder / "runs", run_name="ddp")
     return {**metrics, "weights": load_file(str(folder / "unet" / "model.safetensors"))}
 
 
 def test_two_workers_match_one_worker_with_twice_the_batch(ddp_two_workers, latents_dir, tmp_path):
-    one = train_unet(params_for(batch_size=4, num_workers=1), latents=latents_dir, output_dir=tmp_path / "one", runs=tmp_path / "runs", run_name="one")
+    one = train_unet(params_for(batch_size=4, image_batch_size=2, num_workers=1), latents=latents_dir, output_dir=tmp_path / "one", runs=tmp_path / "runs", run_name="one")
     curve_one = np.array([value for _, value in loss_history(one["mlflow_run_id"])]).reshape(3, 10).mean(1)
     curve_two = np.array([value for _, value in loss_history(ddp_two_workers["mlflow_run_id"])]).reshape(3, 10).mean(1)
     # Same global batch and seed, different sampling of clips, noise and timesteps per worker: the
@@ -130,9 +138,16 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ddp_two_workers, late
     np.testing.assert_allclose(curve_two, curve_one, rtol=0.3)
     assert curve_one[-1] < curve_one[0] and curve_two[-1] < curve_two[0]
     client = MlflowClient()
-    for run_id in (one["mlflow_run_id"], ddp_two_workers["mlflow_run_id"]):  # 4 x 1 x 1 = 2 x 1 x 2
-        assert client.get_run(run_id).data.params["train_unet.global_batch"] == "4"
-    assert json.loads((tmp_path / "one" / "config.json").read_text())["global_batch"] == 4
+    for run_id in (one["mlflow_run_id"], ddp_two_workers["mlflow_run_id"]):  # (4 + 2) x 1 x 1 = (2 + 1) x 1 x 2
+        assert client.get_run(run_id).data.params["train_unet.global_batch"] == "6"
+        # every step of both runs took 4 clips and 2 images (over all workers); each stream's loss is logged beside the total
+        for stream, rows in (("train", 4), ("images", 2)):
+            assert [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, f"rows/{stream}"), key=lambda m: m.step)] == [(step, rows) for step in range(1, 31)]
+        total = dict(loss_history(run_id))
+        parts = {stream: {m.step: m.value for m in client.get_metric_history(run_id, f"loss/{stream}")} for stream in ("train", "images")}
+        if run_id == one["mlflow_run_id"]:  # one worker: its parts are the whole step's
+            assert all(total[step] == pytest.approx(0.75 * parts["train"][step] + 0.25 * parts["images"][step], rel=1e-4) for step in total)
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["global_batch"] == 6
     # sample_every=0: one sample, at the end, as MP4 and GIF artifacts of the run
     folders = [item.path for item in client.list_artifacts(one["mlflow_run_id"], "samples")]
     assert folders == ["samples/step_0000030"]
@@ -180,12 +195,12 @@ def test_fsdp_killed_and_rerun_continues_the_uninterrupted_ddp_run_exactly(ddp_t
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
-    first = train_unet(params_for(steps=20, batch_size=2, num_workers=2, ema_decay=0.9, strategy="fsdp"), latents=latents_dir, output_dir=tmp_path / "unet", runs=runs, run_name="fsdp")
+    first = train_unet(params_for(steps=20, batch_size=2, image_batch_size=1, num_workers=2, ema_decay=0.9, strategy="fsdp"), latents=latents_dir, output_dir=tmp_path / "unet", runs=runs, run_name="fsdp")
     killer.join()
     assert killed, "no training worker was found to kill"
     assert [step for step, _ in loss_history(first["mlflow_run_id"])] == list(range(1, 21))
 
-    metrics = train_unet(params_for(steps=30, batch_size=2, num_workers=2, ema_decay=0.9, strategy="fsdp"), latents=latents_dir, output_dir=tmp_path / "unet", runs=runs, run_name="fsdp")
+    metrics = train_unet(params_for(steps=30, batch_size=2, image_batch_size=1, num_workers=2, ema_decay=0.9, strategy="fsdp"), latents=latents_dir, output_dir=tmp_path / "unet", runs=runs, run_name="fsdp")
     assert metrics["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run, one continuous history
     history, reference = loss_history(metrics["mlflow_run_id"]), loss_history(ddp_two_workers["mlflow_run_id"])
     assert [step for step, _ in history] == list(range(1, 31))  # no step twice, none missing
