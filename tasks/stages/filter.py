@@ -119,6 +119,8 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 def filter_images(images_root: str, cfg: FilterParams) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every record of every source file of `images_root`: (kept, rejected), together each once."""
     sources = source_files(images_root)
+    if not sources:
+        return no_images()
     ensure_ray()
     assessed = (
         ray.data.from_pandas(pd.DataFrame({"source": sources}))
@@ -139,6 +141,12 @@ def filter_images(images_root: str, cfg: FilterParams) -> tuple[pd.DataFrame, pd
     return kept, rejected
 
 
+def no_images() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Empty kept and rejected tables of the image-text pairs, with their columns."""
+    rejected = pd.DataFrame(columns=[*IMAGE_COLUMNS, "row_index"])
+    return rejected.drop(columns=["reason", "detail"]), rejected
+
+
 def report(kept: pd.DataFrame, rejected: pd.DataFrame, reasons: tuple[str, ...] = REASONS) -> dict:
     counts = rejected["reason"].value_counts()
     return {
@@ -155,7 +163,7 @@ def main(params: Params) -> None:
     kept, rejected = filter_videos(rows, params.data.videos_root, params.filter, params.decode)
     summary = report(kept, rejected)
     # no image-text set (data.images ''): empty tables, so every declared output exists
-    images_kept, images_rejected = filter_images(params.data.images, params.filter) if params.data.images else (pd.DataFrame(columns=IMAGE_COLUMNS),) * 2
+    images_kept, images_rejected = filter_images(params.data.images, params.filter) if params.data.images else no_images()
     summary["images"] = report(images_kept, images_rejected, IMAGE_REASONS)
     # the outputs are written together beside the previous ones and swapped in as one folder:
     # a crash never pairs a new kept.parquet with an old rejected.parquet

@@ -54,7 +54,10 @@ def source_files(root: str | Path) -> list[str]:
         if root.suffix not in (".tar", ".parquet"):
             raise ImageTextFormatError(f"data.images {root}: a {root.suffix or 'suffix-less'} file; expected a .tar (WebDataset) or a .parquet")
         return [root.name]
-    files = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.suffix in (".tar", ".parquet") and path.is_file())
+    everything = [path for path in root.rglob("*") if path.is_file() and not path.name.startswith(".")]
+    if not everything:
+        return []  # an empty folder: no images (how a DVC pipeline, which needs a path, trains on videos alone)
+    files = sorted(str(path.relative_to(root)) for path in everything if path.suffix in (".tar", ".parquet"))
     tars = {name[: -len(".tar")] for name in files if name.endswith(".tar")}
     sources = [name for name in files if not (name.endswith(".parquet") and name[: -len(".parquet")] in tars)]
     if not sources:

@@ -104,6 +104,13 @@ def test_a_laion_metadata_table_without_images_is_refused_with_what_to_do(tmp_pa
         list_records(tmp_path, "part-00000.parquet")
     with pytest.raises(FileNotFoundError, match="data.images .*: not found"):
         source_files(tmp_path / "absent")
+    (tmp_path / "jpegs").mkdir()
+    (tmp_path / "jpegs" / "a.jpg").write_bytes(b"")
+    with pytest.raises(ImageTextFormatError, match="no .tar or .parquet file in it"):  # a folder of loose images: the wrong path
+        source_files(tmp_path / "jpegs")
+    (tmp_path / "none").mkdir()  # an empty folder: no images, the videos alone
+    kept, rejected = filter_images(str(tmp_path / "none"), FilterParams())
+    assert kept.empty and rejected.empty and "key" in kept and "reason" in rejected
 
 
 def test_kept_images_decode_to_one_frame_clips_as_the_videos_frames_are_cropped(image_set, ray_session, tmp_path):
