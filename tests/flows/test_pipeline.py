@@ -111,7 +111,7 @@ def test_failed_stage_resumes_a_rerun_does_nothing_and_a_clone_elsewhere_pulls_i
     assert {(d.dataset.name, d.dataset.digest) for d in cache.inputs.dataset_inputs} >= {("data/clips", clips_md5[:36])}
     assert cache.data.metrics["stage_seconds"] > 0
     filtered = next(run for run in stage_runs if run.info.run_name == "stage:filter")  # its metrics file: headline numbers only
-    assert filtered.data.metrics["filter/kept"] > 0 and set(filtered.data.metrics) == {"filter/kept", "filter/rejected", "stage_seconds"}
+    assert filtered.data.metrics["filter/kept"] > 0 and set(filtered.data.metrics) == {"filter/kept", "filter/rejected", "filter/images_kept", "filter/images_rejected", "stage_seconds"}
     downloaded = Path(client.download_artifacts(parents[-1].info.run_id, "dvc.lock", str(folder / "downloaded")))
     assert downloaded.read_bytes() == (folder / "dvc.lock").read_bytes()  # uploaded through the server's artifact proxy...
     stored = boto3.client("s3").list_objects_v2(Bucket="versvideo-tests", Prefix="mlflow-artifacts/")["Contents"]
