@@ -69,7 +69,7 @@ def decode_images(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, images_r
             compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
             fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve()), "images_root": os.path.abspath(images_root)},
         )
-        result = collect_with_progress(shards, "decode", len(kept), "images decoded")
+        result = collect_with_progress(shards, "decode_images", len(kept), "images decoded")
         result = result.loc[:, _RESULT_COLUMNS]
     else:
         result = pd.DataFrame(columns=_RESULT_COLUMNS)

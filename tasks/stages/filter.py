@@ -131,7 +131,7 @@ def filter_images(images_root: str, cfg: FilterParams) -> tuple[pd.DataFrame, pd
             fn_kwargs={"images_root": os.path.abspath(images_root), "cfg": cfg},
         )
     )
-    assessed = collect_with_progress(assessed, "filter", len(sources), "image sources read", count=lambda batch: batch["source"].nunique())
+    assessed = collect_with_progress(assessed, "filter_images", len(sources), "image sources read", count=lambda batch: batch["source"].nunique())
     # source-file order, then the file's own order: the same inputs give the same bytes
     order = {source: position for position, source in enumerate(sources)}
     assessed = assessed.reindex(columns=IMAGE_COLUMNS) if not assessed.empty else pd.DataFrame(columns=IMAGE_COLUMNS)
