@@ -1,6 +1,6 @@
 """The evaluate stage's protocols: for each, the prompts to generate (one per video, each with its
 own seed), the real videos to compare with, and how both are viewed (frames, size, which frames
-of a real video). tasks/stages/evaluate.py generates and scores; this module only decides what.
+of a real video). tasks/evaluation/scoring.py generates and scores; this module only decides what.
 
 Our own protocols follow the demo's clips:
     heldout       the videos train_unet held out; their captions are the prompts.

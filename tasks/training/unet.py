@@ -3,7 +3,8 @@ v-prediction loss at a uniform timestep with text dropout, on the video clips an
 every micro-step, on the image-text pairs as one-frame clips (joint image-video training, section
 3.1: with t = 1 the temporal layers are skipped, so images train the spatial layers only), the
 experts pulled together after every optimizer step (eq. 7-8), samples decoded with the cache's
-VAE, and the merged-expert export (section 2.2)."""
+VAE, and the merged-expert export (section 2.2); and `train_unet`, one run of that recipe on a
+latent cache (the train_unet stage's, and each row of the ablation stage's)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +23,16 @@ from model.mec import MECPaths
 from model.moe_attention import average_experts, merge_experts
 from model.presets import UNetConfig, get_preset
 from model.unet import VersVideoUNet
-from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, TrainUnetParams
+from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, Params, TrainUnetParams, flatten, params_to_dict
+from tasks.config.paths import IMAGE_LATENTS, LATENTS, UNET
+from tasks.operations.lineage import lineage_tags
 from tasks.storage.atomic import save_safetensors, write_json
+from tasks.storage.clip_shards import held_out_videos
+from tasks.storage.latent_shards import latent_dataset, load_null_context, read_index
+from tasks.storage.object_store import run_storage
 from tasks.storage.previews import write_preview
+from tasks.training.launch import fit
+from tasks.training.tracking import history_summary, resumable_run_name
 
 
 @dataclass
@@ -107,3 +116,44 @@ class UNetRecipe:
             stem = f"sample{k}_" + "_".join(caption.split()[:6])
             paths += write_preview(video, folder, stem, PREVIEW_FPS)
         return paths
+
+
+def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = UNET, runs: str | Path | None = None, run_name: str | None = None,
+               variant: str = "") -> dict[str, Any]:
+    """Train on the cache in `latents`; exports to output_dir; returns the run's summary figures.
+    The run is named for its params and inputs (and `variant`, such as an ablation row), so a
+    rerun after a crash resumes it."""
+    from tasks.inference.encoders import resolved_encoders  # see UNetRecipe.samples
+
+    cfg = params.train_unet
+    index = read_index(latents)
+    held_out = held_out_videos(index, cfg.held_out_share, cfg.seed)
+    training = index[~index["video_id"].astype(str).isin(held_out)]
+    recipe = UNetRecipe(
+        preset=params.preset,
+        cfg=cfg,
+        null_context=load_null_context(latents),
+        sample_captions=sorted(training["caption"].astype(str).unique())[: max(1, cfg.sample_count)],
+        encoders=resolved_encoders(latents, params.cache_latents),
+        clip_shape=(params.decode.frames, params.decode.height, params.decode.width),
+    )
+    datasets = {"train": latent_dataset(latents, seed=cfg.seed, exclude_videos=held_out)}
+    images = latents / IMAGE_LATENTS.name
+    image_count = 0
+    if cfg.image_share:
+        image_count = len(read_index(images)) if (images / "index.parquet").exists() else 0
+        if image_count < cfg.image_batch_size * cfg.num_workers:
+            raise ValueError(f"{images}: {image_count} cached image(s), fewer than image_batch_size x num_workers = {cfg.image_batch_size * cfg.num_workers}: "
+                             "point data.images at image-text shards and rerun filter, decode and cache_latents, or set train_unet.image_share 0 and image_batch_size 0")
+        datasets["images"] = latent_dataset(images, seed=cfg.seed)
+    flat = flatten({"preset": params.preset, "train_unet": params_to_dict(params)["train_unet"]})
+    result = fit(
+        recipe, cfg, datasets,
+        run_name=run_name or resumable_run_name("train_unet", params.preset, params_to_dict(params)["train_unet"], latents / "index.parquet", latents / "encoders.json",
+                                                *([images / "index.parquet"] if cfg.image_share else []), variant=variant),
+        storage=runs or run_storage(), output_dir=output_dir, params=flat, tags=lineage_tags("train_unet"),
+    )
+    metrics = {**history_summary(result["mlflow_run_id"]), "steps": cfg.steps, "mlflow_run_id": result["mlflow_run_id"],
+               "training_clips": len(training), "training_images": image_count, "held_out_videos": len(held_out)}
+    write_json(metrics, output_dir / "metrics.json")
+    return metrics

@@ -18,7 +18,7 @@ from tasks.inference.encoders import encode_captions, load_text
 from tasks.inference.generation import VideoGenerator
 from tasks.inference.models import load_unet
 from tasks.evaluation.protocols import listed_video
-from tasks.stages.evaluate import evaluate
+from tasks.evaluation.scoring import evaluate
 from tasks.storage.clip_shards import held_out_videos
 from tests.conftest import FIXTURE_SOURCES, SHARED, write_fixture_clips, write_tiny_models
 

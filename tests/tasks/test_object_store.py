@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from tasks.config.params import CacheLatentsParams, Params, TrainUnetParams
 from tasks.preprocessing.synthetic_latents import synthetic_cache
-from tasks.stages.train_unet import train_unet
+from tasks.training.unet import train_unet
 from tasks.storage.object_store import StorageError, file_names, filesystem, is_uri, join, read_text, require_reachable, sha256, subfolders, write_text
 from tasks.training.checkpoints import checkpoint_step, latest_complete_checkpoint, local_folder, newest_checkpoint
 from tests.services import free_port

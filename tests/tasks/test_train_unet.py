@@ -21,10 +21,9 @@ from model.moe_attention import MoEFeedForward
 from tasks.config.params import CacheLatentsParams, Params, TrainUnetParams
 from tasks.inference.models import load_unet
 from tasks.preprocessing.synthetic_latents import synthetic_cache
-from tasks.stages.train_unet import train_unet
 from tasks.storage.clip_shards import held_out_videos
 from tasks.storage.latent_shards import latent_dataset, read_index, read_latent_shard, shard_fingerprint, shard_name, write_latent_shard
-from tasks.training.unet import UNetRecipe
+from tasks.training.unet import UNetRecipe, train_unet
 
 FRAMES, SIZE, WIDTH = 8, 8, 64  # the smoke preset's latent clip and context width
 
