@@ -9,6 +9,7 @@
     versvideo doctor [--preset L]                              params, weight files, services and devices, checked
     versvideo model-summary --preset {smoke,L,H} [--json]     parameter counts
     versvideo bench NAME [--json]                              a benchmark; JSON figures on the last line
+    versvideo ablation [--force] [-S ablation.steps=N ...]     Tables 2 and 5: train and score each ablation row
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ STAGES = {
     "train_decoder": "tasks.stages.train_decoder",
     "train_controlnet": "tasks.stages.train_controlnet",
     "evaluate": "tasks.stages.evaluate",
+    "ablation": "tasks.stages.ablation",  # ablation/dvc.yaml's, not dvc.yaml's: `versvideo ablation`
 }
 # Benchmark name -> module with run(args) -> dict of figures.
 BENCHMARKS = {
@@ -103,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--preset", choices=["smoke", "L", "H"], default="L")
     summary.add_argument("--json", action="store_true", help="print JSON")
 
+    ablation = commands.add_parser("ablation", help="Tables 2 and 5: train every ablation row, score it, table in metrics/ablation.json (DVC)")
+    ablation.add_argument("--force", action="store_true", help="rerun the ablation stage even when DVC finds it up to date")
+    ablation.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="set a param in params.yaml first (DVC records it), e.g. -S ablation.steps=1000 (repeatable)")
+
     bench = commands.add_parser("bench", help="run a benchmark against its baseline")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("--json", action="store_true", help="print the figures as JSON on the last line")
@@ -151,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {result['stage']:<14} {'ran' if result['ran'] else 'up to date':<11} {result['seconds']:8.1f} s")
             for promotion in (result["promotion"] for result in results if "promotion" in result):
                 print(f"registered {promotion['model']} version {promotion['version']}: {promotion['reason']}")
+        elif args.command == "ablation":
+            from flows.pipeline import reproduce_ablation
+
+            if args.overrides:  # into params.yaml, so DVC sees and records them
+                print(f"params.yaml: set {', '.join(set_values(Path('params.yaml'), args.overrides))}")
+            return reproduce_ablation(force=args.force)
         elif args.command == "serve":
             from flows.retrain import retrain
 

@@ -41,6 +41,7 @@ from tasks.operations.lineage import (
 from tasks.storage.atomic import atomic_path
 
 MODEL_FOLDERS = {"unet": UNET, "decoder": DECODER, "controlnet": CONTROLNET}
+ABLATION_DVC = Path("ablation/dvc.yaml")  # the ablation study's pipeline file: never part of a `dvc repro` of dvc.yaml
 
 
 class StageFailed(RuntimeError):
@@ -63,6 +64,20 @@ def dvc_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
 
 
+def dvc_environment() -> dict[str, str]:
+    """This process's environment for a `dvc repro`: dvc.yaml's commands call `versvideo`, this
+    environment's, also when it was started as .venv/bin/versvideo (or by a scheduler) without the
+    environment's bin/ on PATH."""
+    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def reproduce_ablation(force: bool = False) -> int:
+    """`dvc repro ablation/dvc.yaml`: the upstream stages it needs when they are stale, then the
+    ablation stage (force: that stage again, alone); DVC's output streams through. Returns its exit code."""
+    target = [f"{ABLATION_DVC}:ablation", "--force", "--single-item"] if force else [str(ABLATION_DVC)]
+    return subprocess.call([sys.executable, "-m", "dvc", "repro", *target], env=dvc_environment())
+
+
 @task(task_run_name="{stage}", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
 def run_stage(stage: str, parent_run_id: str, force: bool = False) -> dict[str, Any]:
     """`dvc repro` one stage under its own nested MLflow run; returns its timing and whether it ran.
@@ -70,10 +85,7 @@ def run_stage(stage: str, parent_run_id: str, force: bool = False) -> dict[str, 
     logger = get_run_logger()
     client, uri = MlflowClient(tracking_uri()), tracking_uri()
     run_id = start_run(client, uri, f"stage:{stage}", {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or "")}, parent=parent_run_id)
-    env = {**os.environ, PARENT_RUN_ENV: run_id, "PREFECT__FLOW_RUN_ID": str(flow_run.id or "")}
-    # dvc.yaml's commands call `versvideo`: this environment's, also when it was started as
-    # .venv/bin/versvideo (or by a scheduler) without the environment's bin/ on PATH
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = {**dvc_environment(), PARENT_RUN_ENV: run_id, "PREFECT__FLOW_RUN_ID": str(flow_run.id or "")}
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)

@@ -443,6 +443,53 @@ class EvaluateParams:
         return [f"evaluate.{key}" for key in ("i3d_weights", "c3d_weights", "clip_weights") if not getattr(self, key)]
 
 
+# The UNet ablations of Tables 2 and 5 as train_unet overrides (the `ablation` stage trains each).
+# Table 5 turns one MEC path off at a time (MoE-STA on); Table 2 compares MEC and MoE-STA alone
+# and together against a baseline with neither (plain 2-D convolutions, one FFN per layer).
+ABLATION_ROWS: dict[str, dict[str, Any]] = {
+    "full": {},  # both tables' last row: all four MEC paths, MoE-STA
+    "no_2d+1d": {"mec_paths": "ste,ce,me"},
+    "no_ste": {"mec_paths": "2d+1d,ce,me"},
+    "no_ce": {"mec_paths": "2d+1d,ste,me"},
+    "no_me": {"mec_paths": "2d+1d,ste,ce"},
+    "no_moe": {"spatial_experts": 1, "temporal_experts": 1},  # Table 2's "+ MEC"
+    "no_mec": {"mec_paths": ""},  # Table 2's "+ MoE-STA"
+    "baseline": {"mec_paths": "", "spatial_experts": 1, "temporal_experts": 1},  # Table 2's baseline
+}
+
+
+@dataclass(frozen=True)
+class AblationParams:
+    """The `ablation` stage (ablation/dvc.yaml, `versvideo ablation`): every row trains
+    train_unet's recipe with the row's changes for `steps` steps per seed, then evaluate's
+    protocols score it with the trained decoder."""
+
+    rows: str = "full,no_2d+1d,no_ste,no_ce,no_me,no_moe,no_mec,baseline"  # comma-separated names of ABLATION_ROWS
+    steps: int = 300  # optimizer steps per row and seed (the same for every row); L/H: train_unet's 100000
+    seeds: str = "0"  # comma-separated train_unet seeds per row: two or more give each figure's run-to-run spread
+
+    def __post_init__(self) -> None:
+        for name in self.row_list:
+            _check_choice("ablation.rows", name, tuple(ABLATION_ROWS))
+        if not self.row_list:
+            raise ParamsError(f"ablation.rows: empty; choose from {', '.join(ABLATION_ROWS)}")
+        if len(set(self.row_list)) != len(self.row_list):
+            raise ParamsError(f"ablation.rows: {self.rows!r} names a row twice")
+        _check_positive("ablation.steps", self.steps)
+        if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", self.seeds):
+            raise ParamsError(f"ablation.seeds: {self.seeds!r} must be comma-separated non-negative integers, such as 0 or 0,1")
+        if len(set(self.seed_list)) != len(self.seed_list):
+            raise ParamsError(f"ablation.seeds: {self.seeds!r} names a seed twice")
+
+    @property
+    def row_list(self) -> list[str]:
+        return [name.strip() for name in self.rows.split(",") if name.strip()]
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [int(seed) for seed in self.seeds.split(",")]
+
+
 @dataclass(frozen=True)
 class Params:
     preset: str = "smoke"
@@ -455,6 +502,7 @@ class Params:
     train_decoder: TrainDecoderParams = field(default_factory=TrainDecoderParams)
     train_controlnet: TrainControlnetParams = field(default_factory=TrainControlnetParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    ablation: AblationParams = field(default_factory=AblationParams)
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
@@ -490,6 +538,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,
+        "ablation": {"steps": 100_000},
     },
     "H": {
         "filter": {"min_short_side": 320},
@@ -499,6 +548,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "train_decoder": DECODER_AT_SCALE,
         "train_controlnet": CONTROLNET_AT_SCALE,
         "evaluate": EVALUATE_AT_SCALE,
+        "ablation": {"steps": 100_000},
     },
 }
 

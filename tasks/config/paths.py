@@ -26,6 +26,9 @@ UNET = Path("models/unet")
 DECODER = Path("models/decoder")
 CONTROLNET = Path("models/controlnet")
 RUNS = Path("models/runs")
+# ablation (ablation/dvc.yaml): per row and seed, ROW-seedN/ with the UNet export (unet/), its
+# evaluation plots (plots/) and result.json; eval_stats/ caches the real-data statistics
+ABLATION = Path("models/ablation")
 # evaluate: cached real-data feature statistics and the per-frame plots
 EVAL_STATS = Path("data/eval_stats")
 PLOTS = Path("plots/eval")
@@ -43,4 +46,5 @@ TRAIN_UNET_REPORT, TRAIN_UNET_METRICS = REPORTS / "train_unet.json", METRICS / "
 RECONSTRUCTION_REPORT, RECONSTRUCTION_METRICS = REPORTS / "reconstruction.json", METRICS / "reconstruction.json"
 CONTROLNET_REPORT, CONTROLNET_METRICS = REPORTS / "controlnet.json", METRICS / "controlnet.json"
 EVAL_REPORT, EVAL_METRICS = REPORTS / "eval.json", METRICS / "eval.json"
+ABLATION_REPORT, ABLATION_METRICS = REPORTS / "ablation.json", METRICS / "ablation.json"
 PIPELINE_SUMMARY = REPORTS / "pipeline.md"  # the last pipeline run's (not a DVC output; git ignores it)

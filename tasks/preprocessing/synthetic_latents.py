@@ -23,24 +23,29 @@ def moving_blob_latents(rng: np.random.Generator, clips: int, frames: int, heigh
     return latents
 
 
-def synthetic_cache(folder: Path, frames: int = 8, size: int = 8, width: int = 64, seed: int = 0, shards: int = 4, clips_per_shard: int = 64) -> Path:
+def synthetic_cache(folder: Path, frames: int = 8, size: int = 8, width: int = 64, seed: int = 0, shards: int = 4, clips_per_shard: int = 64,
+                    videos: int = 0) -> Path:
     """A latent cache in the stage's format with moving-blob latents and random 77 x `width`
-    contexts; its image stream (images/) holds one shard of one-frame blobs."""
+    contexts; its image stream (images/) holds one shard of one-frame blobs. The clips belong to
+    one video ("synthetic"), or with `videos` > 0 to videos v0, v1, ... in turn (the fixture
+    clips' ids, for held-out splits)."""
     rng = np.random.default_rng(seed)
-    _write_shards(folder, rng, shards, clips_per_shard, frames, size, width, "s", "a blob moves")
+    _write_shards(folder, rng, shards, clips_per_shard, frames, size, width, "s", "a blob moves", videos)
     _write_shards(folder / "images", rng, 1, clips_per_shard, 1, size, width, "i", "a blob")
     np.save(folder / "null_context.npy", np.zeros((77, width), np.float16))
     write_json({"image_vae": {"weights": ""}}, folder / "encoders.json")
     return folder
 
 
-def _write_shards(folder: Path, rng: np.random.Generator, shards: int, clips_per_shard: int, frames: int, size: int, width: int, prefix: str, caption: str) -> None:
+def _write_shards(folder: Path, rng: np.random.Generator, shards: int, clips_per_shard: int, frames: int, size: int, width: int, prefix: str, caption: str,
+                  videos: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for shard in range(shards):
         latents = moving_blob_latents(rng, clips_per_shard, frames, size, size)
         ids = [f"{prefix}{shard}c{k}" for k in range(clips_per_shard)]
-        clips = pd.DataFrame({"clip_id": ids, "video_id": ids if frames == 1 else "synthetic", "caption": caption})
+        video_ids = ids if frames == 1 else [f"v{k % videos}" for k in range(clips_per_shard)] if videos else "synthetic"
+        clips = pd.DataFrame({"clip_id": ids, "video_id": video_ids, "caption": caption})
         context = (rng.standard_normal((clips_per_shard, 77, width)) * 0.1).astype(np.float16)
         write_latent_shard(folder / shard_name(shard), clips, latents, context, fingerprint="bench")
         rows.append(clips.assign(shard=shard, shard_row=np.arange(clips_per_shard)))
