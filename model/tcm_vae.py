@@ -14,6 +14,14 @@ decoded frames. Everything outside the TCMs stays 4-D, ((b t), c, h, w) (appendi
 Both T_i and R end in zero-initialised convolutions, so an untrained TCM-VAE decodes exactly like
 the image VAE it was built from; training then only has to learn the temporal correction.
 
+Table 3's other video decoders are built the same way, from the same image decoder and starting
+as it (`TCMVAEConfig.video_layers`, both with the TCMs and R off):
+    conv3d    the 3-D convolution decoder: every 3x3 convolution of the decoder inflated to 3x3x3
+              (the centre frame's taps are the 2-D kernel, the others start at zero);
+    videoldm  the temporally fine-tuned decoder of Blattmann et al. (2023): after each decoder
+              block a temporal residual block of 3x1x1 convolutions (its last one zeroed, where
+              VideoLDM blends with a learned weight; both start as the image decoder).
+
 `FrozenEncoder` returns the frozen encoder's features at the resolution of each TCM, the
 targets of the consistency loss L_TCM of eq. 9. When a TCM's width differs from the encoder
 feature's (SD's decoder is wider than its encoder at high resolution), a 1x1 projection head maps
@@ -41,10 +49,18 @@ class TCMVAEConfig:
     refinement: bool = True  # the refinement UNet R of eq. 12
     refine_channels: int = 64  # width of R's first level (the second is twice as wide)
     mec_paths: MECPaths = field(default_factory=MECPaths)
+    video_layers: str = ""  # Table 3's baselines: "conv3d" | "videoldm" (see the module docstring); "" = none
+
+    def __post_init__(self) -> None:
+        if self.video_layers not in VIDEO_LAYERS:
+            raise ValueError(f"video_layers {self.video_layers!r} is not one of {', '.join(map(repr, VIDEO_LAYERS))}")
 
     @property
     def is_image_decoder(self) -> bool:
-        return not (self.temporal_compensation or self.refinement)
+        return not (self.temporal_compensation or self.refinement or self.video_layers)
+
+
+VIDEO_LAYERS = ("", "conv3d", "videoldm")
 
 
 class TemporalCompensation(nn.Module):
@@ -62,6 +78,59 @@ class TemporalCompensation(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(z))))))
+
+
+class InflatedConv3d(nn.Module):
+    """A k x k Conv2d inflated to 3 x k x k, run on ((b t), c, h, w) frames of `frames` per video
+    (set by the decoder before each forward). The centre frame's taps are the 2-D kernel and the
+    other two start at zero, so the layer starts as the 2-D convolution it replaces."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.frames = 1
+        self.conv = nn.Conv3d(conv.in_channels, conv.out_channels, (3, *conv.kernel_size), padding=(1, *conv.padding), stride=(1, *conv.stride))
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :, 1] = conv.weight
+            self.conv.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        video = rearrange(x, "(b t) c h w -> b c t h w", t=self.frames)
+        return rearrange(self.conv(video), "b c t h w -> (b t) c h w")
+
+
+def inflate_convolutions(module: nn.Module) -> list[InflatedConv3d]:
+    """Replace every 3x3 Conv2d below `module` by its InflatedConv3d, in place; returns them."""
+    inflated = []
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Conv2d) and child.kernel_size == (3, 3):
+            replacement = InflatedConv3d(child)
+            setattr(module, name, replacement)
+            inflated.append(replacement)
+        else:
+            inflated += inflate_convolutions(child)
+    return inflated
+
+
+class TemporalResidualBlock(nn.Module):
+    """VideoLDM's decoder temporal layer on (b, c, t, h, w): norm -> SiLU -> 3x1x1 conv, twice,
+    added to its input; the last conv is zeroed, so the block starts as the identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(channels), nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        self.norm2, self.conv2 = group_norm(channels), nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(z))))))
+
+
+def decoder_block_outputs(vae: AutoencoderKL) -> list[int]:
+    """Channel width at the output of each decoder block (mid block, up blocks)."""
+    decoder = vae.decoder
+    return [decoder.mid_block.resnets[-1].out_channels] + [block.resnets[-1].out_channels for block in decoder.up_blocks]
 
 
 class ResidualBlock2D(nn.Module):
@@ -127,6 +196,8 @@ class TCMDecoder(nn.Module):
         widths = decoder_block_inputs(vae)
         self.tcms = nn.ModuleList(TemporalCompensation(c, config.mec_paths) for c in widths) if config.temporal_compensation else None
         self.refine = RefinementUNet(config.refine_channels) if config.refinement else None
+        self.inflated = inflate_convolutions(self.decoder) if config.video_layers == "conv3d" else []
+        self.temporal_blocks = nn.ModuleList(TemporalResidualBlock(c) for c in decoder_block_outputs(vae)) if config.video_layers == "videoldm" else None
         if self.tcms is not None:  # only for the consistency loss: TCM width -> encoder feature width
             self.feature_heads = nn.ModuleList(
                 nn.Conv2d(c, target, 1) if c != target else nn.Identity() for c, target in zip(widths, encoder_feature_widths(vae))
@@ -141,6 +212,8 @@ class TCMDecoder(nn.Module):
         frames = latents.shape[2]
         z = rearrange(latents, "b c t h w -> (b t) c h w") / self.scaling_factor
         decoder = self.decoder
+        for conv in self.inflated:
+            conv.frames = frames
         h = decoder.conv_in(self.post_quant_conv(z))  # z_M
         features = []
         for level, block in enumerate([decoder.mid_block, *decoder.up_blocks]):
@@ -148,6 +221,9 @@ class TCMDecoder(nn.Module):
                 h = self.compensate(level, h, frames)
                 features.append(h)  # F_S at this level, for L_TCM
             h = block(h, None)  # S_i
+            if self.temporal_blocks is not None:
+                video = self.temporal_blocks[level](rearrange(h, "(b t) c h w -> b c t h w", t=frames))
+                h = rearrange(video, "b c t h w -> (b t) c h w")
         x = decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(h)))
         if self.refine is not None:
             x = self.refine(x)

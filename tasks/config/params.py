@@ -286,6 +286,10 @@ class TrainDecoderParams(TrainingParams):
     disc_layers: int = 3
     consistency_weight: float = 1e-4  # lambda of eq. 9
     compare_image_decoder: bool = True  # also fine-tune the plain image decoder as long, for a fair Table 3
+    # Table 3's other video decoders, fine-tuned beside the TCM-VAE with the same loss, data and steps:
+    # conv3d (the image decoder's 3x3 convs inflated to 3x3x3), videoldm (temporal blocks after each
+    # decoder block, Blattmann et al. 2023); "" = none
+    video_baselines: str = "conv3d,videoldm"
     held_out_share: float = 0.1  # share of videos (seeded by video id) kept out of training for the comparison
     eval_clips: int = 64  # at most this many held-out clips in the comparison
 
@@ -297,6 +301,14 @@ class TrainDecoderParams(TrainingParams):
             raise ParamsError(f"train_decoder.held_out_share: {self.held_out_share} must be in (0, 1)")
         if self.perceptual_frames < 0 or self.disc_start < 0:
             raise ParamsError("train_decoder.perceptual_frames and disc_start must be >= 0")
+        for name in self.video_baseline_list:
+            _check_choice("train_decoder.video_baselines", name, VIDEO_BASELINES)
+        if len(set(self.video_baseline_list)) != len(self.video_baseline_list):
+            raise ParamsError(f"train_decoder.video_baselines: {self.video_baselines!r} names a decoder twice")
+
+    @property
+    def video_baseline_list(self) -> list[str]:
+        return [name.strip() for name in self.video_baselines.split(",") if name.strip()]
 
     @property
     def missing_weights(self) -> list[str]:
@@ -306,6 +318,7 @@ class TrainDecoderParams(TrainingParams):
 
 CONTROL_CONDITIONS = ("canny", "hed", "depth", "image")  # model.controlnet.CONDITIONS, spelled here to keep torch out of params (a test pins them equal)
 IMAGE_MODES = ("repeat", "first_frame")  # the image condition: the reference frame repeated, or on frame 0 only
+VIDEO_BASELINES = ("conv3d", "videoldm")  # model.tcm_vae.VIDEO_LAYERS less "", spelled here to keep torch out of params (a test pins them equal)
 MEC_PATHS = ("2d+1d", "ste", "ce", "me")  # model.mec.MECPaths.NAMES, spelled here to keep torch out of params (a test pins them equal)
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")  # model.diffusion.TIMESTEP_SAMPLINGS, spelled here to keep torch out of params (a test pins them equal)
 

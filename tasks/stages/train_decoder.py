@@ -3,12 +3,15 @@ shards with the image VAE's encoder frozen, on the training engine (tasks/traini
 beside the image decoder on held-out clips (the paper's Table 3 layout).
 
 For a fair comparison the plain image decoder is fine-tuned too, with the same loss (less the TCM
-consistency term, which has nothing to act on), data, steps and seed (`compare_image_decoder`).
+consistency term, which has nothing to act on), data, steps and seed (`compare_image_decoder`), and
+so are Table 3's other video decoders (`video_baselines`: the 3-D convolution decoder and
+VideoLDM's temporally fine-tuned one, model/tcm_vae.py).
 Videos are split seeded by video id (tasks/storage/clip_shards.py); the held-out ones never reach training.
 
 Outputs: models/decoder/ (TCM-VAE weights + config.json + metrics.json), models/decoder/image_decoder/
-(the fine-tuned image decoder) and reports/reconstruction.json: PSNR/SSIM in YUV (Y and all three
-channels) and flicker for the pretrained image decoder, the fine-tuned image decoder and the TCM-VAE.
+(the fine-tuned image decoder), models/decoder/conv3d_decoder/ and videoldm_decoder/ (the video
+baselines) and reports/reconstruction.json: PSNR/SSIM in YUV (Y and all three channels) and flicker
+for the pretrained image decoder and every fine-tuned decoder, each against the TCM-VAE.
 """
 
 from __future__ import annotations
@@ -95,10 +98,12 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
     variants = {"tcm_vae": TCMVAEConfig(cfg.temporal_compensation, cfg.refinement, cfg.refine_channels)}
     if cfg.compare_image_decoder:
         variants["image_decoder_finetuned"] = TCMVAEConfig(temporal_compensation=False, refinement=False)
+    for layers in cfg.video_baseline_list:
+        variants[f"{layers}_decoder"] = TCMVAEConfig(temporal_compensation=False, refinement=False, video_layers=layers)
     flat = flatten({"preset": params.preset, "train_decoder": params_to_dict(params)["train_decoder"]})
     runs_by_variant, folders = {}, {}
     for name, variant in variants.items():
-        folders[name] = output_dir if name == "tcm_vae" else output_dir / IMAGE_DECODER
+        folders[name] = output_dir if name == "tcm_vae" else output_dir / IMAGE_DECODER if name == "image_decoder_finetuned" else output_dir / name
         recipe = DecoderRecipe(params.preset, cfg, encoders, variant, held_clips[0])
         result = fit(
             recipe, cfg, {"train": clip_dataset(clips, train_rows, seed=cfg.seed)},
@@ -144,9 +149,10 @@ def log_comparison(report: dict[str, Any]) -> None:
 def main(params: Params) -> None:
     report = train_decoder(params)
     write_json(report, RECONSTRUCTION_REPORT)
-    table = report["table"]  # held-out PSNR-Y of the TCM-VAE and of its strongest baseline, the fine-tuned image decoder
-    write_metrics({"tcm_vae_psnr_y": table["tcm_vae"]["psnr_y"], "image_decoder_psnr_y": table.get("image_decoder_finetuned", {}).get("psnr_y")}, RECONSTRUCTION_METRICS)
-    write_loss_curves(report["mlflow_run_ids"], DECODER_PLOTS, "train_decoder: the TCM-VAE and the image decoder fine-tuned as long")
+    table = report["table"]  # held-out PSNR-Y of the TCM-VAE and of each decoder fine-tuned beside it
+    write_metrics({"tcm_vae_psnr_y": table["tcm_vae"]["psnr_y"], "image_decoder_psnr_y": table.get("image_decoder_finetuned", {}).get("psnr_y"),
+                   **{f"{name}_psnr_y": table[name]["psnr_y"] for name in table if name.endswith("_decoder")}}, RECONSTRUCTION_METRICS)
+    write_loss_curves(report["mlflow_run_ids"], DECODER_PLOTS, "train_decoder: the TCM-VAE and the decoders fine-tuned as long beside it")
     print("train_decoder: held-out reconstruction (Table 3 layout), "
           f"{report['held_out']['clips']} clips of {report['held_out']['videos']} videos, {report['steps']} steps each:")
     print(f"  {'decoder':<26}{'PSNR-Y':>9}{'PSNR-YUV':>10}{'SSIM-Y':>8}{'SSIM-YUV':>10}{'flicker':>9}")

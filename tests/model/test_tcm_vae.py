@@ -64,3 +64,30 @@ def test_refinement_unet_and_tcms_are_the_only_new_trainable_parts(vae):
     assert new == {"tcms", "refine", "feature_heads"}
     assert all(p.requires_grad for p in decoder.parameters())
     assert not any(p.requires_grad for p in vae.parameters())  # the image VAE itself stays frozen
+
+
+@pytest.mark.parametrize("layers", ["conv3d", "videoldm"])
+def test_table3_video_baselines_start_as_the_image_decoder_and_mix_frames_once_trained(vae, video, layers):
+    """Table 3's 3-D convolution decoder and VideoLDM's temporally fine-tuned decoder: untrained,
+    each decodes exactly like the image decoder it was built from; with its temporal weights off
+    zero (as after training) a change to frame 0 reaches frame 1 (the image decoder's cannot)."""
+    latents = FrozenEncoder(vae)(video)[0]
+    image = TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False))
+    baseline = TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False, video_layers=layers))
+    with torch.no_grad():
+        assert (baseline(latents) - image(latents)).abs().max() < 1e-4  # float32 sums in another order (conv3d)
+        torch.manual_seed(1)
+        if layers == "conv3d":
+            assert len(baseline.inflated) == sum(1 for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+            for conv in baseline.inflated:  # the side frames' taps, zero at the start
+                conv.conv.weight[:, :, 0].normal_(std=0.02)
+                conv.conv.weight[:, :, 2].normal_(std=0.02)
+        else:
+            assert len(baseline.temporal_blocks) == 1 + len(vae.decoder.up_blocks)
+            for block in baseline.temporal_blocks:
+                block.conv2.weight.normal_(std=0.02)
+        changed = latents.clone()
+        changed[:, :, 0] += 1.0
+        delta = (baseline(changed) - baseline(latents)).abs().amax(dim=(0, 1, 3, 4))  # per frame
+    assert delta[1] > 1e-3
+

@@ -6,7 +6,8 @@ import yaml
 from flows.cli import main as cli_main
 from model.mec import MECPaths
 from model.presets import get_preset
-from tasks.config.params import MEC_PATHS, PRESETS, VALUES_MARK, ParamsError, flatten, load_params, params_to_dict, preset_values
+from model.tcm_vae import VIDEO_LAYERS
+from tasks.config.params import MEC_PATHS, PRESETS, VALUES_MARK, VIDEO_BASELINES, ParamsError, flatten, load_params, params_to_dict, preset_values
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -109,6 +110,9 @@ def test_the_unet_params_default_to_the_presets_architecture(preset, preset_para
     assert (unet.spatial_experts, unet.temporal_experts) == (model.spatial_experts, model.temporal_experts)
     assert MECPaths.from_names(unet.mec_paths) == model.mec_paths == MECPaths()
     assert MEC_PATHS == tuple(MECPaths.NAMES)  # params' spelling of the path names
+    assert VIDEO_BASELINES == VIDEO_LAYERS[1:]  # and of Table 3's video decoders
+    with pytest.raises(ParamsError, match="train_decoder.video_baselines: 'conv2d' is not one of conv3d, videoldm"):
+        load_params(REPO_PARAMS, ["train_decoder.video_baselines=conv3d,conv2d"])
     with pytest.raises(ParamsError, match="train_unet.mec_paths: unknown path"):
         load_params(REPO_PARAMS, ["train_unet.mec_paths=2d+1d,mse"])
     assert load_params(REPO_PARAMS, ["train_unet.mec_paths=''"]).train_unet.mec_paths == ""

@@ -50,16 +50,18 @@ def test_split_is_by_video_seeded_and_reads_back_the_right_clips(stage_inputs, f
 
 
 def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs, monkeypatch, ray_session):
-    """One training run (each costs ~45 s of Ray Train start-up here); the fine-tuned image decoder
-    is the same code with TCMs and refinement off, and `make demo` trains both."""
+    """Two training runs (each costs ~45 s of Ray Train start-up here): the TCM-VAE and one of
+    Table 3's video baselines (VideoLDM's); the fine-tuned image decoder is the same code with
+    TCMs and refinement off, and `make demo` trains all four."""
     root, clips_dir, latents_dir = stage_inputs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     cfg = TrainDecoderParams(steps=4, batch_size=1, checkpoint_every=2, disc_start=2, warmup_steps=1, held_out_share=0.34,
-                             refine_channels=8, disc_channels=8, compare_image_decoder=False)
+                             refine_channels=8, disc_channels=8, compare_image_decoder=False, video_baselines="videoldm")
     out = root / "models" / "decoder"
     report = train_decoder(Params(train_decoder=cfg), clips=clips_dir, latents=latents_dir, output_dir=out, runs=root / "runs")
 
-    assert set(report["table"]) == {"image_vae", "tcm_vae"}
+    assert set(report["table"]) == {"image_vae", "tcm_vae", "videoldm_decoder"}
+    assert set(report["differences"]) == {"tcm_vae - image_vae", "tcm_vae - videoldm_decoder"}
     assert report["comparable"] is False and report["held_out"]["videos"] == 1
     held_frames = report["held_out"]["clips"] * 8
     assert all(row["frames"] == held_frames and np.isfinite(row["psnr_y"]) for row in report["table"].values())
@@ -68,6 +70,9 @@ def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs
     assert psnr["low"] == psnr["mean"] == psnr["high"] and psnr["verdict"] == "one video: no spread"
     assert report["spread"]["tcm_vae"]["ssim_y"]["mean"] == pytest.approx(report["table"]["tcm_vae"]["ssim_y"])
     assert not (out / IMAGE_DECODER).exists()
+    videoldm = load_decoder(out / "videoldm_decoder")  # reloads as the architecture it trained
+    assert videoldm.config.video_layers == "videoldm" and videoldm.tcms is None and videoldm.refine is None
+    assert videoldm.temporal_blocks[0].conv2.weight.abs().sum() > 0  # trained off its zero start
 
     tcm = load_decoder(out)
     assert tcm.tcms is not None and tcm.refine is not None
@@ -81,7 +86,7 @@ def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs
         history = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in ("loss", "loss/l1", "loss/discriminator", "loss/consistency")}
         assert history["loss"] == [1, 2, 3, 4] and history["loss/l1"] == [1, 2, 3, 4]
         assert history["loss/discriminator"] == [3, 4]  # the adversarial loss from disc_start (step index 2) on
-        assert history["loss/consistency"] == [1, 2, 3, 4]
+        assert history["loss/consistency"] == ([1, 2, 3, 4] if variant == "tcm_vae" else [])
         assert sorted(m.step for m in client.get_metric_history(run_id, "grad_norm/discriminator")) == [1, 2, 3, 4]
         assert client.get_run(run_id).data.metrics["heldout/tcm_vae/psnr_y"] == pytest.approx(report["table"]["tcm_vae"]["psnr_y"])
         assert client.get_run(run_id).data.tags["progress"].startswith(f"train_decoder-{variant}: step 4/4  loss ")  # rank 0's last progress line
