@@ -120,7 +120,11 @@ def ablation(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, decod
     for row in cfg.row_list:
         for seed in cfg.seed_list:
             print(f"ablation: row {row} ({ABLATION_ROWS[row] or 'the full model'}), seed {seed}: {cfg.steps} steps", flush=True)
-            records.append(run_row(params, row, seed, output_dir / f"{row}-seed{seed}", clips, latents, decoder))
+            record = run_row(params, row, seed, output_dir / f"{row}-seed{seed}", clips, latents, decoder)
+            records.append(record)
+            shown = {"loss": record["loss"], **record["figures"]}
+            print(f"ablation: {row}, seed {seed}: {record['parameters']:,} parameters; "
+                  + ", ".join(f"{name} {value:.4g}" for name, value in shown.items() if value is not None) + f" ({record['seconds']:.0f} s)", flush=True)
     report = {
         "table": table(records), "runs": records, "steps": cfg.steps, "seeds": cfg.seed_list,
         "comparable": params.preset != "smoke" and all(record["comparable"] for record in records),
