@@ -461,7 +461,7 @@ class EvaluateParams:
 # and together against a baseline with neither (plain 2-D convolutions, one FFN per layer).
 ABLATION_ROWS: dict[str, dict[str, Any]] = {
     "full": {},  # both tables' last row: all four MEC paths, MoE-STA
-    "no_2d+1d": {"mec_paths": "ste,ce,me"},
+    "no_2d1d": {"mec_paths": "ste,ce,me"},  # no "+": row names are MLflow metric prefixes
     "no_ste": {"mec_paths": "2d+1d,ce,me"},
     "no_ce": {"mec_paths": "2d+1d,ste,me"},
     "no_me": {"mec_paths": "2d+1d,ste,ce"},
@@ -477,7 +477,7 @@ class AblationParams:
     train_unet's recipe with the row's changes for `steps` steps per seed, then evaluate's
     protocols score it with the trained decoder."""
 
-    rows: str = "full,no_2d+1d,no_ste,no_ce,no_me,no_moe,no_mec,baseline"  # comma-separated names of ABLATION_ROWS
+    rows: str = "full,no_2d1d,no_ste,no_ce,no_me,no_moe,no_mec,baseline"  # comma-separated names of ABLATION_ROWS
     steps: int = 300  # optimizer steps per row and seed (the same for every row); L/H: train_unet's 100000
     seeds: str = "0"  # comma-separated train_unet seeds per row: two or more give each figure's run-to-run spread
 

@@ -106,6 +106,13 @@ def test_the_table_averages_seeds_and_reports_their_spread():
     assert table["no_me"] == {"parameters": 10, "loss": 0.2, "fvd": 30.0}
 
 
+def test_row_names_are_valid_mlflow_metric_prefixes():
+    from mlflow.utils.validation import _validate_metric_name
+
+    for row in ABLATION_ROWS:
+        _validate_metric_name(f"{row}/fvd")  # raises on a character MLflow refuses, such as '+'
+
+
 def test_each_row_changes_only_its_own_keys():
     params = params_for(steps=7)
     for row, changes in ABLATION_ROWS.items():
