@@ -255,7 +255,7 @@ class TrainUnetParams(TrainingParams):
         _check_choice("train_unet.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         for key in ("spatial_experts", "temporal_experts"):
             _check_positive(f"train_unet.{key}", getattr(self, key))
-        unknown = sorted({name.strip() for name in self.mec_paths.split(",") if name.strip()} - set(MEC_PATHS))
+        unknown = sorted(set(_names(self.mec_paths)) - set(MEC_PATHS))
         if unknown:
             raise ParamsError(f"train_unet.mec_paths: unknown path(s) {', '.join(unknown)}; list some of {','.join(MEC_PATHS)} ('' = no MEC)")
 
@@ -301,14 +301,11 @@ class TrainDecoderParams(TrainingParams):
             raise ParamsError(f"train_decoder.held_out_share: {self.held_out_share} must be in (0, 1)")
         if self.perceptual_frames < 0 or self.disc_start < 0:
             raise ParamsError("train_decoder.perceptual_frames and disc_start must be >= 0")
-        for name in self.video_baseline_list:
-            _check_choice("train_decoder.video_baselines", name, VIDEO_BASELINES)
-        if len(set(self.video_baseline_list)) != len(self.video_baseline_list):
-            raise ParamsError(f"train_decoder.video_baselines: {self.video_baselines!r} names a decoder twice")
+        _check_names("train_decoder.video_baselines", self.video_baselines, VIDEO_BASELINES, "a decoder")
 
     @property
     def video_baseline_list(self) -> list[str]:
-        return [name.strip() for name in self.video_baselines.split(",") if name.strip()]
+        return _names(self.video_baselines)
 
     @property
     def missing_weights(self) -> list[str]:
@@ -378,7 +375,7 @@ class TrainControlnetParams(TrainingParams):
 
     @property
     def condition_list(self) -> list[str]:
-        return [name.strip() for name in self.conditions.split(",") if name.strip()]
+        return _names(self.conditions)
 
     @property
     def missing_weights(self) -> list[str]:
@@ -448,7 +445,7 @@ class EvaluateParams:
 
     @property
     def protocol_list(self) -> list[str]:
-        return [name.strip() for name in self.protocols.split(",") if name.strip()]
+        return _names(self.protocols)
 
     @property
     def missing_weights(self) -> list[str]:
@@ -482,12 +479,9 @@ class AblationParams:
     seeds: str = "0"  # comma-separated train_unet seeds per row: two or more give each figure's run-to-run spread
 
     def __post_init__(self) -> None:
-        for name in self.row_list:
-            _check_choice("ablation.rows", name, tuple(ABLATION_ROWS))
+        _check_names("ablation.rows", self.rows, tuple(ABLATION_ROWS), "a row")
         if not self.row_list:
             raise ParamsError(f"ablation.rows: empty; choose from {', '.join(ABLATION_ROWS)}")
-        if len(set(self.row_list)) != len(self.row_list):
-            raise ParamsError(f"ablation.rows: {self.rows!r} names a row twice")
         _check_positive("ablation.steps", self.steps)
         if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", self.seeds):
             raise ParamsError(f"ablation.seeds: {self.seeds!r} must be comma-separated non-negative integers, such as 0 or 0,1")
@@ -496,7 +490,7 @@ class AblationParams:
 
     @property
     def row_list(self) -> list[str]:
-        return [name.strip() for name in self.rows.split(",") if name.strip()]
+        return _names(self.rows)
 
     @property
     def seed_list(self) -> list[int]:
@@ -809,6 +803,20 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
         if value < 0 and key not in SIGNED_KEYS:
             raise ParamsError(f"{key}: {value!r} must be >= 0")
     return value
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated params value -> its names, blanks dropped ("a, b," -> ["a", "b"])."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _check_names(key: str, text: str, choices: tuple[str, ...], noun: str) -> None:
+    """Every name of a comma-separated value is one of `choices`, and none comes twice."""
+    names = _names(text)
+    for name in names:
+        _check_choice(key, name, choices)
+    if len(set(names)) != len(names):
+        raise ParamsError(f"{key}: {text!r} names {noun} twice")
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
