@@ -413,6 +413,7 @@ class EvaluateParams:
     msrvtt_videos: str = ""  # folder of {video_id}.mp4
     msrvtt_num_videos: int = 0  # 0 = one per video of the split (2990 test, or 1000 for 1k-A); else a seeded subset
     reference_sample_limit: int = 0  # 0: the reference protocols' own counts (2048, 10000, 2990); else a cap, recorded as a deviation
+    decoder_table: str = "heldout"  # Table 3's generation columns: this protocol's latents also decoded by the other decoders (when it is evaluated); "" = off
     batch_size: int = 4  # videos per generation batch
     sample_count: int = 4  # generated videos per protocol saved as MP4/GIF to MLflow
     num_workers: int = 2  # Ray actors that generate and score (one per GPU when use_gpu)
@@ -424,6 +425,8 @@ class EvaluateParams:
             _check_choice("evaluate.protocols", name, PROTOCOLS)
         if not self.protocol_list:
             raise ParamsError(f"evaluate.protocols: empty; choose from {', '.join(PROTOCOLS)}")
+        if self.decoder_table:  # a protocol's name; the table is made when that protocol is among those evaluated
+            _check_choice("evaluate.decoder_table", self.decoder_table, PROTOCOLS)
         for key in ("max_real", "steps", "fvd_frames", "is_splits", "batch_size", "num_workers", "caption_prompts"):
             _check_positive(f"evaluate.{key}", getattr(self, key))
         for key in ("num_videos", "msrvtt_num_videos", "sample_count", "reference_sample_limit"):

@@ -57,8 +57,9 @@ from tasks.config.params import PREVIEW_FPS, CacheLatentsParams, EvaluateParams,
 from tasks.config.paths import CLIPS, DECODER, EVAL_STATS, LATENTS, PLOTS, UNET
 from tasks.evaluation.protocols import Protocol, View, build_protocols
 from tasks.inference.clip_score import load_clip
-from tasks.inference.encoders import resolved_encoders
+from tasks.inference.encoders import load_vae, resolved_encoders
 from tasks.inference.generation import VideoGenerator, read_video_clip
+from tasks.inference.models import TCM_VAE, image_vae_decoder, load_decoder, trained_decoders
 from tasks.operations.lineage import lineage_tags, log_params, start_run, tracking_uri
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import atomic_path
@@ -86,6 +87,7 @@ class Settings:
     latents: str
     views: dict[str, View]  # per protocol name
     max_frames: int  # longest scored clip over the protocols: per-frame columns are padded to it
+    table_decoders: dict[str, str]  # decoder_table's other decoders: name -> train_decoder's folder (beside the image VAE's own)
 
 
 def feature_networks(cfg: EvaluateParams):
@@ -145,16 +147,23 @@ class VideoScorer:
         for network in (self.fvd.network, self.inception.network, self.clip):
             network.to(device)
         self.generator = VideoGenerator(settings.unet, settings.decoder, settings.latents, settings.encoders, device=device)
+        self.table_decoders = {}
+        if settings.cfg.decoder_table in settings.views:
+            self.table_decoders = {"image_vae": image_vae_decoder(load_vae(settings.encoders)),
+                                   **{name: load_decoder(folder) for name, folder in settings.table_decoders.items()}}
+            for decoder in self.table_decoders.values():
+                decoder.to(device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         s = self.settings
-        view = s.views[batch["protocol"].iloc[0]]
+        protocol = batch["protocol"].iloc[0]
+        view = s.views[protocol]
         generated = batch[batch["kind"] == "generated"]
         videos, captions, keep, offsets = [], [], [], {}
         if len(generated):
-            made = self.generator(generated["prompt"].tolist(), generated["seed"].tolist(), frames=view.generate_frames, height=s.height,
-                                  width=s.width, steps=s.steps, guidance_scale=s.guidance_scale)
-            videos += list(to_view(made, view))
+            latents = self.generator.sample_latents(generated["prompt"].tolist(), generated["seed"].tolist(), frames=view.generate_frames,
+                                                    height=s.height, width=s.width, steps=s.steps, guidance_scale=s.guidance_scale)
+            videos += list(to_view(self.generator.decode(latents), view))
             captions += generated["prompt"].tolist()
             keep += list(generated.index)
         status = {}
@@ -168,7 +177,19 @@ class VideoScorer:
                 status[row.Index] = f"skipped: {error}"
         out = score_rows(self, batch, view, np.stack(videos) if videos else None, captions, keep, status)
         out["frame_offset"] = [offsets.get(label, -1) for label in batch.index]
+        if len(generated) and protocol == s.cfg.decoder_table:
+            out = pd.concat([out, *self.decoded_by_table_decoders(generated, latents, view)], ignore_index=True)
         return out
+
+    def decoded_by_table_decoders(self, generated: pd.DataFrame, latents: torch.Tensor, view: View) -> list[pd.DataFrame]:
+        """The same latents through each other decoder, scored as rows of protocol PROTOCOL/DECODER
+        (Table 3: only the decoder differs, not the prompts, seeds or sampler)."""
+        tables = []
+        for name, decoder in self.table_decoders.items():
+            rows = generated.assign(protocol=f"{generated['protocol'].iloc[0]}/{name}")
+            out = score_rows(self, rows, view, to_view(self.generator.decode(latents, decoder), view), rows["prompt"].tolist(), list(rows.index), {})
+            tables.append(out.assign(preview=[b""] * len(out), frame_offset=-1))  # samples: the main decoder's only
+        return tables
 
 
 def score_rows(scorer: VideoScorer, batch: pd.DataFrame, view: View, videos: np.ndarray | None, captions: list[str], keep: list[int],
@@ -312,6 +333,9 @@ def score(protocols: list[Protocol], s: Settings, ids: dict[str, str], samples: 
                 save_real_stats(stats_path(keys[protocol.name], stats), real, keys[protocol.name])
         probed = [json.loads(text) for text in mine[mine["kind"] == "generated"].sort_values("index")["probe"]] if protocol.name == "captions" else []
         results[protocol.name] = {"generated": generated, "real": real, "real_cached": cached[protocol.name] is not None, "probed": probed}
+        if protocol.name == s.cfg.decoder_table:
+            results[protocol.name]["decoders"] = {name: reduce_rows(scored[scored["protocol"] == f"{protocol.name}/{name}"], view.frames)
+                                                  for name in ("image_vae", *s.table_decoders)}
     return results
 
 
@@ -325,6 +349,44 @@ def offsets_record(offsets: dict[str, int], view: View) -> dict[str, Any]:
             "first": lines[:5]}
 
 
+def is_splits(protocol: Protocol, generated: dict[str, Any], s: Settings) -> int:
+    """IS splits: the reference's (or evaluate.is_splits), at most one per generated video."""
+    return min(protocol.reference.is_splits if protocol.reference else s.cfg.is_splits, len(generated["is_probabilities"]))
+
+
+def video_metrics(protocol: Protocol, generated: dict[str, Any], real: dict[str, Any], splits: int) -> dict[str, float]:
+    """The protocol's metrics of generated videos against its real ones (reduced by reduce_rows)."""
+    wanted = protocol.metrics
+    figures: dict[str, float] = {}
+    if "fvd" in wanted:
+        figures["fvd"] = round(stats_distance(real["fvd"], generated["fvd"], protocol.covariance_ddof), 4)
+    if "is" in wanted:
+        figures["is_mean"], figures["is_std"] = (round(value, 4) for value in inception_score(generated["is_probabilities"], splits))
+    if "clipsim" in wanted:
+        figures["clipsim"] = round(float(generated["clipsim_frames"].mean()), 5)
+        if len(real["clipsim_frames"]):
+            figures["real_clipsim"] = round(float(real["clipsim_frames"].mean()), 5)
+    if "frame_consistency" in wanted:
+        figures["frame_consistency"] = round(float(generated["consistency_pairs"].mean()), 5)
+        figures["real_frame_consistency"] = round(float(real["consistency_pairs"].mean()), 5)
+    return figures
+
+
+def decoder_table(protocol: Protocol, result: dict[str, Any], s: Settings, ids: dict[str, str], comparable: bool) -> dict[str, Any]:
+    """Table 3's generation columns: the protocol's metrics with each decoder decoding the same
+    latents; the TCM-VAE's row is the protocol's own figures."""
+    splits = is_splits(protocol, result["generated"], s)
+    rows = {TCM_VAE: video_metrics(protocol, result["generated"], result["real"], splits)}
+    for name, generated in result["decoders"].items():
+        if generated["skipped"]:
+            raise RuntimeError(f"evaluate/{protocol.name}/{name}: {generated['skipped']} decoded video(s) failed to score: {generated['skip_reasons']}")
+        rows[name] = video_metrics(protocol, generated, result["real"], splits)
+    weights = {TCM_VAE: ids["decoder"], **{name: file_digest(Path(folder) / "model.safetensors") for name, folder in s.table_decoders.items()},
+               "image_vae": "the cache's image VAE (encoders.json)"}
+    return {"protocol": protocol.name, "decoders": rows, "comparable": comparable, "weights": weights,
+            "same_latents": f"{len(protocol.prompts)} videos: the same prompts, seeds and DDIM latents for every decoder"}
+
+
 def protocol_metrics(protocol: Protocol, result: dict[str, Any], s: Settings, ids: dict[str, str], comparable: bool) -> dict[str, Any]:
     """The protocol's metrics (a reference protocol's only), with the full protocol record."""
     generated, real, view, wanted = result["generated"], result["real"], protocol.view, protocol.metrics
@@ -335,19 +397,8 @@ def protocol_metrics(protocol: Protocol, result: dict[str, Any], s: Settings, id
     deviations = list(protocol.deviations)
     if protocol.reference and protocol.real_limit and real["fvd"].count < protocol.real_limit:
         deviations.append(f"{real['fvd'].count} usable real videos of the {protocol.real_limit} wanted ({real['skipped']} discarded, reserves exhausted)")
-    figures: dict[str, Any] = {}
-    if "fvd" in wanted:
-        figures["fvd"] = round(stats_distance(real["fvd"], generated["fvd"], protocol.covariance_ddof), 4)
-    splits = min(protocol.reference.is_splits if protocol.reference else s.cfg.is_splits, len(generated["is_probabilities"]))
-    if "is" in wanted:
-        figures["is_mean"], figures["is_std"] = (round(value, 4) for value in inception_score(generated["is_probabilities"], splits))
-    if "clipsim" in wanted:
-        figures["clipsim"] = round(float(generated["clipsim_frames"].mean()), 5)
-        if len(real["clipsim_frames"]):
-            figures["real_clipsim"] = round(float(real["clipsim_frames"].mean()), 5)
-    if "frame_consistency" in wanted:
-        figures["frame_consistency"] = round(float(generated["consistency_pairs"].mean()), 5)
-        figures["real_frame_consistency"] = round(float(real["consistency_pairs"].mean()), 5)
+    splits = is_splits(protocol, generated, s)
+    figures = video_metrics(protocol, generated, real, splits)
     if protocol.name == "captions":
         figures.update(caption_following(protocol, result["probed"], protocol.real))
     record = {
@@ -445,6 +496,9 @@ def log_to_mlflow(report: dict[str, Any], params: Params, samples: Path, run_nam
     log_params(client, run_id, flat)
     metrics = [Metric(f"{name}/{key}", float(value), 0, 0) for name, figures in report["protocols"].items()
                for key, value in figures.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    if "decoder_table" in report:
+        metrics += [Metric(f"decoders/{name}/{key}", float(value), 0, 0) for name, figures in report["decoder_table"]["decoders"].items()
+                    for key, value in figures.items()]
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, report, "eval.json")
     for path in sorted(samples.iterdir()):
@@ -469,6 +523,7 @@ def evaluate(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet:
             encoders=resolved_encoders(latents, params.cache_latents), unet=str(unet.resolve()), decoder=str(decoder.resolve()),
             latents=str(latents.resolve()), views={protocol.name: protocol.view for protocol in protocols},
             max_frames=max(protocol.view.frames for protocol in protocols),
+            table_decoders={name: str(folder.resolve()) for name, folder in trained_decoders(decoder).items() if name != TCM_VAE},
         )
         ids = feature_network_ids(cfg)
         ids["unet"] = file_digest(unet / "model.safetensors")
@@ -478,6 +533,9 @@ def evaluate(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, unet:
             "protocols": {protocol.name: protocol_metrics(protocol, results[protocol.name], settings, ids, comparable) for protocol in protocols},
             "seconds": round(time.perf_counter() - started, 1),
         }
+        table_protocol = next((protocol for protocol in protocols if protocol.name == cfg.decoder_table), None)
+        if table_protocol is not None:
+            report["decoder_table"] = decoder_table(table_protocol, results[table_protocol.name], settings, ids, comparable)
         for protocol in protocols:
             table = per_frame_table(results[protocol.name])
             with atomic_path(plots / f"{protocol.name}.csv") as tmp:

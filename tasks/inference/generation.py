@@ -60,11 +60,24 @@ class VideoGenerator:
         if height % multiple or width % multiple:
             raise ValueError(f"{height}x{width}: height and width must be multiples of {multiple} for this UNet")
 
+    def __call__(self, prompts: list[str], seeds: list[int], **sampling) -> np.ndarray:
+        """One video per (prompt, seed): (b, frames, height, width, 3) uint8, decoded by the loaded
+        decoder; `sampling` as `sample_latents` takes it."""
+        return self.decode(self.sample_latents(prompts, seeds, **sampling))
+
     @torch.no_grad()
-    def __call__(self, prompts: list[str], seeds: list[int], *, frames: int, height: int, width: int, steps: int, guidance_scale: float,
-                 control: np.ndarray | None = None, control_type: str | None = None, style_embedding: torch.Tensor | None = None,
-                 control_scale: float = 1.0, callback=None) -> np.ndarray:
-        """One video per (prompt, seed): (b, frames, height, width, 3) uint8.
+    def decode(self, latents: torch.Tensor, decoder: torch.nn.Module | None = None) -> np.ndarray:
+        """Latents (b, c, t, h, w) -> (b, t, H, W, 3) uint8 through `decoder` (default: the one
+        loaded), one clip at a time (memory)."""
+        decoder = self.decoder if decoder is None else decoder
+        videos = [decoder(clip[None])[0] for clip in latents]  # (3, t, h, w) each
+        return np.stack([pixels_to_frames(video.permute(1, 0, 2, 3)) for video in videos])
+
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], seeds: list[int], *, frames: int, height: int, width: int, steps: int, guidance_scale: float,
+                       control: np.ndarray | None = None, control_type: str | None = None, style_embedding: torch.Tensor | None = None,
+                       control_scale: float = 1.0, callback=None) -> torch.Tensor:
+        """DDIM latents (b, c, frames, height/8, width/8), one per (prompt, seed), each from its own seeded noise.
 
         control: condition maps (b, frames, height, width, 3) uint8 of type `control_type`;
         style_embedding: (b, e) CLIP image embeddings. Both need the ControlNet (controlnet_dir)."""
@@ -86,6 +99,4 @@ class VideoGenerator:
                 kind = torch.full((len(prompts),), CONDITIONS.index(control_type), device=self.device)
             style = None if style_embedding is None else style_embedding.to(self.device)
             model = self.controlled.denoiser(condition, kind, style, control_scale)
-        latents = ddim_sample(model, self.schedule, noise, context, self.null_context, steps=steps, guidance_scale=guidance_scale, callback=callback)
-        videos = [self.decoder(clip[None])[0] for clip in latents]  # (3, t, h, w) each, one at a time (memory)
-        return np.stack([pixels_to_frames(video.permute(1, 0, 2, 3)) for video in videos])
+        return ddim_sample(model, self.schedule, noise, context, self.null_context, steps=steps, guidance_scale=guidance_scale, callback=callback)

@@ -19,6 +19,28 @@ from model.weights import WeightsError, file_digest, load_into, load_state_dict
 from tasks.storage.atomic import save_safetensors, write_json
 
 IMAGE_DECODER = "image_decoder"  # models/decoder/image_decoder/: the fine-tuned image decoder
+TCM_VAE = "tcm_vae"  # the decoder train_decoder exports at the top of its folder
+
+
+def decoder_folder(output_dir: Path, name: str) -> Path:
+    """Where train_decoder writes decoder `name` (its name in reports/reconstruction.json): the
+    TCM-VAE at the top of models/decoder/, each baseline (Table 3's rows) in a folder beside it."""
+    if name == TCM_VAE:
+        return output_dir
+    return output_dir / (IMAGE_DECODER if name == "image_decoder_finetuned" else name)
+
+
+def trained_decoders(output_dir: Path) -> dict[str, Path]:
+    """The decoders train_decoder exported under `output_dir`, by name, the TCM-VAE first."""
+    found = {TCM_VAE: output_dir}
+    for folder in sorted(path for path in output_dir.iterdir() if (path / "model.safetensors").is_file()):
+        found["image_decoder_finetuned" if folder.name == IMAGE_DECODER else folder.name] = folder
+    return found
+
+
+def image_vae_decoder(vae: AutoencoderKL) -> TCMDecoder:
+    """The image VAE's own decoder, frame by frame and untouched: Table 3's vanilla image decoder."""
+    return TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False)).requires_grad_(False).eval()
 
 
 def save_decoder(decoder: TCMDecoder, folder: Path) -> None:

@@ -49,7 +49,9 @@ def row_params(params: Params, row: str, seed: int) -> Params:
     """train_unet's section with the row's changes, ablation.steps and `seed` (the seed also draws
     the held-out videos, which evaluate's heldout protocol then scores)."""
     changes = {**ABLATION_ROWS[row], "steps": params.ablation.steps, "seed": seed}
-    return dataclasses.replace(params, train_unet=dataclasses.replace(params.train_unet, **changes))
+    # The rows differ in the UNet only: one decoder (the TCM-VAE) scores them, no decoder table
+    return dataclasses.replace(params, train_unet=dataclasses.replace(params.train_unet, **changes),
+                               evaluate=dataclasses.replace(params.evaluate, decoder_table=""))
 
 
 def parameter_count(weights: Path) -> int:

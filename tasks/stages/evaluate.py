@@ -1,7 +1,8 @@
 """Stage `evaluate`: the trained UNet (models/unet), decoded by the TCM-VAE (models/decoder), scored
 under evaluate.protocols (tasks/evaluation/scoring.py: FVD, IS, CLIPSIM, frame consistency, and
 prompt following on the demo world; tasks/evaluation/protocols.py: what each protocol generates
-and compares with).
+and compares with). evaluate.decoder_table's protocol is also scored with every other decoder on
+the same latents (Table 3's generation columns).
 
 Outputs: reports/eval.json (every number beside its protocol), metrics/eval.json (the headline
 numbers, for DVC), plots/eval/PROTOCOL.csv and .png (per-frame CLIPSIM and consistency,
@@ -35,6 +36,11 @@ def main(params: Params) -> None:
                 label = {"training": f"{figures['videos_training']} training captions", "unseen": f"{figures['videos_unseen']} unseen combinations",
                          "real_clips": f"the {p['real_videos']} real clips (the probe)"}[group]
                 print(f"  prompt following, {label}: " + ", ".join(f"{key} {figures[f'{key}_accuracy_{group}']:.0%} (chance {figures[f'{key}_chance']:.0%})" for key in ("color", "shape", "direction")))
+    if "decoder_table" in report:
+        table = report["decoder_table"]
+        print(f"evaluate/{table['protocol']} by decoder (Table 3; {table['same_latents']}):")
+        for name, figures in table["decoders"].items():
+            print(f"  {name:<24} " + "  ".join(summary_parts(figures)))
     print(f"evaluate: {report['seconds']} s; {EVAL_REPORT}, {EVAL_METRICS}, {PLOTS}/, MLflow run {report['mlflow_run_id']}")
 
 

@@ -29,11 +29,11 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from eval.reconstruction import per_clip_metrics, spread
-from model.tcm_vae import FrozenEncoder, TCMDecoder, TCMVAEConfig
+from model.tcm_vae import FrozenEncoder, TCMVAEConfig
 from tasks.config.params import Params, flatten, params_to_dict
 from tasks.config.paths import CLIPS, DECODER, DECODER_PLOTS, LATENTS, RECONSTRUCTION_METRICS, RECONSTRUCTION_REPORT
 from tasks.inference.encoders import load_vae, resolved_encoders
-from tasks.inference.models import IMAGE_DECODER, load_decoder
+from tasks.inference.models import decoder_folder, image_vae_decoder, load_decoder
 from tasks.operations.lineage import lineage_tags, tracking_uri
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import clip_dataset, read_clips, split_clips
@@ -103,7 +103,7 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
     flat = flatten({"preset": params.preset, "train_decoder": params_to_dict(params)["train_decoder"]})
     runs_by_variant, folders = {}, {}
     for name, variant in variants.items():
-        folders[name] = output_dir if name == "tcm_vae" else output_dir / IMAGE_DECODER if name == "image_decoder_finetuned" else output_dir / name
+        folders[name] = decoder_folder(output_dir, name)
         recipe = DecoderRecipe(params.preset, cfg, encoders, variant, held_clips[0])
         result = fit(
             recipe, cfg, {"train": clip_dataset(clips, train_rows, seed=cfg.seed)},
@@ -113,7 +113,7 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
         runs_by_variant[name] = result["mlflow_run_id"]
 
     vae = load_vae(encoders)
-    decoders = {"image_vae": TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False)).eval()}
+    decoders = {"image_vae": image_vae_decoder(vae)}
     decoders.update({name: load_decoder(folders[name]) for name in variants})
     per_clip = compare_decoders(vae, decoders, held_clips)
     counts = {"clips": len(held_clips), "frames": len(held_clips) * held_clips.shape[1]}

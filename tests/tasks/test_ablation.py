@@ -116,7 +116,9 @@ def test_row_names_are_valid_mlflow_metric_prefixes():
 def test_each_row_changes_only_its_own_keys():
     params = params_for(steps=7)
     for row, changes in ABLATION_ROWS.items():
-        changed = ablation_stage.row_params(params, row, seed=5).train_unet
+        row_params = ablation_stage.row_params(params, row, seed=5)
+        assert row_params.evaluate.decoder_table == ""  # rows differ in the UNet: one decoder scores them
+        changed = row_params.train_unet
         assert (changed.steps, changed.seed) == (7, 5)
         differing = {key for key in ("mec_paths", "spatial_experts", "temporal_experts") if getattr(changed, key) != getattr(params.train_unet, key)}
         assert differing == set(changes), row

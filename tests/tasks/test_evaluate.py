@@ -10,13 +10,16 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from eval.ucf101_prompts import prompt_table_digest
+from model.image_vae import build_tiny_image_vae
+from model.tcm_vae import TCMDecoder, TCMVAEConfig
 from tasks.config.params import CacheLatentsParams, EvaluateParams, Params, TrainUnetParams
 from tasks.inference.encoders import encode_captions, load_text
 from tasks.inference.generation import VideoGenerator
-from tasks.inference.models import load_unet
+from tasks.inference.models import IMAGE_DECODER, image_vae_decoder, load_unet, save_decoder
 from tasks.evaluation.protocols import listed_video
 from tasks.evaluation.scoring import evaluate
 from tasks.storage.clip_shards import held_out_videos
@@ -39,6 +42,7 @@ def project(tmp_path_factory, fixture_clip_reader, fixture_videos):
     np.save(latents_dir / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
 
     write_tiny_models(root)
+    write_decoder_baselines(root / "models" / "decoder")
 
     ucf = root / "ucf101"
     (ucf / "ucfTrainTestlist").mkdir(parents=True)
@@ -64,6 +68,20 @@ def project(tmp_path_factory, fixture_clip_reader, fixture_videos):
         "sentences": [{"video_id": video_id, "caption": f"{source} caption {c}", "sen_id": c} for video_id, source in zip(ids, SOURCES) for c in range(3)],
     }))
     return root
+
+
+def write_decoder_baselines(folder):
+    """Two of train_decoder's baselines beside the TCM-VAE: the image decoder with the cache's image
+    VAE weights exactly (a random tiny VAE, seed 0), and a VideoLDM-style decoder moved off its
+    image-decoder start."""
+    vae = build_tiny_image_vae(seed=0)
+    save_decoder(image_vae_decoder(vae), folder / IMAGE_DECODER)
+    videoldm = TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False, video_layers="videoldm"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in videoldm.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    save_decoder(videoldm, folder / "videoldm_decoder")
 
 
 def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_session):
@@ -112,9 +130,25 @@ def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_
     table = pd.read_csv(project / "plots" / "eval" / "ucf101.csv")
     assert list(table["frame"]) == list(range(8)) and np.isnan(table["consistency"][0]) and table["clipsim_real"].notna().all()
 
+    # Table 3's generation columns (evaluate.decoder_table: heldout): every decoder decodes the heldout
+    # latents of the same prompts and seeds. The baseline with the image VAE's exact weights scores
+    # as the image VAE's own decoder; the perturbed one does not; the TCM-VAE's row is heldout's own
+    table = report["decoder_table"]
+    rows = table["decoders"]
+    assert list(rows) == ["tcm_vae", "image_vae", "image_decoder_finetuned", "videoldm_decoder"]
+    metrics = ("fvd", "is_mean", "is_std", "clipsim", "frame_consistency", "real_frame_consistency")
+    assert {key: rows["tcm_vae"][key] for key in metrics} == {key: held[key] for key in metrics}
+    for key in metrics:
+        assert rows["image_decoder_finetuned"][key] == pytest.approx(rows["image_vae"][key], abs=1e-4)
+    assert abs(rows["videoldm_decoder"]["fvd"] - rows["image_vae"]["fvd"]) > 1e-3
+    assert rows["videoldm_decoder"]["real_frame_consistency"] == rows["image_vae"]["real_frame_consistency"]  # one set of real videos
+    assert table["protocol"] == "heldout" and table["comparable"] is False and len(table["weights"]["videoldm_decoder"]) == 64
+    assert table["same_latents"].startswith("4 videos")
+
     client = MlflowClient()
     run = client.get_run(report["mlflow_run_id"])
     assert run.data.metrics["ucf101/fvd"] == pytest.approx(ucf["fvd"]) and run.data.params["evaluate.protocols"] == cfg.protocols
+    assert run.data.metrics["decoders/videoldm_decoder/fvd"] == pytest.approx(rows["videoldm_decoder"]["fvd"])
     assert run.data.tags["versvideo.stage"] == "evaluate"
     samples = [item.path for item in client.list_artifacts(run.info.run_id, "samples")]
     assert len(samples) == 10 and {path.rsplit(".", 1)[1] for path in samples} == {"mp4", "gif"}  # one sample per protocol
@@ -185,6 +219,7 @@ def test_captions_protocol_scores_prompt_following_beside_chance_and_the_real_cl
     text, tokenizer = load_text(CacheLatentsParams())
     np.save(latents_dir / "null_context.npy", encode_captions(text, tokenizer, [""])[0])
     write_tiny_models(root)
+    write_decoder_baselines(root / "models" / "decoder")
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
 

@@ -10,8 +10,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tasks.config.params import Params, TrainDecoderParams
-from tasks.inference.models import load_decoder
-from tasks.stages.train_decoder import IMAGE_DECODER, train_decoder
+from tasks.inference.models import IMAGE_DECODER, load_decoder
+from tasks.stages.train_decoder import train_decoder
 from tasks.storage.clip_shards import read_clips, split_clips
 
 SOURCES = ("h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv")
