@@ -5,7 +5,7 @@ one fixed-shape uint8 clip shard."""
 from __future__ import annotations
 
 import os
-
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,34 +89,35 @@ def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, videos_ro
 INDEX_COLUMNS = ["kind", "clip_id", "video_id", "shard", "shard_row", "start_frame", "stride", "source_fps", "caption", "reason", "detail"]
 
 
+def decode_in_shards(rows: pd.DataFrame, decode_one_shard: Callable[..., pd.DataFrame], out_dir: Path, cfg: DecodeParams, result_columns: list[str],
+                     label: str, unit: str, count: Callable[[pd.DataFrame], int] = len, **shard_kwargs) -> pd.DataFrame:
+    """Run `decode_one_shard(batch, cfg, out_dir, **shard_kwargs)` on each shard of `rows` (their
+    `shard` column), one Ray task per shard on cfg.num_workers CPUs, writing into out_dir, a new
+    or empty folder; returns the shards' result rows, sorted by shard, kind and shard row."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob("clips-*.npy")):
+        raise ValueError(f"{out_dir}: already holds clip shards; decode into a new or empty folder, so no shard of an earlier run survives under a reused name")
+    if not len(rows):
+        return pd.DataFrame(columns=result_columns)
+    ensure_ray()
+    shards = ray.data.from_pandas([group for _, group in rows.groupby("shard")]).map_batches(
+        on_record(decode_one_shard), batch_format="pandas", batch_size=None, num_cpus=1,  # one block = one shard
+        compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
+        fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve()), **shard_kwargs},  # absolute paths: Ray workers do not share our cwd
+    )
+    result = collect_with_progress(shards, label, len(rows), unit, count)
+    return result.loc[:, result_columns].sort_values(["shard", "kind", "shard_row"], kind="stable")
+
+
 def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, videos_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode all kept videos (their `path` relative to videos_root, as the filter writes it) into
     shards under out_dir, a new or empty folder (the decode stage builds one beside the previous
     clips and swaps it in); returns (clip index, rejected videos)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.glob("clips-*.npy")):
-        raise ValueError(f"{out_dir}: already holds clip shards; decode into a new or empty folder, so no shard of an earlier run survives under a reused name")
     videos_per_shard = max(1, cfg.clips_per_shard // cfg.clips_per_video)
     kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // videos_per_shard)
     columns = ["shard", "videoid", "path", "height", "width", "fps", "segment_start", "segment_end", "stride", "name"]
-    if len(kept):
-        ensure_ray()
-        shards = (
-            ray.data.from_pandas([group for _, group in kept.loc[:, columns].groupby("shard")])
-            .map_batches(
-                on_record(decode_shard),
-                batch_format="pandas",
-                batch_size=None,  # one block = one shard
-                num_cpus=1,
-                compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
-                # absolute: Ray workers do not share our cwd
-                fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve()), "videos_root": os.path.abspath(videos_root)},
-            )
-        )
-        result = collect_with_progress(shards, "decode", len(kept), "videos decoded", count=lambda batch: batch["video_id"].nunique())
-    else:
-        result = pd.DataFrame(columns=INDEX_COLUMNS)
-    result = result.sort_values(["shard", "kind", "shard_row"], kind="stable")
+    result = decode_in_shards(kept.loc[:, columns], decode_shard, out_dir, cfg, INDEX_COLUMNS, "decode", "videos decoded",
+                              count=lambda batch: batch["video_id"].nunique(), videos_root=os.path.abspath(videos_root))
     index = result[result["kind"] == "clip"].drop(columns=["kind", "reason", "detail"]).reset_index(drop=True)
     rejected = result[result["kind"] == "rejected"].loc[:, ["video_id", "reason", "detail"]].reset_index(drop=True)
     for column in ("shard", "shard_row", "start_frame", "stride"):

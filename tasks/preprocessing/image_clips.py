@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import ray
 
 from tasks.config.params import DecodeParams
-from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_record
+from tasks.preprocessing.clips import decode_in_shards
 from tasks.storage.atomic import write_npy
 from tasks.storage.clip_shards import shard_name
 from tasks.storage.image_text import SourceReader, decode_image
@@ -58,22 +57,9 @@ def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, ima
 def decode_images(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, images_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every kept image (images_kept.parquet's rows, in their order) into one-frame clip shards of
     cfg.clips_per_shard under out_dir, a new or empty folder; returns (index, rejected)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.glob("clips-*.npy")):
-        raise ValueError(f"{out_dir}: already holds clip shards; decode into a new or empty folder")
     kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // cfg.clips_per_shard)
-    if len(kept):
-        ensure_ray()
-        shards = ray.data.from_pandas([group for _, group in kept.loc[:, ["shard", "key", "source", "member", "caption"]].groupby("shard")]).map_batches(
-            on_record(decode_image_shard), batch_format="pandas", batch_size=None, num_cpus=1,  # one block = one shard
-            compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
-            fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve()), "images_root": os.path.abspath(images_root)},
-        )
-        result = collect_with_progress(shards, "decode_images", len(kept), "images decoded")
-        result = result.loc[:, _RESULT_COLUMNS]
-    else:
-        result = pd.DataFrame(columns=_RESULT_COLUMNS)
-    result = result.sort_values(["shard", "kind", "shard_row"], kind="stable")
+    result = decode_in_shards(kept.loc[:, ["shard", "key", "source", "member", "caption"]], decode_image_shard, out_dir, cfg, _RESULT_COLUMNS,
+                              "decode_images", "images decoded", images_root=os.path.abspath(images_root))
     index = result[result["kind"] == "clip"].loc[:, IMAGE_INDEX_COLUMNS].reset_index(drop=True)
     rejected = result[result["kind"] == "rejected"].loc[:, ["clip_id", "source", "member", "reason", "detail"]].reset_index(drop=True)
     for column in ("shard", "shard_row"):
