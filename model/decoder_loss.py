@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 from torchvision.models.vgg import cfgs, make_layers
 
-from model.tcm_vae import FrozenEncoder, TCMDecoder
+from model.tcm_vae import FrozenEncoder, InflatedConv3d, TCMDecoder
 from model.weights import load_into, load_state_dict
 
 LPIPS_LAYERS = (4, 9, 16, 23, 30)  # VGG16 `features` cut after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
@@ -156,7 +156,10 @@ class DecoderTraining(nn.Module):
         self.decoder, self.lpips, self.discriminator, self.config = decoder, lpips, discriminator, config
 
     def last_layer(self) -> torch.Tensor:
-        return self.decoder.refine.conv_out.weight if self.decoder.refine is not None else self.decoder.decoder.conv_out.weight
+        """The weight of the decoder's output convolution, which VQ-GAN's adaptive weight compares
+        gradients at: the refinement UNet's, else the image decoder's (a Conv3d once inflated)."""
+        conv_out = self.decoder.refine.conv_out if self.decoder.refine is not None else self.decoder.decoder.conv_out
+        return conv_out.conv.weight if isinstance(conv_out, InflatedConv3d) else conv_out.weight
 
     def forward(self, video: torch.Tensor, adversarial: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Eq. 9 for (b, 3, t, h, w) frames in [-1, 1]; `adversarial` once past disc_start.

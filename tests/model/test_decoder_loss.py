@@ -95,3 +95,19 @@ def test_one_backward_gives_each_network_only_its_own_gradient(fixture_clip):
         assert torch.allclose(decoder_grads[name], expected, rtol=1e-4, atol=1e-7), name
     assert float(out["generator"]) == pytest.approx(float(generator_loss), rel=1e-5)
     assert decoder_grads["refine.conv_out.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("video_layers", ["conv3d", "videoldm"])
+def test_table3_baselines_train_through_the_adversarial_phase(video_layers, fixture_clip):
+    """Past disc_start the adaptive weight differentiates at the decoder's output convolution,
+    which the 3-D-conv baseline has inflated to a Conv3d: each baseline gets a finite weight and
+    a gradient at that layer."""
+    vae = build_tiny_image_vae(seed=0)
+    decoder = TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False, video_layers=video_layers))
+    model = DecoderTraining(FrozenEncoder(vae), decoder, random_lpips(0), PatchDiscriminator3D(8, 2), DecoderLossConfig())
+    video = rearrange(frames_to_pixels(fixture_clip), "t c h w -> 1 c t h w")
+    out = model(video, adversarial=True, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    layer = model.last_layer()
+    assert layer.ndim == (5 if video_layers == "conv3d" else 4) and torch.isfinite(out["adaptive_weight"])
+    assert layer.grad is not None and layer.grad.abs().sum() > 0
