@@ -108,3 +108,12 @@ def spread(values: np.ndarray, groups: np.ndarray, resamples: int = 2000, seed: 
     means = grouped_bootstrap(values, groups, resamples, seed)
     low, high = np.percentile(means, [2.5, 97.5])
     return {"mean": float(values.mean()), "std_error": float(means.std()), "low": float(low), "high": float(high)}
+
+
+def paired_difference(values: np.ndarray, others: np.ndarray, groups: np.ndarray, lower_is_better: bool = False, seed: int = 0) -> dict[str, float | str]:
+    """values - others, paired per item, with its spread (groups resampled) and a verdict: better
+    or worse only where the whole 95 % interval lies on that side of zero."""
+    figures = spread(values - others, groups, seed=seed)
+    better, worse = (figures["high"] < 0, figures["low"] > 0) if lower_is_better else (figures["low"] > 0, figures["high"] < 0)
+    verdict = "better" if better else "worse" if worse else "within spread"
+    return {**figures, "verdict": verdict if len(set(groups)) >= 2 else "one video: no spread"}

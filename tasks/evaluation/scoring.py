@@ -50,6 +50,7 @@ from eval.caption_probe import CHANCE, ProbeResult, agreement, probe
 from eval.clip_metrics import build_tiny_clip, frame_embeddings, successive_similarity, text_embeddings, text_frame_similarity
 from eval.frechet import FeatureStats, stats_distance
 from eval.inception import inception_score
+from eval.reconstruction import paired_difference
 from eval.protocols import seeded_offset
 from eval.video_features import I3D_FEATURES, UCF101_CLASSES, fvd_network, fvd_weights_id, is_network, is_weights_id
 from model.weights import file_digest
@@ -381,9 +382,16 @@ def decoder_table(protocol: Protocol, result: dict[str, Any], s: Settings, ids: 
         if generated["skipped"]:
             raise RuntimeError(f"evaluate/{protocol.name}/{name}: {generated['skipped']} decoded video(s) failed to score: {generated['skip_reasons']}")
         rows[name] = video_metrics(protocol, generated, result["real"], splits)
+    # Per-video figures, paired across decoders (same latents): the TCM-VAE minus each, with the
+    # 95 % interval over resampled videos. FVD has no per-video terms, so no interval here
+    per_video = {name: {"frame_consistency": generated["consistency_pairs"].mean(axis=1), "clipsim": generated["clipsim_frames"].mean(axis=1)}
+                 for name, generated in {TCM_VAE: result["generated"], **result["decoders"]}.items()}
+    videos = np.arange(len(per_video[TCM_VAE]["clipsim"]))
+    differences = {f"{TCM_VAE} - {name}": {key: paired_difference(per_video[TCM_VAE][key], values, videos, seed=s.cfg.seed) for key, values in figures.items()}
+                   for name, figures in per_video.items() if name != TCM_VAE}
     weights = {TCM_VAE: ids["decoder"], **{name: file_digest(Path(folder) / "model.safetensors") for name, folder in s.table_decoders.items()},
                "image_vae": "the cache's image VAE (encoders.json)"}
-    return {"protocol": protocol.name, "decoders": rows, "comparable": comparable, "weights": weights,
+    return {"protocol": protocol.name, "decoders": rows, "differences": differences, "comparable": comparable, "weights": weights,
             "same_latents": f"{len(protocol.prompts)} videos: the same prompts, seeds and DDIM latents for every decoder"}
 
 

@@ -41,6 +41,8 @@ def main(params: Params) -> None:
         print(f"evaluate/{table['protocol']} by decoder (Table 3; {table['same_latents']}):")
         for name, figures in table["decoders"].items():
             print(f"  {name:<24} " + "  ".join(summary_parts(figures)))
+        for pair, figures in table["differences"].items():
+            print(f"  {pair:<34} " + "  ".join(f"{key} {f['mean']:+.4f} [{f['low']:+.4f}, {f['high']:+.4f}] {f['verdict']}" for key, f in figures.items()))
     print(f"evaluate: {report['seconds']} s; {EVAL_REPORT}, {EVAL_METRICS}, {PLOTS}/, MLflow run {report['mlflow_run_id']}")
 
 

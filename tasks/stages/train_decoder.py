@@ -28,7 +28,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from eval.reconstruction import per_clip_metrics, spread
+from eval.reconstruction import paired_difference, per_clip_metrics, spread
 from model.tcm_vae import FrozenEncoder, TCMVAEConfig
 from tasks.config.params import Params, flatten, params_to_dict
 from tasks.config.paths import CLIPS, DECODER, DECODER_PLOTS, LATENTS, RECONSTRUCTION_METRICS, RECONSTRUCTION_REPORT
@@ -72,16 +72,8 @@ def spread_table(per_clip: dict[str, dict[str, np.ndarray]], videos: np.ndarray,
     spreads = {name: {key: spread(values, videos, seed=seed) for key, values in figures.items()} for name, figures in per_clip.items()}
     differences = {}
     for other in (name for name in per_clip if name != "tcm_vae"):
-        rows = {}
-        for key, values in per_clip["tcm_vae"].items():
-            figures = spread(values - per_clip[other][key], videos, seed=seed)
-            if key in LOWER_IS_BETTER:
-                better, worse = figures["high"] < 0, figures["low"] > 0
-            else:
-                better, worse = figures["low"] > 0, figures["high"] < 0
-            verdict = "better" if better else "worse" if worse else "within spread"
-            rows[key] = {**figures, "verdict": verdict if len(set(videos)) >= 2 else "one video: no spread"}
-        differences[f"tcm_vae - {other}"] = rows
+        differences[f"tcm_vae - {other}"] = {key: paired_difference(values, per_clip[other][key], videos, key in LOWER_IS_BETTER, seed)
+                                             for key, values in per_clip["tcm_vae"].items()}
     return {"spread": spreads, "differences": differences}
 
 

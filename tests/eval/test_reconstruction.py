@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from eval.reconstruction import flicker, grouped_bootstrap, psnr, reconstruction_metrics, rgb_to_yuv, spread, ssim
+from eval.reconstruction import flicker, grouped_bootstrap, paired_difference, psnr, reconstruction_metrics, rgb_to_yuv, spread, ssim
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,14 @@ def test_the_spread_resamples_whole_videos_and_covers_only_real_differences():
     assert 0 < shift["low"] < 1 < shift["high"] < 1.2
     noise = spread(rng.normal(size=18), videos)  # no difference: the interval straddles 0
     assert noise["low"] < 0 < noise["high"]
+
+
+def test_a_paired_difference_is_called_better_only_when_its_interval_clears_zero():
+    videos = np.repeat(np.arange(6), 3)
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=18)
+    improved = paired_difference(base + 1.0 + 0.1 * rng.normal(size=18), base, videos)
+    assert improved["verdict"] == "better" and 0 < improved["low"] < 1 < improved["high"]
+    assert paired_difference(base + 1.0, base, videos, lower_is_better=True)["verdict"] == "worse"  # e.g. flicker
+    assert paired_difference(base + rng.normal(size=18), base, videos)["verdict"] == "within spread"
+    assert paired_difference(np.ones(3), np.zeros(3), np.zeros(3))["verdict"] == "one video: no spread"

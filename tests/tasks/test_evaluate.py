@@ -144,6 +144,9 @@ def test_stage_records_every_number_with_its_protocol(project, monkeypatch, ray_
     assert rows["videoldm_decoder"]["real_frame_consistency"] == rows["image_vae"]["real_frame_consistency"]  # one set of real videos
     assert table["protocol"] == "heldout" and table["comparable"] is False and len(table["weights"]["videoldm_decoder"]) == 64
     assert table["same_latents"].startswith("4 videos")
+    same = table["differences"]["tcm_vae - image_decoder_finetuned"]["frame_consistency"]
+    assert same["mean"] == pytest.approx(rows["tcm_vae"]["frame_consistency"] - rows["image_decoder_finetuned"]["frame_consistency"], abs=1e-4)
+    assert same["low"] <= same["mean"] <= same["high"] and same["verdict"] in ("better", "worse", "within spread")
 
     client = MlflowClient()
     run = client.get_run(report["mlflow_run_id"])
