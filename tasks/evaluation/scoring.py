@@ -60,7 +60,7 @@ from tasks.evaluation.protocols import Protocol, View, build_protocols
 from tasks.inference.clip_score import load_clip
 from tasks.inference.encoders import load_vae, resolved_encoders
 from tasks.inference.generation import VideoGenerator, read_video_clip
-from tasks.inference.models import TCM_VAE, image_vae_decoder, load_decoder, trained_decoders
+from tasks.inference.models import IMAGE_VAE, TCM_VAE, image_vae_decoder, load_decoder, trained_decoders
 from tasks.operations.lineage import lineage_tags, log_params, start_run, tracking_uri
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import atomic_path
@@ -150,7 +150,7 @@ class VideoScorer:
         self.generator = VideoGenerator(settings.unet, settings.decoder, settings.latents, settings.encoders, device=device)
         self.table_decoders = {}
         if settings.cfg.decoder_table in settings.views:
-            self.table_decoders = {"image_vae": image_vae_decoder(load_vae(settings.encoders)),
+            self.table_decoders = {IMAGE_VAE: image_vae_decoder(load_vae(settings.encoders)),
                                    **{name: load_decoder(folder) for name, folder in settings.table_decoders.items()}}
             for decoder in self.table_decoders.values():
                 decoder.to(device)
@@ -336,7 +336,7 @@ def score(protocols: list[Protocol], s: Settings, ids: dict[str, str], samples: 
         results[protocol.name] = {"generated": generated, "real": real, "real_cached": cached[protocol.name] is not None, "probed": probed}
         if protocol.name == s.cfg.decoder_table:
             results[protocol.name]["decoders"] = {name: reduce_rows(scored[scored["protocol"] == f"{protocol.name}/{name}"], view.frames)
-                                                  for name in ("image_vae", *s.table_decoders)}
+                                                  for name in (IMAGE_VAE, *s.table_decoders)}
     return results
 
 
@@ -390,7 +390,7 @@ def decoder_table(protocol: Protocol, result: dict[str, Any], s: Settings, ids: 
     differences = {f"{TCM_VAE} - {name}": {key: paired_difference(per_video[TCM_VAE][key], values, videos, seed=s.cfg.seed) for key, values in figures.items()}
                    for name, figures in per_video.items() if name != TCM_VAE}
     weights = {TCM_VAE: ids["decoder"], **{name: file_digest(Path(folder) / "model.safetensors") for name, folder in s.table_decoders.items()},
-               "image_vae": "the cache's image VAE (encoders.json)"}
+               IMAGE_VAE: "the cache's image VAE (encoders.json)"}
     return {"protocol": protocol.name, "decoders": rows, "differences": differences, "comparable": comparable, "weights": weights,
             "same_latents": f"{len(protocol.prompts)} videos: the same prompts, seeds and DDIM latents for every decoder"}
 

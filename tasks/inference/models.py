@@ -19,7 +19,10 @@ from model.weights import WeightsError, file_digest, load_into, load_state_dict
 from tasks.storage.atomic import save_safetensors, write_json
 
 IMAGE_DECODER = "image_decoder"  # models/decoder/image_decoder/: the fine-tuned image decoder
+# The decoders' names in train_decoder's and evaluate's tables (reports/reconstruction.json, eval.json)
 TCM_VAE = "tcm_vae"  # the decoder train_decoder exports at the top of its folder
+FINETUNED_IMAGE_DECODER = "image_decoder_finetuned"  # exported to IMAGE_DECODER/
+IMAGE_VAE = "image_vae"  # the image VAE's own decoder, untouched (not exported: the cache's VAE)
 
 
 def decoder_folder(output_dir: Path, name: str) -> Path:
@@ -27,14 +30,14 @@ def decoder_folder(output_dir: Path, name: str) -> Path:
     TCM-VAE at the top of models/decoder/, each baseline (Table 3's rows) in a folder beside it."""
     if name == TCM_VAE:
         return output_dir
-    return output_dir / (IMAGE_DECODER if name == "image_decoder_finetuned" else name)
+    return output_dir / (IMAGE_DECODER if name == FINETUNED_IMAGE_DECODER else name)
 
 
 def trained_decoders(output_dir: Path) -> dict[str, Path]:
     """The decoders train_decoder exported under `output_dir`, by name, the TCM-VAE first."""
     found = {TCM_VAE: output_dir}
     for folder in sorted(path for path in output_dir.iterdir() if (path / "model.safetensors").is_file()):
-        found["image_decoder_finetuned" if folder.name == IMAGE_DECODER else folder.name] = folder
+        found[FINETUNED_IMAGE_DECODER if folder.name == IMAGE_DECODER else folder.name] = folder
     return found
 
 

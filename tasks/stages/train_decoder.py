@@ -33,7 +33,7 @@ from model.tcm_vae import FrozenEncoder, TCMVAEConfig
 from tasks.config.params import Params, flatten, params_to_dict
 from tasks.config.paths import CLIPS, DECODER, DECODER_PLOTS, LATENTS, RECONSTRUCTION_METRICS, RECONSTRUCTION_REPORT
 from tasks.inference.encoders import load_vae, resolved_encoders
-from tasks.inference.models import decoder_folder, image_vae_decoder, load_decoder
+from tasks.inference.models import FINETUNED_IMAGE_DECODER, IMAGE_VAE, TCM_VAE, decoder_folder, image_vae_decoder, load_decoder
 from tasks.operations.lineage import lineage_tags, tracking_uri
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import clip_dataset, read_clips, split_clips
@@ -71,9 +71,9 @@ def spread_table(per_clip: dict[str, dict[str, np.ndarray]], videos: np.ndarray,
     is claimed only where the whole interval lies on the better side of zero."""
     spreads = {name: {key: spread(values, videos, seed=seed) for key, values in figures.items()} for name, figures in per_clip.items()}
     differences = {}
-    for other in (name for name in per_clip if name != "tcm_vae"):
-        differences[f"tcm_vae - {other}"] = {key: paired_difference(values, per_clip[other][key], videos, key in LOWER_IS_BETTER, seed)
-                                             for key, values in per_clip["tcm_vae"].items()}
+    for other in (name for name in per_clip if name != TCM_VAE):
+        differences[f"{TCM_VAE} - {other}"] = {key: paired_difference(values, per_clip[other][key], videos, key in LOWER_IS_BETTER, seed)
+                                               for key, values in per_clip[TCM_VAE].items()}
     return {"spread": spreads, "differences": differences}
 
 
@@ -87,9 +87,9 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
     held_rows = held_rows.iloc[: cfg.eval_clips]
     held_clips = read_clips(clips, held_rows)
     encoders = resolved_encoders(latents, params.cache_latents)
-    variants = {"tcm_vae": TCMVAEConfig(cfg.temporal_compensation, cfg.refinement, cfg.refine_channels)}
+    variants = {TCM_VAE: TCMVAEConfig(cfg.temporal_compensation, cfg.refinement, cfg.refine_channels)}
     if cfg.compare_image_decoder:
-        variants["image_decoder_finetuned"] = TCMVAEConfig(temporal_compensation=False, refinement=False)
+        variants[FINETUNED_IMAGE_DECODER] = TCMVAEConfig(temporal_compensation=False, refinement=False)
     for layers in cfg.video_baseline_list:
         variants[f"{layers}_decoder"] = TCMVAEConfig(temporal_compensation=False, refinement=False, video_layers=layers)
     flat = flatten({"preset": params.preset, "train_decoder": params_to_dict(params)["train_decoder"]})
@@ -105,7 +105,7 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
         runs_by_variant[name] = result["mlflow_run_id"]
 
     vae = load_vae(encoders)
-    decoders = {"image_vae": image_vae_decoder(vae)}
+    decoders = {IMAGE_VAE: image_vae_decoder(vae)}
     decoders.update({name: load_decoder(folders[name]) for name in variants})
     per_clip = compare_decoders(vae, decoders, held_clips)
     counts = {"clips": len(held_clips), "frames": len(held_clips) * held_clips.shape[1]}
@@ -135,14 +135,14 @@ def log_comparison(report: dict[str, Any]) -> None:
     metrics = [Metric(f"heldout/{row}/{key}", float(value), 0, report["steps"]) for row, figures in report["table"].items() for key, value in figures.items()]
     for run_id in report["mlflow_run_ids"].values():
         client.log_batch(run_id, metrics=metrics)
-    client.log_dict(report["mlflow_run_ids"]["tcm_vae"], report, "reconstruction.json")
+    client.log_dict(report["mlflow_run_ids"][TCM_VAE], report, "reconstruction.json")
 
 
 def main(params: Params) -> None:
     report = train_decoder(params)
     write_json(report, RECONSTRUCTION_REPORT)
     table = report["table"]  # held-out PSNR-Y of the TCM-VAE and of each decoder fine-tuned beside it
-    write_metrics({"tcm_vae_psnr_y": table["tcm_vae"]["psnr_y"], "image_decoder_psnr_y": table.get("image_decoder_finetuned", {}).get("psnr_y"),
+    write_metrics({"tcm_vae_psnr_y": table[TCM_VAE]["psnr_y"], "image_decoder_psnr_y": table.get(FINETUNED_IMAGE_DECODER, {}).get("psnr_y"),
                    **{f"{name}_psnr_y": table[name]["psnr_y"] for name in table if name.endswith("_decoder")}}, RECONSTRUCTION_METRICS)
     write_loss_curves(report["mlflow_run_ids"], DECODER_PLOTS, "train_decoder: the TCM-VAE and the decoders fine-tuned as long beside it")
     print("train_decoder: held-out reconstruction (Table 3 layout), "
