@@ -286,6 +286,7 @@ class TrainDecoderParams(TrainingParams):
     disc_layers: int = 3
     consistency_weight: float = 1e-4  # lambda of eq. 9
     compare_image_decoder: bool = True  # also fine-tune the plain image decoder as long, for a fair Table 3
+    compare_without_refinement: bool = True  # also fine-tune the TCM-VAE without R (the TCMs alone): what R adds
     # Table 3's other video decoders, fine-tuned beside the TCM-VAE with the same loss, data and steps:
     # conv3d (the image decoder's 3x3 convs inflated to 3x3x3), videoldm (temporal blocks after each
     # decoder block, Blattmann et al. 2023); "" = none

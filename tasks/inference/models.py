@@ -22,6 +22,7 @@ IMAGE_DECODER = "image_decoder"  # models/decoder/image_decoder/: the fine-tuned
 # The decoders' names in train_decoder's and evaluate's tables (reports/reconstruction.json, eval.json)
 TCM_VAE = "tcm_vae"  # the decoder train_decoder exports at the top of its folder
 FINETUNED_IMAGE_DECODER = "image_decoder_finetuned"  # exported to IMAGE_DECODER/
+TCM_VAE_WITHOUT_REFINEMENT = "tcm_vae_no_refinement"  # the TCMs alone (eq. 13), no refinement UNet R
 IMAGE_VAE = "image_vae"  # the image VAE's own decoder, untouched (not exported: the cache's VAE)
 
 

@@ -5,12 +5,13 @@ beside the image decoder on held-out clips (the paper's Table 3 layout).
 For a fair comparison the plain image decoder is fine-tuned too, with the same loss (less the TCM
 consistency term, which has nothing to act on), data, steps and seed (`compare_image_decoder`), and
 so are Table 3's other video decoders (`video_baselines`: the 3-D convolution decoder and
-VideoLDM's temporally fine-tuned one, model/tcm_vae.py).
+VideoLDM's temporally fine-tuned one, model/tcm_vae.py) and the TCM-VAE without its refinement
+UNet (`compare_without_refinement`), which tells the TCMs' share from R's.
 Videos are split seeded by video id (tasks/storage/clip_shards.py); the held-out ones never reach training.
 
 Outputs: models/decoder/ (TCM-VAE weights + config.json + metrics.json), models/decoder/image_decoder/
 (the fine-tuned image decoder), models/decoder/conv3d_decoder/ and videoldm_decoder/ (the video
-baselines) and reports/reconstruction.json: PSNR/SSIM in YUV (Y and all three channels) and flicker
+baselines), models/decoder/tcm_vae_no_refinement/ and reports/reconstruction.json: PSNR/SSIM in YUV (Y and all three channels) and flicker
 for the pretrained image decoder and every fine-tuned decoder, each against the TCM-VAE.
 """
 
@@ -30,10 +31,10 @@ from torch import nn
 
 from eval.reconstruction import paired_difference, per_clip_metrics, spread
 from model.tcm_vae import FrozenEncoder, TCMVAEConfig
-from tasks.config.params import Params, flatten, params_to_dict
+from tasks.config.params import Params, TrainDecoderParams, flatten, params_to_dict
 from tasks.config.paths import CLIPS, DECODER, DECODER_PLOTS, LATENTS, RECONSTRUCTION_METRICS, RECONSTRUCTION_REPORT
 from tasks.inference.encoders import load_vae, resolved_encoders
-from tasks.inference.models import FINETUNED_IMAGE_DECODER, IMAGE_VAE, TCM_VAE, decoder_folder, image_vae_decoder, load_decoder
+from tasks.inference.models import FINETUNED_IMAGE_DECODER, IMAGE_VAE, TCM_VAE, TCM_VAE_WITHOUT_REFINEMENT, decoder_folder, image_vae_decoder, load_decoder
 from tasks.operations.lineage import lineage_tags, tracking_uri
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.storage.clip_shards import clip_dataset, read_clips, split_clips
@@ -77,6 +78,20 @@ def spread_table(per_clip: dict[str, dict[str, np.ndarray]], videos: np.ndarray,
     return {"spread": spreads, "differences": differences}
 
 
+def decoder_variants(cfg: TrainDecoderParams) -> dict[str, TCMVAEConfig]:
+    """The decoders fine-tuned side by side, by their names in the table: the TCM-VAE first, then
+    Table 3's baselines and the TCM-VAE less its refinement UNet (the latter only where the
+    TCM-VAE has both parts, so that the two rows differ by R alone)."""
+    variants = {TCM_VAE: TCMVAEConfig(cfg.temporal_compensation, cfg.refinement, cfg.refine_channels)}
+    if cfg.compare_without_refinement and cfg.temporal_compensation and cfg.refinement:
+        variants[TCM_VAE_WITHOUT_REFINEMENT] = TCMVAEConfig(temporal_compensation=True, refinement=False)
+    if cfg.compare_image_decoder:
+        variants[FINETUNED_IMAGE_DECODER] = TCMVAEConfig(temporal_compensation=False, refinement=False)
+    for layers in cfg.video_baseline_list:
+        variants[f"{layers}_decoder"] = TCMVAEConfig(temporal_compensation=False, refinement=False, video_layers=layers)
+    return variants
+
+
 def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, output_dir: Path = DECODER, runs: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune the TCM-VAE (and the image decoder beside it), compare them on held-out clips;
     returns the comparison (also written to output_dir/metrics.json)."""
@@ -87,11 +102,7 @@ def train_decoder(params: Params, clips: Path = CLIPS, latents: Path = LATENTS, 
     held_rows = held_rows.iloc[: cfg.eval_clips]
     held_clips = read_clips(clips, held_rows)
     encoders = resolved_encoders(latents, params.cache_latents)
-    variants = {TCM_VAE: TCMVAEConfig(cfg.temporal_compensation, cfg.refinement, cfg.refine_channels)}
-    if cfg.compare_image_decoder:
-        variants[FINETUNED_IMAGE_DECODER] = TCMVAEConfig(temporal_compensation=False, refinement=False)
-    for layers in cfg.video_baseline_list:
-        variants[f"{layers}_decoder"] = TCMVAEConfig(temporal_compensation=False, refinement=False, video_layers=layers)
+    variants = decoder_variants(cfg)
     flat = flatten({"preset": params.preset, "train_decoder": params_to_dict(params)["train_decoder"]})
     runs_by_variant, folders = {}, {}
     for name, variant in variants.items():
@@ -143,7 +154,7 @@ def main(params: Params) -> None:
     write_json(report, RECONSTRUCTION_REPORT)
     table = report["table"]  # held-out PSNR-Y of the TCM-VAE and of each decoder fine-tuned beside it
     write_metrics({"tcm_vae_psnr_y": table[TCM_VAE]["psnr_y"], "image_decoder_psnr_y": table.get(FINETUNED_IMAGE_DECODER, {}).get("psnr_y"),
-                   **{f"{name}_psnr_y": table[name]["psnr_y"] for name in table if name.endswith("_decoder")}}, RECONSTRUCTION_METRICS)
+                   **{f"{name}_psnr_y": table[name]["psnr_y"] for name in table if name.endswith("_decoder") or name == TCM_VAE_WITHOUT_REFINEMENT}}, RECONSTRUCTION_METRICS)
     write_loss_curves(report["mlflow_run_ids"], DECODER_PLOTS, "train_decoder: the TCM-VAE and the decoders fine-tuned as long beside it")
     print("train_decoder: held-out reconstruction (Table 3 layout), "
           f"{report['held_out']['clips']} clips of {report['held_out']['videos']} videos, {report['steps']} steps each:")

@@ -97,13 +97,13 @@ def test_one_backward_gives_each_network_only_its_own_gradient(fixture_clip):
     assert decoder_grads["refine.conv_out.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("video_layers", ["conv3d", "videoldm"])
-def test_table3_baselines_train_through_the_adversarial_phase(video_layers, fixture_clip):
+@pytest.mark.parametrize("temporal_compensation, video_layers", [(False, "conv3d"), (False, "videoldm"), (True, "")])
+def test_table3_baselines_train_through_the_adversarial_phase(temporal_compensation, video_layers, fixture_clip):
     """Past disc_start the adaptive weight differentiates at the decoder's output convolution,
-    which the 3-D-conv baseline has inflated to a Conv3d: each baseline gets a finite weight and
-    a gradient at that layer."""
+    which the 3-D-conv baseline has inflated to a Conv3d and which, for the TCM-VAE without its
+    refinement UNet, is the image decoder's: each gets a finite weight and a gradient there."""
     vae = build_tiny_image_vae(seed=0)
-    decoder = TCMDecoder(vae, TCMVAEConfig(temporal_compensation=False, refinement=False, video_layers=video_layers))
+    decoder = TCMDecoder(vae, TCMVAEConfig(temporal_compensation=temporal_compensation, refinement=False, video_layers=video_layers))
     model = DecoderTraining(FrozenEncoder(vae), decoder, random_lpips(0), PatchDiscriminator3D(8, 2), DecoderLossConfig())
     video = rearrange(frames_to_pixels(fixture_clip), "t c h w -> 1 c t h w")
     out = model(video, adversarial=True, generator=torch.Generator().manual_seed(0))

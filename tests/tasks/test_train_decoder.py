@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.config.params import Params, TrainDecoderParams
 from tasks.inference.models import IMAGE_DECODER, load_decoder
-from tasks.stages.train_decoder import train_decoder
+from tasks.stages.train_decoder import decoder_variants, train_decoder
 from tasks.storage.clip_shards import read_clips, split_clips
 
 SOURCES = ("h264_340x256_28fps.mp4", "mpeg4_320x240_25fps.avi", "pancake_426x240_30fps.mkv")
@@ -56,7 +56,8 @@ def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs
     root, clips_dir, latents_dir = stage_inputs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     cfg = TrainDecoderParams(steps=4, batch_size=1, checkpoint_every=2, disc_start=2, warmup_steps=1, held_out_share=0.34,
-                             refine_channels=8, disc_channels=8, compare_image_decoder=False, video_baselines="videoldm")
+                             refine_channels=8, disc_channels=8, compare_image_decoder=False,
+                             compare_without_refinement=False, video_baselines="videoldm")
     out = root / "models" / "decoder"
     report = train_decoder(Params(train_decoder=cfg), clips=clips_dir, latents=latents_dir, output_dir=out, runs=root / "runs")
 
@@ -91,6 +92,18 @@ def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs
         assert client.get_run(run_id).data.metrics["heldout/tcm_vae/psnr_y"] == pytest.approx(report["table"]["tcm_vae"]["psnr_y"])
         assert client.get_run(run_id).data.tags["progress"].startswith(f"train_decoder-{variant}: step 4/4  loss ")  # rank 0's last progress line
     assert "reconstruction.json" in [a.path for a in client.list_artifacts(report["mlflow_run_ids"]["tcm_vae"])]
+
+
+def test_variants_are_table3_rows_plus_the_tcm_vae_without_refinement():
+    variants = decoder_variants(TrainDecoderParams())
+    assert list(variants) == ["tcm_vae", "tcm_vae_no_refinement", "image_decoder_finetuned", "conv3d_decoder", "videoldm_decoder"]
+    parts = {name: (c.temporal_compensation, c.refinement, c.video_layers) for name, c in variants.items()}
+    assert parts["tcm_vae"] == (True, True, "") and parts["tcm_vae_no_refinement"] == (True, False, "")
+    assert parts["image_decoder_finetuned"] == (False, False, "") and parts["conv3d_decoder"] == (False, False, "conv3d")
+    # a TCM-VAE already without R (or without TCMs) has no row that differs from it by R alone
+    assert "tcm_vae_no_refinement" not in decoder_variants(TrainDecoderParams(refinement=False))
+    assert "tcm_vae_no_refinement" not in decoder_variants(TrainDecoderParams(temporal_compensation=False))
+    assert list(decoder_variants(TrainDecoderParams(compare_without_refinement=False, compare_image_decoder=False, video_baselines=""))) == ["tcm_vae"]
 
 
 def test_presets_at_scale_need_the_lpips_weights(stage_inputs, tmp_path):
