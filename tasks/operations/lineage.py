@@ -1,5 +1,5 @@
 """Lineage: the tags every MLflow run carries (the code version, the DVC hashes of the stage's data
-inputs from dvc.lock, the Prefect flow run that ran it), and the pipeline's run tree.
+inputs from dvc.lock, the Prefect flow run that ran it, the machine), and the pipeline's run tree.
 
 A pipeline run (flows/pipeline.py) is one parent MLflow run with a nested run per stage. The
 stage's nested run id travels to the stage process in VERSVIDEO_MLFLOW_PARENT_RUN_ID, so the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,35 @@ def dvc_dep_hashes(stage: str, lock: Path = Path("dvc.lock")) -> dict[str, str]:
     return {dep["path"]: str(dep.get("md5", "")) for dep in locked_data_deps(stage, lock)}
 
 
+def machine_tags() -> dict[str, str]:
+    """The machine the stage process runs on, as far as it moves the floats: the CPU, the SIMD
+    kernels torch picked on it (AVX2 and AVX-512 sum in another order), torch's version and
+    threads, the GPU. The same commit and inputs give other bytes on another kind of machine
+    (the smoke VAE fit, and so the latent cache, differs between CPU kinds), so two runs'
+    figures are compared only where these match. A Ray worker on another node is named by the
+    ray.node* tags, not these."""
+    import torch  # here, not at module level: the flows import lineage without torch
+
+    tags = {"machine.cpu": cpu_model(), "machine.torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine.torch": torch.__version__, "machine.torch_threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        tags["machine.gpu"] = torch.cuda.get_device_name(0)
+    return tags
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what platform knows)."""
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def lineage_tags(stage: str) -> dict[str, str]:
     """Tags for a run a stage opens. The dvc.dep hashes are dvc.lock's at the start (the last locked
     inputs); under a pipeline, record_stage replaces them with this run's once DVC locks them."""
-    tags = {"versvideo.stage": stage, "git_commit": git_commit()}
+    tags = {"versvideo.stage": stage, "git_commit": git_commit(), **machine_tags()}
     tags.update({f"dvc.dep.{path}": digest for path, digest in dvc_dep_hashes(stage).items()})
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")  # set by Prefect for the flow run that launched the stage
     if flow_run:

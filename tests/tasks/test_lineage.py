@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import mlflow
+import torch
 import yaml
 from mlflow import MlflowClient
 
-from tasks.operations.lineage import EXPERIMENT_KIND, MODEL_TRAINING_VIEW, lineage_tags, record_stage, start_run, ui_route
+from tasks.operations.lineage import EXPERIMENT_KIND, MODEL_TRAINING_VIEW, cpu_model, lineage_tags, record_stage, start_run, ui_route
 
 
 def write_lock(folder, latents_md5: str) -> None:
@@ -28,6 +29,9 @@ def test_a_stages_nested_runs_get_the_hashes_dvc_locked_for_this_run(tmp_path, m
     monkeypatch.setenv("VERSVIDEO_MLFLOW_PARENT_RUN_ID", stage_run)
     tags = lineage_tags("train_unet")  # the training run starts before DVC locks the new inputs
     assert tags["dvc.dep.data/latents"] == "previous.dir" and "dvc.dep.tasks/stages/train_unet.py" not in tags
+    # the machine, since the floats (and the cache's bytes) depend on it
+    assert tags["machine.torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and tags["machine.torch"] == torch.__version__
+    assert tags["machine.cpu"] not in ("", "unknown") and tags["machine.torch_threads"] == str(torch.get_num_threads())
     training_run = start_run(client, uri, "train", tags)
     other_stage = start_run(client, uri, "stage:decode", {})
 
@@ -39,6 +43,13 @@ def test_a_stages_nested_runs_get_the_hashes_dvc_locked_for_this_run(tmp_path, m
     stage = client.get_run(stage_run)
     assert [(d.dataset.name, d.dataset.digest) for d in stage.inputs.dataset_inputs] == [("data/latents", "current.dir")]
     assert stage.data.tags["dvc.ran"] == "true" and stage.data.metrics["stage_seconds"] == 1.5
+
+
+def test_cpu_model_reads_linux_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 7B13 64-Core Processor"
+    assert cpu_model(tmp_path / "absent")  # not Linux: platform's answer, never empty
 
 
 def test_runs_carry_mlflows_standard_tags_in_a_model_training_experiment(tmp_path):
