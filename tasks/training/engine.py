@@ -36,7 +36,7 @@ from tasks.storage.atomic import atomic_folder
 from tasks.training.checkpoints import (
     TrainState, latest_complete_checkpoint, load_checkpoint, local_folder, newest_checkpoint, report_checkpoint, restore_rng,
 )
-from tasks.training.tracking import PROGRESS_TAG, MetricBuffer, Progress, group_metrics
+from tasks.training.tracking import PROGRESS_TAG, MetricBuffer, Progress, group_metrics, record_worker_node
 from tasks.training.weights import ExponentialAverage, inference_copy, whole
 
 
@@ -91,6 +91,9 @@ def train_loop(train_loop_config: dict[str, bytes]) -> None:
     setup: Setup = config["setup"]
     cfg = setup.train
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    # where this worker runs, as the data stages record theirs (ray.nodes.<stage>): on a cluster the
+    # run shows which nodes trained it; a restarted group overwrites it with the new placement
+    record_worker_node(setup, rank, ray.get_runtime_context().get_node_id())
     if not cfg.use_gpu:
         torch.set_num_threads(config["threads_per_worker"])
     accelerator = make_accelerator(cfg, recipe)

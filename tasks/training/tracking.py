@@ -34,6 +34,14 @@ def group_metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {prefix if name == names[0] else f"{prefix}/{name}": value for name, value in values.items()}
 
 
+WORKER_NODE_TAG = "ray.node_id.rank{rank}"
+
+
+def record_worker_node(setup: Setup, rank: int, node_id: str) -> None:
+    """Tag the run with the Ray node that worker `rank` runs on."""
+    MlflowClient(setup.tracking_uri).set_tag(setup.mlflow_run_id, WORKER_NODE_TAG.format(rank=rank), node_id)
+
+
 class MetricBuffer:
     """Rank 0's per-step metrics, held until the next flush (a progress line or a checkpoint)."""
 

@@ -12,6 +12,7 @@ import boto3
 import numpy as np
 import psutil
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -146,6 +147,11 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ddp_two_workers, late
         parts = {stream: {m.step: m.value for m in client.get_metric_history(run_id, f"loss/{stream}")} for stream in ("train", "images")}
         if run_id == one["mlflow_run_id"]:  # one worker: its parts are the whole step's
             assert all(total[step] == pytest.approx(0.75 * parts["train"][step] + 0.25 * parts["images"][step], rel=1e-4) for step in total)
+    # each worker tags the node it ran on: the cluster's (one) node, once per rank
+    node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    for run_id, world in ((one["mlflow_run_id"], 1), (ddp_two_workers["mlflow_run_id"], 2)):
+        worker_nodes = {key: value for key, value in client.get_run(run_id).data.tags.items() if key.startswith("ray.node_id.rank")}
+        assert sorted(worker_nodes) == [f"ray.node_id.rank{rank}" for rank in range(world)] and set(worker_nodes.values()) <= node_ids
     assert json.loads((tmp_path / "one" / "config.json").read_text())["global_batch"] == 6
     # sample_every=0: one sample, at the end, as MP4 and GIF artifacts of the run
     folders = [item.path for item in client.list_artifacts(one["mlflow_run_id"], "samples")]
