@@ -162,6 +162,7 @@ class CacheLatentsParams:
 
 
 STRATEGIES = ("ddp", "fsdp")  # the training engine's data parallelism: replicated or sharded model
+PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")  # Ray's placement strategies, lower-cased
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,10 @@ class TrainingParams:
     # ddp: every worker holds the whole model; fsdp: weights, gradients and optimizer state sharded
     # across the workers (torch's FSDP2), for models whose training state outgrows one GPU
     strategy: str = "ddp"
+    # how Ray places the workers on the cluster's nodes (its placement strategies): pack fills a
+    # node before using the next (all-reduce stays inside a node); spread puts them on different
+    # nodes where it can; the strict forms fail rather than do otherwise
+    placement: str = "pack"
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
     seed: int = 0
 
@@ -198,6 +203,7 @@ class TrainingParams:
         for key in ("steps", "batch_size", "grad_accum", "lr", "grad_clip", "checkpoint_every", "keep_checkpoints", "num_workers", "max_bad_steps", "shuffle_buffer"):
             _check_positive(f"{self.SECTION}.{key}", getattr(self, key))
         _check_choice(f"{self.SECTION}.strategy", self.strategy, STRATEGIES)
+        _check_choice(f"{self.SECTION}.placement", self.placement, PLACEMENTS)
         if self.strategy == "fsdp" and self.NO_FSDP:
             raise ParamsError(f"{self.SECTION}.strategy: fsdp is not supported here ({self.NO_FSDP}); use ddp")
         if not 0 <= self.ema_decay < 1:

@@ -116,7 +116,7 @@ def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[s
     each execution, which took 8-13 s per epoch for 40 shards on a 2-core machine; the index
     already knows the shards.) Rows of `exclude_videos` (held-out video ids) are dropped."""
     ensure_ray()  # before the dataset exists (see ensure_ray)
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # read tasks on another node do not run in the driver's directory
     shards = sorted(read_index(folder)["shard"].unique())
     if seed is not None:
         shards = list(np.random.default_rng(seed).permutation(shards))

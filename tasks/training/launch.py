@@ -37,10 +37,12 @@ def fit(recipe: Recipe, cfg: Any, datasets: dict[str, ray.data.Dataset], *, run_
     params = {**params, f"{cfg.SECTION}.global_batch": cfg.global_batch}  # batch_size x grad_accum x num_workers
     run_id = mlflow_run(uri, run_name, object_store.join(run_folder, "mlflow_run_id"), params, tags)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Ray's CPU request leaves a core free so Ray Data's read tasks can be scheduled; torch's threads
-    # use every core, since reading cached shards takes little (1-2% of step time measured): on
-    # 2 cores, 2 threads made a TCM-VAE step 1.8x faster than 1
-    cpus_per_worker = 1.0 if cfg.use_gpu else max(0.5, min(4.0, (cluster_cpus - 1) / cfg.num_workers))
+    cpu_nodes = max(1, sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")))
+    # Ray's CPU request leaves a core free on each node so Ray Data's read tasks (one CPU each) can
+    # be scheduled beside the workers there; torch's threads use every core, since reading cached
+    # shards takes little (1-2% of step time measured): on 2 cores, 2 threads made a TCM-VAE step
+    # 1.8x faster than 1
+    cpus_per_worker = 1.0 if cfg.use_gpu else max(0.5, min(4.0, (cluster_cpus - cpu_nodes) / cfg.num_workers))
     threads_per_worker = max(1, min(4, cluster_cpus // cfg.num_workers))
     trainer = TorchTrainer(
         train_loop,
@@ -53,7 +55,8 @@ def fit(recipe: Recipe, cfg: Any, datasets: dict[str, ray.data.Dataset], *, run_
             "threads_per_worker": threads_per_worker,
             "run_folder": run_folder,
         })},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not cfg.use_gpu else None),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not cfg.use_gpu else None,
+                                     placement_strategy=cfg.placement.upper()),
         run_config=RunConfig(name=run_name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),  # Ray deletes older ones, never the newest
         datasets=datasets,

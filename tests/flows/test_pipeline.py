@@ -1,14 +1,16 @@
 """The pipeline against real services: a Prefect server, an MLflow tracking server and a Ray head
 node on 127.0.0.1 (tests/services.py), driven by `versvideo pipeline` as a user's shell runs it,
-on a tiny synthetic set (the data stages; training and evaluation have their own tests).
+on a tiny synthetic set: the data stages and a few steps of train_unet on two workers (training
+and evaluation have their own tests of what they compute).
 
 A failing stage is reported by name and a rerun resumes at it without redoing the finished ones;
 with nothing changed no stage does work; changing a param reruns the stage that reads it. Then each
 service is asked through its own API what happened: MLflow's runs, tags, dataset inputs and
 artifacts (in the S3 bucket behind its server); Prefect's flow runs, task runs and summary
-artifacts; Ray's node the stages ran on. Last, the outputs go to the team's DVC remote, a bucket,
+artifacts; Ray's nodes the stages' tasks and the training workers ran on. Last, the outputs go to the team's DVC remote, a bucket,
 and come back into a clone elsewhere with nothing to rerun."""
 
+import hashlib
 import json
 import os
 import re
@@ -30,18 +32,20 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from tests.services import ray_head, ray_worker_node, running
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["prepare", "filter", "decode", "cache_latents"]
+STAGES = ["prepare", "filter", "decode", "cache_latents", "train_unet"]
 
 
 @pytest.fixture(scope="module")
 def services(request, tmp_path_factory):
     """The three servers, started side by side: {env variable: value} for their clients. Ray is a
-    cluster of two nodes, one core each, as two machines would be: a head and a worker node."""
+    cluster of two nodes, two cores each, as two machines would be: a head and a worker node. Ray
+    Train's run folders (checkpoints) go to the S3 bucket, which both nodes reach."""
     folder = tmp_path_factory.mktemp("services")
-    ray, ray_env = ray_head(folder, num_cpus=1)
+    ray, ray_env = ray_head(folder, num_cpus=2)
     servers = {**request.getfixturevalue("prefect_api"), **request.getfixturevalue("mlflow_api")}  # the session's; they start while Ray does
-    with running(ray), running(ray_worker_node(folder, ray_env, num_cpus=1)):
-        yield {**servers, **ray_env}
+    run_storage = {"VERSVIDEO_RUN_STORAGE": f"{request.getfixturevalue('object_store')['bucket']}/pipeline-runs"}
+    with running(ray), running(ray_worker_node(folder, ray_env, num_cpus=2)):
+        yield {**servers, **ray_env, **run_storage}
 
 
 @pytest.fixture
@@ -53,6 +57,10 @@ def project(tmp_path, services):
     params["prepare"].update(num_videos=6, num_images=8, seconds=1.5)
     params["decode"]["clips_per_shard"] = 4  # 2 videos a shard: 3 decode tasks, for the cluster's two nodes
     params["cache_latents"]["smoke_vae_fit_steps"] = 0  # a random stand-in VAE: its fit has its own test
+    # two workers, one on each node (strict_spread: Ray fails rather than put both on one), a few
+    # steps with a checkpoint in the bucket and one sample at the end
+    params["train_unet"].update(steps=4, batch_size=2, image_batch_size=1, warmup_steps=1, checkpoint_every=2, sample_every=0, sample_count=1,
+                                sample_steps=2, shuffle_buffer=8, num_workers=2, placement="strict_spread")
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(command, cwd=tmp_path, check=True)
     return tmp_path, params
@@ -86,12 +94,12 @@ def test_failed_stage_resumes_a_rerun_does_nothing_and_a_clone_elsewhere_pulls_i
     assert re.search(r"(?s)stage .cache_latents. failed .*missing-vae: weight file not found; set cache_latents.vae_weights", failed.stderr), failed.stderr[-3000:]
 
     write_params(folder, params)  # fixed: the rerun starts at the failed stage
-    assert ran(versvideo_pipeline(folder, services)) == {"prepare": False, "filter": False, "decode": False, "cache_latents": True}
+    assert ran(versvideo_pipeline(folder, services)) == {"prepare": False, "filter": False, "decode": False, "cache_latents": True, "train_unet": True}
     assert ran(versvideo_pipeline(folder, services)) == dict.fromkeys(STAGES, False)  # nothing changed: no stage work
 
     write_params(folder, {**params, "filter": {**params["filter"], "min_motion": 0.003}})
     # filter reruns; its kept.parquet is byte-identical (no synthetic video near the threshold), so DVC stops there
-    assert ran(versvideo_pipeline(folder, services)) == {"prepare": False, "filter": True, "decode": False, "cache_latents": False}
+    assert ran(versvideo_pipeline(folder, services)) == {"prepare": False, "filter": True, "decode": False, "cache_latents": False, "train_unet": False}
 
     # MLflow, through the tracking server: one parent run per flow run, a nested run per stage
     client = MlflowClient(services["MLFLOW_TRACKING_URI"])
@@ -130,21 +138,43 @@ def test_failed_stage_resumes_a_rerun_does_nothing_and_a_clone_elsewhere_pulls_i
         assert "| cache_latents | ran |" in markdown[flow_run_ids[1]] and "| decode | up to date |" in markdown[flow_run_ids[1]]
 
     # Ray, through a driver joining the head at 127.0.0.1: two alive nodes (both on this machine:
-    # Ray registers a node under the host's address even when told 127.0.0.1), and the per-video
-    # work of filter and decode ran on both
+    # Ray registers a node under the host's address even when told 127.0.0.1), the per-video work
+    # of filter and decode ran on both, and so did train_unet's two workers
     probe = subprocess.run([sys.executable, "-c", "import json, ray; ray.init(log_to_driver=False); print(json.dumps(ray.nodes()))"],
                            env={**os.environ, **services}, capture_output=True, text=True, check=True)
     nodes = json.loads(probe.stdout.strip().splitlines()[-1])
     assert sorted((node["NodeManagerHostname"], node["Alive"]) for node in nodes) == [(socket.gethostname(), True)] * 2
     node_ids = {node["NodeID"] for node in nodes}
     worked = [run for run in runs if run.data.tags.get("dvc.ran") == "true" and run.info.run_name != "stage:prepare"]  # prepare: no Ray
-    assert sorted(run.info.run_name for run in worked) == ["stage:cache_latents", "stage:decode", "stage:filter", "stage:filter"]
+    assert sorted(run.info.run_name for run in worked) == ["stage:cache_latents", "stage:decode", "stage:filter", "stage:filter", "stage:train_unet"]
     assert {run.data.tags.get("ray.node_id") for run in worked} <= node_ids  # the node each stage's driver attached to
     first_filter, first_decode = (next(run for run in worked if run.info.run_name == f"stage:{stage}") for stage in ("filter", "decode"))
     assert set(first_filter.data.tags["ray.nodes.filter"].split(",")) == node_ids
     assert set(first_decode.data.tags["ray.nodes.decode"].split(",")) == node_ids
+    a_two_worker_training_ran_on_both_nodes_with_its_checkpoints_in_the_bucket(client, runs, node_ids, services["VERSVIDEO_RUN_STORAGE"])
 
     a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder, f"{object_store['bucket']}/dvc-remote", services)
+
+
+def a_two_worker_training_ran_on_both_nodes_with_its_checkpoints_in_the_bucket(client: MlflowClient, runs: list, node_ids: set[str], run_storage: str) -> None:
+    """train_unet's Ray Train run (nested under its stage's run): one worker on each node, each
+    tagging the node it ran on; its 4 steps logged; its last checkpoint in the bucket, where the
+    run records it, every file's sha256 matching the object's."""
+    stage = next(run for run in runs if run.info.run_name == "stage:train_unet")
+    training = client.search_runs([stage.info.experiment_id], f"tags.mlflow.parentRunId = '{stage.info.run_id}'")
+    assert len(training) == 1 and training[0].info.run_name.startswith("train_unet-smoke-") and training[0].info.status == "FINISHED"
+    tags = training[0].data.tags
+    assert {tags["ray.node_id.rank0"], tags["ray.node_id.rank1"]} == node_ids
+    assert [m.step for m in client.get_metric_history(training[0].info.run_id, "loss")] == [1, 2, 3, 4]
+    checkpoint = tags["checkpoint.path"]
+    assert checkpoint.startswith(f"{run_storage}/{training[0].info.run_name}/checkpoint_")
+    bucket, key = checkpoint.removeprefix("s3://").split("/", 1)
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"{key}/")["Contents"]
+    stored = {item["Key"].rsplit("/", 1)[1] for item in listed if not item["Key"].endswith("/")}  # less the folder marker pyarrow writes
+    recorded = {name.removeprefix("checkpoint.sha256."): digest for name, digest in tags.items() if name.startswith("checkpoint.sha256.")}
+    assert "model.safetensors" in recorded and set(recorded) == set(stored)
+    body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{key}/model.safetensors")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == recorded["model.safetensors"]
 
 
 def a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder: Path, remote: str, services: dict[str, str]) -> None:
@@ -168,10 +198,10 @@ def a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder: Path, remo
 
     clone = folder.parent / f"{folder.name}-teammate" / "checkouts" / "versvideo"  # another directory, another depth
     git_or_dvc("git", "clone", "-q", str(folder), str(clone), where=folder.parent)
-    git_or_dvc("dvc", "pull", "--with-deps", "cache_latents", where=clone)  # the outputs this run made
-    assert "up to date" in git_or_dvc("dvc", "status", "--with-deps", "cache_latents", where=clone)
+    git_or_dvc("dvc", "pull", "--with-deps", "train_unet", where=clone)  # the outputs this run made
+    assert "up to date" in git_or_dvc("dvc", "status", "--with-deps", "train_unet", where=clone)
     assert ran(versvideo_pipeline(clone, services)) == dict.fromkeys(STAGES, False)
-    for path in ("data/filtered/kept.parquet", "data/clips/index.parquet", "data/latents/index.parquet"):
+    for path in ("data/filtered/kept.parquet", "data/clips/index.parquet", "data/latents/index.parquet", "models/unet/model.safetensors"):
         assert (clone / path).read_bytes() == (folder / path).read_bytes()
 
     # the same stages computed again there, on one node (a local Ray: no RAY_ADDRESS): the bytes

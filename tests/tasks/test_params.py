@@ -151,6 +151,7 @@ def test_explicit_values_and_overrides_beat_the_preset(tmp_path):
         ("evaluate:\n  ucf101_split: 4\n", "evaluate.ucf101_split: 4 is not one of 1, 2, 3"),
         ("evaluate:\n  decoder_table: heldin\n", "evaluate.decoder_table: 'heldin' is not one of heldout, captions, ucf101, msrvtt"),
         ("train_unet:\n  strategy: zero3\n", "train_unet.strategy: 'zero3' is not one of ddp, fsdp"),
+        ("train_unet:\n  placement: scatter\n", "train_unet.placement: 'scatter' is not one of pack, spread, strict_pack, strict_spread"),
         ("train_decoder:\n  strategy: fsdp\n", "train_decoder.strategy: fsdp is not supported here (the GAN loss"),
         ("train_controlnet:\n  strategy: fsdp\n", "train_controlnet.strategy: fsdp is not supported here (each rank draws its own condition"),
         # non-finite, negative, absurd and contradictory numbers (each passed before)
