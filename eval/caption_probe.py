@@ -66,6 +66,30 @@ def parse_caption(caption: str) -> dict[str, str]:
     return {"color": found["color"], "shape": found["shape"], "direction": direction}
 
 
+# What a caption's word is changed to when that word alone is swapped (caption_reading): the
+# next colour of the palette, the next shape, the opposite direction.
+SWAPS = {
+    "color": dict(zip(PALETTE, list(PALETTE)[1:] + list(PALETTE)[:1])),
+    "shape": dict(zip(SHAPES, SHAPES[1:] + SHAPES[:1])),
+    "direction": {"left": "right", "right": "left", "up": "down", "down": "up"},
+}
+_WORD_POSITION = {"color": 1, "shape": 2, "direction": 4}  # in "a COLOR SHAPE moves DIRECTION on a ..."
+
+
+def swap_attribute(caption: str, attribute: str) -> str | None:
+    """The caption with one attribute's word changed (SWAPS) and every other word kept; None when
+    the caption has no such word to change (a still shape has no direction)."""
+    found = parse_caption(caption)
+    if found[attribute] == STATIC:
+        return None
+    words = caption.strip().split()
+    position = _WORD_POSITION[attribute]
+    if words[position].lower() != found[attribute]:
+        raise ValueError(f"{caption!r}: expected {found[attribute]!r} as word {position + 1}")
+    words[position] = SWAPS[attribute][found[attribute]]
+    return " ".join(words)
+
+
 def palette_labels(video: np.ndarray) -> np.ndarray:
     """(t, h, w, 3) uint8 -> (t, h, w) int: the index of the nearest palette colour for shape
     pixels, -1 for background."""

@@ -83,6 +83,13 @@ def v_loss(model: Denoiser, schedule: Schedule, x0: torch.Tensor, context: torch
     return F.mse_loss(prediction.float(), schedule.velocity(x0, noise, timesteps).float())
 
 
+def v_errors(model: Denoiser, schedule: Schedule, x0: torch.Tensor, context: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Each sample's v-loss (b,) at the given noise and timesteps: the same draws under two
+    contexts tell how much the prediction depends on what the context says."""
+    prediction = model(schedule.add_noise(x0, noise, timesteps), timesteps, context)
+    return (prediction.float() - schedule.velocity(x0, noise, timesteps).float()).pow(2).flatten(1).mean(dim=1)
+
+
 def ddim_timesteps(num_train_timesteps: int, steps: int, offset: int = 1) -> torch.Tensor:
     """LDM ("leading") spacing, descending: 1000 steps / 30 -> 958, 925, ..., 34, 1 (steps_offset 1)."""
     stride = num_train_timesteps // steps

@@ -22,8 +22,15 @@ from tasks.training.unet import train_unet
 def main(params: Params) -> None:
     metrics = train_unet(params)
     write_json(metrics, TRAIN_UNET_REPORT)
-    write_metrics({"loss": metrics.get("loss_last_10pct")}, TRAIN_UNET_METRICS)  # v-loss, last 10 % of steps
+    reading = metrics.get("caption_reading", {})
+    # v-loss, last 10 % of steps; and how much worse the loss gets with one caption word swapped (0: the word is ignored)
+    write_metrics({"loss": metrics.get("loss_last_10pct"), **{f"{word}_swap_loss_gap": figures["relative"] for word, figures in reading.items()}},
+                  TRAIN_UNET_METRICS)
     write_loss_curves({"unet": metrics["mlflow_run_id"]}, UNET_PLOTS, "train_unet: v-prediction loss")
     print(f"train_unet: {metrics['steps']} steps; loss {metrics.get('loss_first_10pct', float('nan')):.4f} (first 10%) -> "
           f"{metrics.get('loss_last_10pct', float('nan')):.4f} (last 10%); data wait {metrics.get('mean_data_wait_share', 0):.1%} of step time; "
           f"MLflow run {metrics['mlflow_run_id']}; weights in {UNET}/")
+    for word, figures in reading.items():
+        print(f"  reads the {word}: {'yes' if figures['reads'] else 'no'}; v-loss at t in [700, 1000) on {figures['clips']} held-out clips "
+              f"{figures['loss_true']:.4f} with the caption, {figures['loss_swapped']:.4f} with the {word} swapped "
+              f"({figures['relative']:+.1%}; 95 % interval of the gap [{figures['gap_low']:+.4f}, {figures['gap_high']:+.4f}])")

@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from eval.caption_probe import CHANCE, DIRECTIONS, PALETTE, SHAPES, STATIC, agreement, centroid_error, parse_caption, probe
+from eval.caption_probe import CHANCE, DIRECTIONS, PALETTE, SHAPES, STATIC, agreement, centroid_error, parse_caption, probe, swap_attribute
 from tasks.config.params import DecodeParams, FilterParams, PrepareParams
 from tasks.preprocessing.assessment import assess_video
 from tasks.preprocessing.clips import decode_video_clips
@@ -98,3 +98,17 @@ def test_centroid_error_in_pixels_over_frames_seen_in_both():
     assert centroid_error(track, np.full((3, 2), np.nan), (64, 48)) == pytest.approx(80.0)  # never both seen: the diagonal
     moving = probe(drawn_video("white", "circle", "right")).track
     assert centroid_error(moving, probe(drawn_video("white", "circle", "left")).track, (64, 64)) > 5
+
+
+@pytest.mark.parametrize("attribute", ["color", "shape", "direction"])
+def test_swapping_one_attribute_changes_that_word_alone(attribute):
+    for color, shape, direction in itertools.product(PALETTE, SHAPES, DIRECTIONS):
+        caption = f"a {color} {shape} moves {direction} on a checkered background"
+        swapped = swap_attribute(caption, attribute)
+        before, after = parse_caption(caption), parse_caption(swapped)
+        assert after[attribute] != before[attribute]
+        assert {k: v for k, v in after.items() if k != attribute} == {k: v for k, v in before.items() if k != attribute}
+        assert swapped.endswith("on a checkered background")
+    assert swap_attribute("a red circle moves left on a dotted background", "direction").split()[4] == "right"  # the opposite
+    still = "a red circle stays still on a dotted background"
+    assert swap_attribute(still, "direction") is None and swap_attribute(still, "color").startswith("a green circle stays still")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from model.diffusion import TIMESTEP_SAMPLINGS, Schedule, ddim_sample, ddim_timesteps, draw_timesteps, drop_text, v_loss
+from model.diffusion import TIMESTEP_SAMPLINGS, Schedule, ddim_sample, ddim_timesteps, draw_timesteps, drop_text, v_errors, v_loss
 from model.presets import DiffusionConfig
 from tasks.config.params import TIMESTEP_SAMPLINGS as PARAMS_TIMESTEP_SAMPLINGS
 
@@ -112,3 +112,13 @@ def test_ddim_matches_diffusers_step_by_step(guidance):
         z = reference.step(v, t, z, eta=0.0).prev_sample
         torch.testing.assert_close(ours[index], z, atol=1e-5, rtol=1e-5, msg=f"step {index} (t={int(t)})")
     torch.testing.assert_close(final, z, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_v_errors_average_to_the_v_loss_of_the_same_draws():
+    schedule, x0 = Schedule(), torch.randn(3, 4, 2, 4, 4)
+    model = lambda z_t, t, context: 0.3 * z_t  # noqa: E731
+    noise, timesteps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 500, 990])
+    errors = v_errors(model, schedule, x0, torch.zeros(3, 1, 1), noise, timesteps)
+    assert errors.shape == (3,)
+    expected = ((0.3 * schedule.add_noise(x0, noise, timesteps) - schedule.velocity(x0, noise, timesteps)) ** 2).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(errors, expected)

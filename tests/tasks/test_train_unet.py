@@ -10,6 +10,7 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import ray
@@ -266,3 +267,64 @@ def test_non_finite_losses_skip_the_step_on_every_worker_and_abort_when_they_per
     assert not (tmp_path / "never" / "model.safetensors").exists()
     failed = MlflowClient().search_runs([MlflowClient().get_run(metrics["mlflow_run_id"]).info.experiment_id], filter_string="attributes.run_name = 'all_bad'")
     assert [run.info.status for run in failed] == ["FAILED"]
+
+
+class ColourReader(torch.nn.Module):
+    """A denoiser that reads the colour word of a demo caption and nothing else: its x0 is the
+    latent drawn for that colour, from which it returns v exactly (v = (a z_t - x0) / s)."""
+
+    def __init__(self, templates: dict[str, torch.Tensor], colour_states: dict[str, torch.Tensor], schedule) -> None:
+        super().__init__()
+        self.templates, self.colour_states, self.schedule = templates, colour_states, schedule
+        self.scale = torch.nn.Parameter(torch.ones(()))  # caption_reading asks for the model's device
+
+    def forward(self, z_t, timesteps, context):
+        # the causal text tower's state at the colour word (token 2) depends on "a COLOUR" alone
+        names = [min(self.colour_states, key=lambda c: float((state[2] - self.colour_states[c]).norm())) for state in context]
+        x0 = torch.stack([self.templates[name] for name in names])
+        a, s = self.schedule._coefficients(timesteps, z_t)
+        return (a * z_t - x0) / s * self.scale
+
+
+def test_caption_reading_sees_the_words_a_model_reads_and_no_others(tmp_path):
+    """The check on held-out clips: a model that reads the colour alone has a positive colour
+    gap (interval above 0) and a direction and shape gap of exactly 0, since the swapped captions
+    share the noise and timesteps; a model blind to its context reads nothing."""
+    from eval.caption_probe import PALETTE
+    from model.diffusion import Schedule
+    from model.presets import get_preset
+    from tasks.inference.encoders import encode_captions, load_text
+    from tasks.training.unet import caption_reading
+
+    encoders = CacheLatentsParams(smoke_vae_fit_steps=0)
+    text, tokenizer = load_text(encoders)
+    rng = np.random.default_rng(0)
+    templates = {c: torch.from_numpy(rng.standard_normal((4, FRAMES, SIZE, SIZE)).astype(np.float32)) for c in PALETTE}
+    colour_states = {c: torch.from_numpy(encode_captions(text, tokenizer, [f"a {c}"]).astype(np.float32))[0, 2] for c in PALETTE}
+    captions = [f"a {c} {s} moves {d} on a striped background" for c, s, d in zip(list(PALETTE) * 2, ["circle", "square", "triangle"] * 4, ["left", "up", "down", "right"] * 3)]
+    captions.append("a red circle stays still on a dotted background")  # has no direction to swap
+    latents = np.stack([templates[caption.split()[1]].permute(1, 0, 2, 3).numpy() for caption in captions])  # cache layout (t, c, h, w)
+    rows = pd.DataFrame({"clip_id": [f"c{k}" for k in range(len(captions))], "video_id": [f"v{k}" for k in range(len(captions))], "caption": captions})
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    write_latent_shard(folder / shard_name(0), rows, latents, encode_captions(text, tokenizer, captions), fingerprint="test")
+    rows = rows.assign(shard=0, shard_row=np.arange(len(rows)))
+
+    diffusion = get_preset("smoke").diffusion
+    reader = ColourReader(templates, colour_states, Schedule(diffusion))
+    report = caption_reading(reader, diffusion, folder, rows, encoders, seed=0, draws=2)
+    assert report["color"]["reads"] and report["color"]["gap_low"] > 0 and report["color"]["loss_true"] < 1e-6
+    assert report["color"]["clips"] == len(captions) and report["direction"]["clips"] == len(captions) - 1
+    for word in ("shape", "direction"):
+        assert report[word]["gap"] == 0 and not report[word]["reads"]
+
+    class Blind(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, z_t, timesteps, context):
+            return z_t * 0.5 + self.bias
+
+    blind = caption_reading(Blind(), diffusion, folder, rows, encoders, seed=0, draws=2)
+    assert all(figures["gap"] == 0 and not figures["reads"] for figures in blind.values())
