@@ -153,6 +153,12 @@ def history_summary(run_id: str) -> dict[str, float]:
     return out
 
 
+def log_figures(run_id: str, figures: dict[str, float], step: int) -> None:
+    """Figures measured after training (a check on held-out data) onto the training run, at its last step."""
+    client = MlflowClient(tracking_uri())
+    client.log_batch(run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step) for key, value in figures.items()])
+
+
 def mlflow_run(uri: str, run_name: str, marker: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """The MLflow run of this training run: reused when the file at `marker` (in the run folder,
     local or in object storage) holds its id, as after a crash; else a new one, whose id goes there."""

@@ -35,7 +35,7 @@ from tasks.storage.latent_shards import latent_dataset, load_null_context, read_
 from tasks.storage.object_store import run_storage
 from tasks.storage.previews import write_preview
 from tasks.training.launch import fit
-from tasks.training.tracking import history_summary, resumable_run_name
+from tasks.training.tracking import history_summary, log_figures, resumable_run_name
 
 
 @dataclass
@@ -159,11 +159,13 @@ def train_unet(params: Params, latents: Path = LATENTS, output_dir: Path = UNET,
     metrics = {**history_summary(result["mlflow_run_id"]), "steps": cfg.steps, "mlflow_run_id": result["mlflow_run_id"],
                "training_clips": len(training), "training_images": image_count, "held_out_videos": len(held_out)}
     if held_out and demo_world(index["caption"]):
-        from tasks.inference.models import load_unet
+        from tasks.inference.models import load_unet  # here, not at the top: Ray's training workers import this module
 
         unet, _ = load_unet(output_dir)
-        metrics["caption_reading"] = caption_reading(unet, get_preset(params.preset).diffusion, latents, index[index["video_id"].astype(str).isin(held_out)],
-                                                     recipe.encoders, cfg.seed)
+        reading = caption_reading(unet, get_preset(params.preset).diffusion, latents, index[index["video_id"].astype(str).isin(held_out)], recipe.encoders, cfg.seed)
+        metrics["caption_reading"] = reading
+        log_figures(result["mlflow_run_id"], {f"caption_reading/{word}/{key}": figures[key] for word, figures in reading.items()
+                                              for key in ("loss_true", "loss_swapped", "relative", "gap_low", "gap_high")}, cfg.steps)
     write_json(metrics, output_dir / "metrics.json")
     return metrics
 
