@@ -44,6 +44,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     **{f"{attribute}_{group}": ("captions", f"{attribute}_accuracy_{group}") for group in ("unseen", "training") for attribute in ("color", "shape", "direction")},
 }
 
+READING_GAPS = tuple(f"{word}_swap_loss_gap" for word in ("color", "shape", "direction"))
+
 
 def row_params(params: Params, row: str, seed: int) -> Params:
     """train_unet's section with the row's changes, ablation.steps and `seed` (the seed also draws
@@ -69,6 +71,8 @@ def run_row(params: Params, row: str, seed: int, folder: Path, clips: Path, late
                       stats=folder.parent / "eval_stats", run_name=f"evaluate-ablation-{row}-seed{seed}-{params.preset}")
     protocols = report["protocols"]
     figures = {name: protocols[protocol][key] for name, (protocol, key) in FIGURES.items() if isinstance(protocols.get(protocol, {}).get(key), (int, float))}
+    # which caption words the row's UNet reads (train_unet's swap check on the held-out clips; demo world only)
+    figures.update({f"{word}_swap_loss_gap": reading["relative"] for word, reading in training.get("caption_reading", {}).items()})
     record = {
         "row": row, "seed": seed, "changes": ABLATION_ROWS[row],
         "architecture": {key: getattr(changed.train_unet, key) for key in ("mec_paths", "spatial_experts", "temporal_experts")},
@@ -140,7 +144,7 @@ def main(params: Params) -> None:
     report = ablation(params)
     write_json(report, ABLATION_REPORT)
     write_json({"comparable": report["comparable"], "steps": report["steps"], "seeds": len(report["seeds"]), **report["table"]}, ABLATION_METRICS)
-    shown = [name for name in ("parameters", "loss", *FIGURES) if any(name in figures for figures in report["table"].values())]
+    shown = [name for name in ("parameters", "loss", *FIGURES, *READING_GAPS) if any(name in figures for figures in report["table"].values())]
     print(f"ablation: {len(report['runs'])} runs of {report['steps']} steps, {report['seconds']} s; comparable: {report['comparable']}")
     print(f"  {'row':<10}" + "".join(f"{name:>19}" for name in shown))
     for row, figures in report["table"].items():
