@@ -79,8 +79,7 @@ def v_loss(model: Denoiser, schedule: Schedule, x0: torch.Tensor, context: torch
     """MSE between the predicted and the true v at drawn timesteps (the training loss)."""
     timesteps = draw_timesteps(x0.shape[0], schedule.config.num_train_timesteps, timestep_sampling, generator, x0.device)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    prediction = model(schedule.add_noise(x0, noise, timesteps), timesteps, context)
-    return F.mse_loss(prediction.float(), schedule.velocity(x0, noise, timesteps).float())
+    return v_errors(model, schedule, x0, context, noise, timesteps).mean()  # every sample has the same size
 
 
 def v_errors(model: Denoiser, schedule: Schedule, x0: torch.Tensor, context: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from safetensors import safe_open
 
+from eval.caption_probe import SWAPS
 from tasks.config.params import ABLATION_ROWS, Params, flatten, params_to_dict
 from tasks.config.paths import ABLATION, ABLATION_METRICS, ABLATION_REPORT, CLIPS, DECODER, LATENTS
 from tasks.operations.lineage import lineage_tags, log_params, start_run, tracking_uri
 from tasks.evaluation.scoring import evaluate
-from tasks.training.unet import train_unet
+from tasks.training.unet import swap_gap_figures, swap_gap_name, train_unet
 from tasks.storage.atomic import write_json
 
 # The table's figures: name -> (evaluate protocol, key in its figures). Table 2 reports IS, FVD and
@@ -44,7 +45,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     **{f"{attribute}_{group}": ("captions", f"{attribute}_accuracy_{group}") for group in ("unseen", "training") for attribute in ("color", "shape", "direction")},
 }
 
-READING_GAPS = tuple(f"{word}_swap_loss_gap" for word in ("color", "shape", "direction"))
+READING_GAPS = tuple(swap_gap_name(word) for word in SWAPS)  # train_unet's caption-reading figures
 
 
 def row_params(params: Params, row: str, seed: int) -> Params:
@@ -72,7 +73,7 @@ def run_row(params: Params, row: str, seed: int, folder: Path, clips: Path, late
     protocols = report["protocols"]
     figures = {name: protocols[protocol][key] for name, (protocol, key) in FIGURES.items() if isinstance(protocols.get(protocol, {}).get(key), (int, float))}
     # which caption words the row's UNet reads (train_unet's swap check on the held-out clips; demo world only)
-    figures.update({f"{word}_swap_loss_gap": reading["relative"] for word, reading in training.get("caption_reading", {}).items()})
+    figures.update(swap_gap_figures(training.get("caption_reading", {})))
     record = {
         "row": row, "seed": seed, "changes": ABLATION_ROWS[row],
         "architecture": {key: getattr(changed.train_unet, key) for key in ("mec_paths", "spatial_experts", "temporal_experts")},

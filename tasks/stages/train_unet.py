@@ -16,7 +16,7 @@ from tasks.config.params import Params
 from tasks.config.paths import TRAIN_UNET_METRICS, TRAIN_UNET_REPORT, UNET, UNET_PLOTS
 from tasks.storage.atomic import write_json, write_metrics
 from tasks.training.curves import write_loss_curves
-from tasks.training.unet import train_unet
+from tasks.training.unet import swap_gap_figures, train_unet
 
 
 def main(params: Params) -> None:
@@ -24,8 +24,7 @@ def main(params: Params) -> None:
     write_json(metrics, TRAIN_UNET_REPORT)
     reading = metrics.get("caption_reading", {})
     # v-loss, last 10 % of steps; and how much worse the loss gets with one caption word swapped (0: the word is ignored)
-    write_metrics({"loss": metrics.get("loss_last_10pct"), **{f"{word}_swap_loss_gap": figures["relative"] for word, figures in reading.items()}},
-                  TRAIN_UNET_METRICS)
+    write_metrics({"loss": metrics.get("loss_last_10pct"), **swap_gap_figures(reading)}, TRAIN_UNET_METRICS)
     write_loss_curves({"unet": metrics["mlflow_run_id"]}, UNET_PLOTS, "train_unet: v-prediction loss")
     print(f"train_unet: {metrics['steps']} steps; loss {metrics.get('loss_first_10pct', float('nan')):.4f} (first 10%) -> "
           f"{metrics.get('loss_last_10pct', float('nan')):.4f} (last 10%); data wait {metrics.get('mean_data_wait_share', 0):.1%} of step time; "

@@ -205,31 +205,43 @@ def caption_reading(model: nn.Module, diffusion: DiffusionConfig, latents: Path,
     device = next(model.parameters()).device
     model.eval()
 
+    # one set of seeded draws per clip, shared by every wording of its caption: the pairing
+    low, high = LAYOUT_TIMESTEPS
+    generators = [torch.Generator().manual_seed(seed * 1000 + draw) for draw in range(draws)]
+    draws_ = [(torch.randn(clips.shape, generator=g), low + draw_timesteps(len(clips), high - low, "uniform", g)) for g in generators]
+
     def losses(indices: list[int], wording: list[str]) -> np.ndarray:
-        """(len(indices),) loss per clip, averaged over `draws` seeded noise/timestep draws."""
+        """(len(indices),) loss per clip under `wording`, averaged over the draws."""
         context = torch.from_numpy(encode_captions(text, tokenizer, wording).astype(np.float32)).to(device)
         total = np.zeros(len(indices))
-        for draw in range(draws):
-            generator = torch.Generator().manual_seed(seed * 1000 + draw)
-            x0 = clips[indices]
-            noise = torch.randn(x0.shape, generator=generator)
-            low, high = LAYOUT_TIMESTEPS
-            timesteps = low + draw_timesteps(len(indices), high - low, "uniform", generator)
+        for noise, timesteps in draws_:
             for start in range(0, len(indices), batch_size):
-                part = slice(start, start + batch_size)
-                total[part] += v_errors(model, schedule, x0[part].to(device), context[part], noise[part].to(device), timesteps[part].to(device)).cpu().numpy()
+                part, rows_ = slice(start, start + batch_size), indices[start:start + batch_size]
+                total[part] += v_errors(model, schedule, clips[rows_].to(device), context[part], noise[rows_].to(device), timesteps[rows_].to(device)).cpu().numpy()
         return total / draws
 
+    every_clip = list(range(len(captions)))
+    true_all = losses(every_clip, captions)  # once: each word's comparison takes its clips' share
     report = {}
     for attribute in SWAPS:
         swapped = [swap_attribute(caption, attribute) for caption in captions]
         indices = [k for k, caption in enumerate(swapped) if caption is not None]
         if len(indices) < 2:
             continue
-        true = losses(indices, [captions[k] for k in indices])
+        true = true_all[indices]
         other = losses(indices, [swapped[k] for k in indices])
         gap = paired_difference(other, true, videos[indices], seed=seed)
         report[attribute] = {"loss_true": float(true.mean()), "loss_swapped": float(other.mean()), "gap": gap["mean"], "gap_low": gap["low"],
                              "gap_high": gap["high"], "relative": gap["mean"] / float(true.mean()), "reads": gap["verdict"] == "better",
                              "clips": len(indices)}
     return report
+
+
+def swap_gap_name(word: str) -> str:
+    """The figure under which a word's relative gap is reported (metrics/train_unet.json, ablation rows)."""
+    return f"{word}_swap_loss_gap"
+
+
+def swap_gap_figures(reading: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """caption_reading's relative gaps as flat figures (0: the word is ignored)."""
+    return {swap_gap_name(word): figures["relative"] for word, figures in reading.items()}
