@@ -38,6 +38,7 @@ from tasks.benchmarks.common import latent_shape, peak_bf16_tflops, unet_trainin
 from tasks.config.params import CacheLatentsParams, TrainUnetParams, clip_shape
 from tasks.preprocessing.synthetic_latents import moving_blob_latents, synthetic_cache
 from tasks.storage.latent_shards import latent_dataset, load_null_context
+from tasks.training.engine import make_optimizer
 from tasks.training.launch import fit
 from tasks.training.tracking import history_summary
 from tasks.training.unet import UNetRecipe
@@ -65,7 +66,7 @@ def training_step_figures(preset: str, batch: int, gradient_checkpointing: bool,
         torch.cuda.empty_cache()
     try:
         model = recipe.build().to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = make_optimizer([model.parameters()], train.lr, train.weight_decay)
         rng = np.random.default_rng(0)
         channels, frames, height, width = shape
         data = {"latents": torch.from_numpy(moving_blob_latents(rng, batch, frames, height, width, channels)).to(device),
