@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tasks.config.params import Params, TrainDecoderParams
+from tasks.config.params import PRESET_DEFAULTS, Params, TrainDecoderParams
 from tasks.inference.models import IMAGE_DECODER, load_decoder
 from tasks.stages.train_decoder import decoder_variants, train_decoder
 from tasks.storage.clip_shards import read_clips, split_clips
@@ -95,8 +95,12 @@ def test_stage_trains_the_tcm_vae_and_compares_it_on_held_out_clips(stage_inputs
 
 
 def test_variants_are_table3_rows_plus_the_tcm_vae_without_refinement():
-    variants = decoder_variants(TrainDecoderParams())
+    variants = decoder_variants(TrainDecoderParams(**PRESET_DEFAULTS["L"]["train_decoder"]))
     assert list(variants) == ["tcm_vae", "tcm_vae_no_refinement", "image_decoder_finetuned", "conv3d_decoder", "videoldm_decoder"]
+    assert PRESET_DEFAULTS["H"]["train_decoder"]["video_baselines"] == "conv3d,videoldm"
+    # smoke fine-tunes the image decoder and the TCM-VAE without R beside the TCM-VAE; the video
+    # baselines are one -S train_decoder.video_baselines=conv3d,videoldm away
+    assert list(decoder_variants(TrainDecoderParams())) == ["tcm_vae", "tcm_vae_no_refinement", "image_decoder_finetuned"]
     parts = {name: (c.temporal_compensation, c.refinement, c.video_layers) for name, c in variants.items()}
     assert parts["tcm_vae"] == (True, True, "") and parts["tcm_vae_no_refinement"] == (True, False, "")
     assert parts["image_decoder_finetuned"] == (False, False, "") and parts["conv3d_decoder"] == (False, False, "conv3d")
