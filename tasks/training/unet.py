@@ -208,16 +208,16 @@ def caption_reading(model: nn.Module, diffusion: DiffusionConfig, latents: Path,
     # one set of seeded draws per clip, shared by every wording of its caption: the pairing
     low, high = LAYOUT_TIMESTEPS
     generators = [torch.Generator().manual_seed(seed * 1000 + draw) for draw in range(draws)]
-    draws_ = [(torch.randn(clips.shape, generator=g), low + draw_timesteps(len(clips), high - low, "uniform", g)) for g in generators]
+    noise_and_timesteps = [(torch.randn(clips.shape, generator=g), low + draw_timesteps(len(clips), high - low, "uniform", g)) for g in generators]
 
     def losses(indices: list[int], wording: list[str]) -> np.ndarray:
         """(len(indices),) loss per clip under `wording`, averaged over the draws."""
         context = torch.from_numpy(encode_captions(text, tokenizer, wording).astype(np.float32)).to(device)
         total = np.zeros(len(indices))
-        for noise, timesteps in draws_:
+        for noise, timesteps in noise_and_timesteps:
             for start in range(0, len(indices), batch_size):
-                part, rows_ = slice(start, start + batch_size), indices[start:start + batch_size]
-                total[part] += v_errors(model, schedule, clips[rows_].to(device), context[part], noise[rows_].to(device), timesteps[rows_].to(device)).cpu().numpy()
+                part, rows = slice(start, start + batch_size), indices[start:start + batch_size]
+                total[part] += v_errors(model, schedule, clips[rows].to(device), context[part], noise[rows].to(device), timesteps[rows].to(device)).cpu().numpy()
         return total / draws
 
     every_clip = list(range(len(captions)))
