@@ -4,7 +4,8 @@
 - weights: every weight file each stage reads exists and has a sound header (the checks the
   stages themselves run first), and L/H have every pretrained file;
 - services: the ones the environment names answer (MLFLOW_TRACKING_URI's /health,
-  PREFECT_API_URL's /health, RAY_ADDRESS's port, VERSVIDEO_RUN_STORAGE's bucket); unset ones run
+  PREFECT_API_URL's /health, RAY_ADDRESS's port, the buckets of VERSVIDEO_RUN_STORAGE and
+  VERSVIDEO_DATA_STORAGE); unset ones run
   locally and need nothing;
 - devices: the GPUs torch sees, and the CPU count.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from tasks.config.params import Params, ParamsError, load_params, write_preset
 from tasks.storage.object_store import RUN_STORAGE_VARIABLE, StorageError, is_uri, require_reachable
+from tasks.storage.shard_store import DATA_STORAGE_VARIABLE
 from tasks.storage.weight_files import require_weight_files
 
 STAGES_WITH_WEIGHTS = ("filter", "cache_latents", "train_decoder", "train_controlnet", "evaluate")
@@ -48,7 +50,7 @@ def doctor(params_file: Path, preset: str | None) -> bool:
         for stage in STAGES_WITH_WEIGHTS:
             check(f"weights of {stage}", lambda stage=stage: weights_of(params[0], stage))
     for variable, probe in (("MLFLOW_TRACKING_URI", mlflow_answers), ("PREFECT_API_URL", prefect_answers), ("RAY_ADDRESS", ray_answers),
-                            (RUN_STORAGE_VARIABLE, run_storage_answers)):
+                            (RUN_STORAGE_VARIABLE, storage_answers), (DATA_STORAGE_VARIABLE, storage_answers)):
         check(variable, lambda variable=variable, probe=probe: probe(os.environ[variable]) if os.environ.get(variable) else "not set: runs locally")
     check("devices", devices)
     return all(results)
@@ -99,7 +101,7 @@ def ray_answers(address: str) -> str:
         return f"{host}:{port} accepts connections"
 
 
-def run_storage_answers(location: str) -> str:
+def storage_answers(location: str) -> str:
     if not is_uri(location):
         return f"{location}: a local folder (every node must see it)"
     require_reachable(location)

@@ -29,7 +29,8 @@ from eval.protocols import REFERENCE_PROTOCOLS, ReferenceProtocol
 from eval.ucf101_prompts import prompt_table_digest, table_prompt
 from tasks.config.params import EvaluateParams, Params
 from tasks.config.paths import CLIPS
-from tasks.storage.clip_shards import split_clips
+from tasks.storage.clip_shards import shard_name, split_clips
+from tasks.storage.shard_store import read_manifest, shard_location
 from tasks.storage.video_io import VideoError, path_under
 
 # Real videos read beyond a reference's count, so that discarded (too short, unreadable) ones are
@@ -90,8 +91,9 @@ def heldout_protocol(params: Params, clips: Path = CLIPS) -> Protocol:
         held = held.sample(cfg.max_real, random_state=cfg.seed).sort_values("clip_id").reset_index(drop=True)
     captions = held["caption"].astype(str).tolist()
     count = cfg.num_videos or len(held)
+    manifest = read_manifest(clips)
     real = pd.DataFrame({
-        "path": [str((clips / f"clips-{int(shard):05d}.npy").resolve()) for shard in held["shard"]],
+        "path": [shard_location(clips, shard_name(int(shard)), manifest) for shard in held["shard"]],
         "shard_row": held["shard_row"].astype(int), "prompt": captions, "id": held["clip_id"].astype(str),
     })
     split = f"train_unet held out (share {share}, seed {params.train_unet.seed}): {held['video_id'].nunique()} videos, {len(held)} clips"

@@ -66,6 +66,7 @@ from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import atomic_path
 from tasks.storage.latent_shards import load_encoders_info
 from tasks.storage.previews import write_preview
+from tasks.storage.shard_store import load_npy
 from tasks.storage.video_io import VideoError, center_crop, cover_size, decode_frames, probe_video, resize_frames
 from tasks.storage.weight_files import require_weight_files
 
@@ -123,7 +124,7 @@ def read_real(row, view: View, s: Settings | None) -> tuple[np.ndarray, int]:
     start  a video file from frame 0 at the clips' frame rate, resized to cover and centre-cropped;
     window `frames` consecutive native frames from a seeded offset (the reference protocols)."""
     if view.real_read == "shard":
-        return np.asarray(np.load(row.path, mmap_mode="r")[int(row.shard_row)]), -1
+        return np.asarray(load_npy(row.path)[int(row.shard_row)]), -1
     if view.real_read == "start":
         return read_video_clip(row.path, view.frames, s.fps, view.height, view.width), 0
     probed = probe_video(Path(row.path))

@@ -14,8 +14,8 @@ import ray
 
 from tasks.config.params import DecodeParams
 from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_record
-from tasks.storage.atomic import write_npy
 from tasks.storage.clip_shards import shard_name
+from tasks.storage.shard_store import MANIFEST, STORED_KEYS, save_npy_shard, write_manifest
 from tasks.storage.video_io import VideoError, center_crop, cover_size, open_reader, path_under, read_frames, window_length
 
 
@@ -53,9 +53,10 @@ def decode_video_clips(path: str, height: int, width: int, segment_start: int, s
     return starts, np.ascontiguousarray(frames).reshape(len(starts), cfg.frames, cfg.height, cfg.width, 3)
 
 
-def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, videos_root: str) -> pd.DataFrame:
-    """Ray Data UDF: decode the videos of each shard in the batch, write the shard, return its
-    index rows (kind=clip) and failed videos (kind=rejected)."""
+def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, videos_root: str, storage: str | None) -> pd.DataFrame:
+    """Ray Data UDF: decode the videos of each shard in the batch, write the shard (into out_dir,
+    or into the data storage: then a kind=shard row names its object), return its index rows
+    (kind=clip) and failed videos (kind=rejected)."""
     rows = []
     for shard, videos in batch.groupby("shard", sort=True):
         clips = []
@@ -82,43 +83,57 @@ def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, videos_ro
                 )
                 clips.append(clip)
         if clips:
-            write_npy(np.stack(clips), Path(out_dir) / shard_name(int(shard)))
+            rows += stored_shard_rows(save_npy_shard(np.stack(clips), out_dir, shard_name(int(shard)), storage), shard)
     return pd.DataFrame.from_records(rows, columns=INDEX_COLUMNS)
 
 
-INDEX_COLUMNS = ["kind", "clip_id", "video_id", "shard", "shard_row", "start_frame", "stride", "source_fps", "caption", "reason", "detail"]
+STORED_COLUMNS = list(STORED_KEYS)  # a kind=shard row's: where the data storage holds the shard
+INDEX_COLUMNS = ["kind", "clip_id", "video_id", "shard", "shard_row", "start_frame", "stride", "source_fps", "caption", "reason", "detail", *STORED_COLUMNS]
+
+
+def stored_shard_rows(entry: dict | None, shard: int) -> list[dict]:
+    """The kind=shard result row of a shard written to the data storage (none for a local file)."""
+    return [] if entry is None else [{"kind": "shard", "shard": shard, **entry}]
 
 
 def decode_in_shards(rows: pd.DataFrame, decode_one_shard: Callable[..., pd.DataFrame], out_dir: Path, cfg: DecodeParams, result_columns: list[str],
-                     label: str, unit: str, count: Callable[[pd.DataFrame], int] = len, **shard_kwargs) -> pd.DataFrame:
-    """Run `decode_one_shard(batch, cfg, out_dir, **shard_kwargs)` on each shard of `rows` (their
-    `shard` column), one Ray task per shard on cfg.num_workers CPUs, writing into out_dir, a new
-    or empty folder; returns the shards' result rows, sorted by shard, kind and shard row."""
+                     label: str, unit: str, storage: str | None, count: Callable[[pd.DataFrame], int] = len, **shard_kwargs) -> pd.DataFrame:
+    """Run `decode_one_shard(batch, cfg, out_dir, storage=storage, **shard_kwargs)` on each shard
+    of `rows` (their `shard` column), one Ray task per shard on cfg.num_workers CPUs, writing into
+    out_dir, a new or empty folder, or with a data storage into it and out_dir's shards.json;
+    returns the shards' result rows, sorted by shard, kind and shard row."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.glob("clips-*.npy")):
+    if any(out_dir.glob("clips-*.npy")) or (out_dir / MANIFEST).exists():
         raise ValueError(f"{out_dir}: already holds clip shards; decode into a new or empty folder, so no shard of an earlier run survives under a reused name")
     if not len(rows):
+        if storage is not None:
+            write_manifest(out_dir, storage, {})
         return pd.DataFrame(columns=result_columns)
     ensure_ray()
     shards = ray.data.from_pandas([group for _, group in rows.groupby("shard")]).map_batches(
         on_record(decode_one_shard), batch_format="pandas", batch_size=None, num_cpus=1,  # one block = one shard
         compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
-        fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve()), **shard_kwargs},  # absolute paths: Ray workers do not share our cwd
+        fn_kwargs={"cfg": cfg, "out_dir": str(out_dir.resolve()), "storage": storage, **shard_kwargs},  # absolute paths: Ray workers do not share our cwd
     )
     result = collect_with_progress(shards, label, len(rows), unit, count)
+    stored = result[result["kind"] == "shard"]
+    if storage is not None:
+        write_manifest(out_dir, storage, {shard_name(int(row.shard)): {"object": row.object, "sha256": row.sha256, "bytes": int(row.bytes)} for row in stored.itertuples()})
+    result = result[result["kind"] != "shard"]
     return result.loc[:, result_columns].sort_values(["shard", "kind", "shard_row"], kind="stable")
 
 
-def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, videos_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, videos_root: str | Path, storage: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode all kept videos (their `path` relative to videos_root, as the filter writes it) into
     shards under out_dir, a new or empty folder (the decode stage builds one beside the previous
-    clips and swaps it in); returns (clip index, rejected videos)."""
+    clips and swaps it in), or into the data `storage` (tasks/storage/shard_store.py); returns
+    (clip index, rejected videos)."""
     videos_per_shard = max(1, cfg.clips_per_shard // cfg.clips_per_video)
     kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // videos_per_shard)
     columns = ["shard", "videoid", "path", "height", "width", "fps", "segment_start", "segment_end", "stride", "name"]
-    result = decode_in_shards(kept.loc[:, columns], decode_shard, out_dir, cfg, INDEX_COLUMNS, "decode", "videos decoded",
+    result = decode_in_shards(kept.loc[:, columns], decode_shard, out_dir, cfg, INDEX_COLUMNS, "decode", "videos decoded", storage,
                               count=lambda batch: batch["video_id"].nunique(), videos_root=os.path.abspath(videos_root))
-    index = result[result["kind"] == "clip"].drop(columns=["kind", "reason", "detail"]).reset_index(drop=True)
+    index = result[result["kind"] == "clip"].drop(columns=["kind", "reason", "detail", *STORED_COLUMNS]).reset_index(drop=True)
     rejected = result[result["kind"] == "rejected"].loc[:, ["video_id", "reason", "detail"]].reset_index(drop=True)
     for column in ("shard", "shard_row", "start_frame", "stride"):
         index[column] = index[column].astype("int64")

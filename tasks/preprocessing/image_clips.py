@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 
 from tasks.config.params import DecodeParams
-from tasks.preprocessing.clips import decode_in_shards
-from tasks.storage.atomic import write_npy
+from tasks.preprocessing.clips import STORED_COLUMNS, decode_in_shards, stored_shard_rows
 from tasks.storage.clip_shards import shard_name
 from tasks.storage.image_text import SourceReader, decode_image
+from tasks.storage.shard_store import save_npy_shard
 from tasks.storage.video_io import VideoError, center_crop, cover_size
 
 IMAGE_INDEX_COLUMNS = ["clip_id", "video_id", "shard", "shard_row", "source", "member", "caption"]
-_RESULT_COLUMNS = ["kind", *IMAGE_INDEX_COLUMNS, "reason", "detail"]
+_RESULT_COLUMNS = ["kind", *IMAGE_INDEX_COLUMNS, "reason", "detail", *STORED_COLUMNS]
 
 
 def image_frame(image: np.ndarray, cfg: DecodeParams) -> np.ndarray:
@@ -32,10 +32,11 @@ def image_frame(image: np.ndarray, cfg: DecodeParams) -> np.ndarray:
     return np.ascontiguousarray(center_crop(resized, cfg.height, cfg.width))[None]
 
 
-def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, images_root: str) -> pd.DataFrame:
+def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, images_root: str, storage: str | None) -> pd.DataFrame:
     """Ray Data UDF: the images of one shard (each source file opened once), written as one clip
-    shard; returns its index rows (kind=clip) and the images that no longer decode (kind=rejected:
-    the file changed since the filter read it)."""
+    shard (into out_dir, or into the data storage: then a kind=shard row names its object);
+    returns its index rows (kind=clip) and the images that no longer decode (kind=rejected: the
+    file changed since the filter read it)."""
     rows, frames = [], []
     shard = int(batch["shard"].iloc[0])
     for source, records in batch.groupby("source", sort=False):
@@ -50,16 +51,17 @@ def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, ima
                 rows.append({**entry, "kind": "clip", "shard_row": len(frames)})
                 frames.append(image_frame(image, cfg))
     if frames:
-        write_npy(np.stack(frames), Path(out_dir) / shard_name(shard))
+        rows += stored_shard_rows(save_npy_shard(np.stack(frames), out_dir, shard_name(shard), storage), shard)
     return pd.DataFrame.from_records(rows, columns=_RESULT_COLUMNS)
 
 
-def decode_images(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, images_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def decode_images(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, images_root: str | Path, storage: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every kept image (images_kept.parquet's rows, in their order) into one-frame clip shards of
-    cfg.clips_per_shard under out_dir, a new or empty folder; returns (index, rejected)."""
+    cfg.clips_per_shard under out_dir, a new or empty folder, or into the data `storage`; returns
+    (index, rejected)."""
     kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // cfg.clips_per_shard)
     result = decode_in_shards(kept.loc[:, ["shard", "key", "source", "member", "caption"]], decode_image_shard, out_dir, cfg, _RESULT_COLUMNS,
-                              "decode_images", "images decoded", images_root=os.path.abspath(images_root))
+                              "decode_images", "images decoded", storage, images_root=os.path.abspath(images_root))
     index = result[result["kind"] == "clip"].loc[:, IMAGE_INDEX_COLUMNS].reset_index(drop=True)
     rejected = result[result["kind"] == "rejected"].loc[:, ["clip_id", "source", "member", "reason", "detail"]].reset_index(drop=True)
     for column in ("shard", "shard_row"):

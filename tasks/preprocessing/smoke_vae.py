@@ -18,6 +18,7 @@ from model.weights import file_digest
 from tasks.config.params import PROGRESS_SECONDS, CacheLatentsParams
 from tasks.storage.atomic import atomic_path, reuse_file
 from tasks.storage.clip_shards import shard_name as clip_shard_name
+from tasks.storage.shard_store import load_npy, read_manifest, shard_location, shards_digest
 
 FIT_CODE = (Path(__file__), Path(__file__).resolve().parents[2] / "model" / "image_vae.py")  # a change here refits
 FIT_THREADS = 2  # the smoke VAE fit's threads on every machine: another count sums in another order, and the weights change
@@ -33,8 +34,8 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
     cache, byte-identical run to run. Saved as a diffusers folder; refitted only when the clips,
     steps, seed or fitting code change: a fit already in `folder`, or in `previous` (the last
     run's), is kept."""
-    shards = [clips_dir / clip_shard_name(int(shard)) for shard in sorted(index["shard"].unique())]
-    stamp = {"clips": file_digest(*shards), "steps": cfg.smoke_vae_fit_steps, "seed": cfg.seed, "code": file_digest(*FIT_CODE)}
+    names = [clip_shard_name(int(shard)) for shard in sorted(index["shard"].unique())]
+    stamp = {"clips": shards_digest(clips_dir, names), "steps": cfg.smoke_vae_fit_steps, "seed": cfg.seed, "code": file_digest(*FIT_CODE)}
     if fit_stamp(folder) == stamp:
         return folder
     if previous is not None and fit_stamp(previous) == stamp:
@@ -43,7 +44,9 @@ def fit_smoke_vae(index: pd.DataFrame, clips_dir: Path, folder: Path, cfg: Cache
     threads = torch.get_num_threads()
     torch.set_num_threads(FIT_THREADS)
     try:
-        frames = np.concatenate([np.load(path, mmap_mode="r").reshape(-1, *np.load(path, mmap_mode="r").shape[2:]) for path in shards])
+        manifest = read_manifest(clips_dir)
+        shards = [load_npy(shard_location(clips_dir, name, manifest)) for name in names]
+        frames = np.concatenate([shard.reshape(-1, *shard.shape[2:]) for shard in shards])
         vae = build_tiny_image_vae(seed=cfg.seed).train().requires_grad_(True)
         with torch.no_grad():  # posterior std ~0.02 at the start, not ~1: the decoder sees the content, not noise
             vae.quant_conv.bias[LATENT_CHANNELS:] -= 8.0

@@ -19,6 +19,10 @@ seeded by (seed, clip_id), independent of which actor or batch encodes it.
 The image stream's one-frame clips (data/clips/images) are encoded the same way, by the same
 encoders, into data/latents/images (its own shards and index.parquet): the UNet reads them as a
 second dataset of latents (1, 4, h/8, w/8).
+
+With VERSVIDEO_DATA_STORAGE set, the actors read the clip shards from it and put the latent
+shards there, named by their fingerprints (a rerun finds the complete ones of any earlier run);
+data/latents/shards.json names them (tasks/storage/shard_store.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tasks.inference.encoders import encode_captions, encoder_info, load_text, p
 from tasks.preprocessing.latents import cache_latents
 from tasks.preprocessing.smoke_vae import fit_smoke_vae
 from tasks.storage.atomic import atomic_folder, write_json, write_npy, write_parquet
+from tasks.storage.shard_store import data_storage
 from tasks.storage.weight_files import require_weight_files
 
 
@@ -91,8 +96,9 @@ def build_cache(index: pd.DataFrame, image_index: pd.DataFrame, cfg: CacheLatent
     if info["text_encoder"]["width"] != context_dim:
         raise ValueError(f"cache_latents.text_model: token width {info['text_encoder']['width']} does not match the {preset} UNet's context_dim {context_dim}")
 
-    status = cache_latents(index, cfg, info, CLIPS, staging, previous=LATENTS)
-    image_status = cache_latents(image_index, cfg, info, IMAGE_CLIPS, staging / IMAGE_LATENTS.name, previous=IMAGE_LATENTS)
+    storage = data_storage()  # None: the shards go into data/latents itself
+    status = cache_latents(index, cfg, info, CLIPS, staging, previous=LATENTS, storage=storage)
+    image_status = cache_latents(image_index, cfg, info, IMAGE_CLIPS, staging / IMAGE_LATENTS.name, previous=IMAGE_LATENTS, storage=storage)
     write_parquet(image_index, staging / IMAGE_LATENTS.name / "index.parquet")
     text, tokenizer = load_text(cfg)  # on the driver, for the one empty-prompt context
     write_npy(encode_captions(text, tokenizer, [""])[0], staging / "null_context.npy")

@@ -1,5 +1,6 @@
-"""Reading the decode stage's clip shards (data/clips/clips-NNNNN.npy, (n, t, h, w, 3) uint8) for
-training on pixels (the TCM-VAE decoder), and the seeded held-out split of videos.
+"""Reading the decode stage's clip shards (data/clips/clips-NNNNN.npy, (n, t, h, w, 3) uint8, or
+the objects data/clips/shards.json names) for training on pixels (the TCM-VAE decoder), and the
+seeded held-out split of videos.
 
 The split is by video, never by clip, so no held-out clip shares frames or a scene with a training
 clip; a video is held out when a hash of (seed, video_id) falls below `share`, which keeps its
@@ -16,6 +17,7 @@ import pandas as pd
 import ray
 
 from tasks.operations.ray_runtime import ensure_ray
+from tasks.storage.shard_store import load_npy, read_manifest, shard_location
 
 
 def video_fraction(video_id: str, seed: int) -> float:
@@ -44,26 +46,28 @@ def split_clips(index: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFr
 def read_clips(clips_dir: str | Path, rows: pd.DataFrame) -> np.ndarray:
     """The clips of `rows` (index rows: shard, shard_row), in row order: (n, t, h, w, 3) uint8."""
     clips = []
+    manifest = read_manifest(clips_dir)
     for shard, group in rows.reset_index(drop=True).groupby("shard", sort=False):
-        array = np.load(Path(clips_dir) / shard_name(int(shard)), mmap_mode="r")
+        array = load_npy(shard_location(clips_dir, shard_name(int(shard)), manifest))
         clips.append((group.index, np.asarray(array[group["shard_row"].to_numpy()])))
     order = np.argsort(np.concatenate([positions for positions, _ in clips]))
     return np.concatenate([frames for _, frames in clips])[order]
 
 
-def _read_shard(batch: dict[str, np.ndarray], clips_dir: str) -> dict[str, np.ndarray]:
-    path, rows = Path(clips_dir) / shard_name(int(batch["shard"][0])), batch["rows"][0]
-    return {"frames": np.asarray(np.load(path, mmap_mode="r")[np.asarray(rows, dtype=np.int64)])}
+def _read_shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"frames": np.asarray(load_npy(batch["location"][0])[np.asarray(batch["rows"][0], dtype=np.int64)])}
 
 
 def clip_dataset(clips_dir: str | Path, rows: pd.DataFrame, seed: int | None = None) -> ray.data.Dataset:
     """A streaming Ray Data dataset of the clips in `rows`: `frames` (t, h, w, 3) uint8, one read task
     per shard (shards in a seeded order when `seed` is given)."""
     ensure_ray()  # before the dataset exists (see ensure_ray)
-    shards = [{"shard": int(shard), "rows": group["shard_row"].astype(int).tolist()} for shard, group in rows.groupby("shard")]
+    manifest = read_manifest(clips_dir)  # here, on the driver: read tasks on other nodes do not see clips_dir
+    shards = [{"location": shard_location(clips_dir, shard_name(int(shard)), manifest), "rows": group["shard_row"].astype(int).tolist()}
+              for shard, group in rows.groupby("shard")]
     if seed is not None:
         shards = [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))]
-    return ray.data.from_items(shards).map_batches(_read_shard, batch_size=1, batch_format="numpy", fn_kwargs={"clips_dir": str(Path(clips_dir).resolve())})
+    return ray.data.from_items(shards).map_batches(_read_shard, batch_size=1, batch_format="numpy")
 
 
 def shard_name(shard: int) -> str:

@@ -1,7 +1,8 @@
 """The latent cache's file format, and the Ray Data reader training streams from.
 
 data/latents/ holds
-- latents-NNNNN.parquet: one row per clip, in the clip shard's row order: clip_id, video_id,
+- latents-NNNNN.parquet (or, with VERSVIDEO_DATA_STORAGE, objects named in shards.json:
+  tasks/storage/shard_store.py): one row per clip, in the clip shard's row order: clip_id, video_id,
   caption, `latents` (t, 4, h/8, w/8) float16 already multiplied by the VAE scale factor, and
   `context` (77, width) float16, the caption's text-encoder token states. The text context sits
   in the same row as its latents, so one read gives a whole training sample and a shuffled file
@@ -31,6 +32,8 @@ from ray.data.extensions import ArrowTensorArray
 from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import atomic_path
 from tasks.storage.clip_shards import shard_name as clip_shard_name
+from tasks.storage.object_store import filesystem
+from tasks.storage.shard_store import load_npy, read_manifest, shard_location
 
 FINGERPRINT_KEY = b"versvideo.fingerprint"
 TENSOR_COLUMNS = ("latents", "context")
@@ -40,9 +43,8 @@ def shard_name(shard: int) -> str:
     return f"latents-{shard:05d}.parquet"
 
 
-def write_latent_shard(path: Path, rows: pd.DataFrame, latents: np.ndarray, context: np.ndarray, fingerprint: str) -> None:
-    """Write one shard under a temporary name and rename it when complete."""
-    table = pa.table(
+def latent_shard_table(rows: pd.DataFrame, latents: np.ndarray, context: np.ndarray, fingerprint: str) -> pa.Table:
+    return pa.table(
         {
             "clip_id": pa.array(rows["clip_id"].astype(str).tolist(), pa.string()),
             "video_id": pa.array(rows["video_id"].astype(str).tolist(), pa.string()),
@@ -51,9 +53,24 @@ def write_latent_shard(path: Path, rows: pd.DataFrame, latents: np.ndarray, cont
             "context": ArrowTensorArray.from_numpy(np.ascontiguousarray(context, dtype=np.float16)),
         }
     ).replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+
+
+def _write_table(table: pa.Table, where) -> None:
+    # fp16 latents barely compress; uncompressed pages keep reading at memory speed
+    pq.write_table(table, where, compression="none", row_group_size=len(table))
+
+
+def write_latent_shard(path: Path, rows: pd.DataFrame, latents: np.ndarray, context: np.ndarray, fingerprint: str) -> None:
+    """Write one shard under a temporary name and rename it when complete."""
     with atomic_path(path) as tmp:
-        # fp16 latents barely compress; uncompressed pages keep reading at memory speed
-        pq.write_table(table, tmp, compression="none", row_group_size=len(rows))
+        _write_table(latent_shard_table(rows, latents, context, fingerprint), tmp)
+
+
+def latent_shard_bytes(rows: pd.DataFrame, latents: np.ndarray, context: np.ndarray, fingerprint: str) -> bytes:
+    """One shard's file, in memory: for the data storage (tasks/storage/shard_store.py)."""
+    buffer = pa.BufferOutputStream()
+    _write_table(latent_shard_table(rows, latents, context, fingerprint), buffer)
+    return buffer.getvalue().to_pybytes()
 
 
 def shard_fingerprint(path: Path) -> str | None:
@@ -66,9 +83,11 @@ def shard_fingerprint(path: Path) -> str | None:
     return value.decode() if value else None
 
 
-def read_latent_shard(path: str | Path, columns: tuple[str, ...] = TENSOR_COLUMNS) -> dict[str, np.ndarray]:
-    """Columns of one shard as arrays: tensors (n, ...) in float16, strings as object arrays."""
-    table = pq.read_table(path, columns=list(columns))
+def read_latent_shard(location: str | Path, columns: tuple[str, ...] = TENSOR_COLUMNS) -> dict[str, np.ndarray]:
+    """Columns of one shard (a file, or an object in the data storage) as arrays: tensors (n, ...)
+    in float16, strings as object arrays."""
+    fs, path = filesystem(str(location))
+    table = pq.read_table(path, columns=list(columns), filesystem=fs)
     out = {}
     for name in columns:
         column = table.column(name)
@@ -84,6 +103,12 @@ def read_index(folder: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the cache_latents stage first (versvideo stage cache_latents)")
     return pd.read_parquet(path)
+
+
+def shard_locations(folder: str | Path, shards) -> list[str]:
+    """Where the latent shards numbered `shards` of the cache in `folder` are (files or objects)."""
+    manifest = read_manifest(folder)
+    return [shard_location(folder, shard_name(int(shard)), manifest) for shard in shards]
 
 
 def load_null_context(folder: str | Path) -> np.ndarray:
@@ -116,11 +141,10 @@ def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[s
     each execution, which took 8-13 s per epoch for 40 shards on a 2-core machine; the index
     already knows the shards.) Rows of `exclude_videos` (held-out video ids) are dropped."""
     ensure_ray()  # before the dataset exists (see ensure_ray)
-    folder = Path(folder).resolve()  # read tasks on another node do not run in the driver's directory
     shards = sorted(read_index(folder)["shard"].unique())
     if seed is not None:
         shards = list(np.random.default_rng(seed).permutation(shards))
-    paths = [str(folder / shard_name(int(shard))) for shard in shards]
+    paths = shard_locations(folder, shards)  # here: read tasks on another node do not see the folder
     return ray.data.from_items([{"path": path} for path in paths]).map_batches(
         _read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"columns": tuple(columns), "exclude_videos": frozenset(exclude_videos)}
     )
@@ -128,7 +152,7 @@ def latent_dataset(folder: str | Path, seed: int | None = None, columns: tuple[s
 
 def _read_shard_pair(batch: dict[str, np.ndarray], exclude_videos: frozenset[str]) -> dict[str, np.ndarray]:
     latents = read_latent_shard(batch["latents_path"][0], ("latents", "context", "video_id"))
-    frames = np.asarray(np.load(batch["clips_path"][0], mmap_mode="r")[np.asarray(batch["rows"][0], dtype=np.int64)])
+    frames = np.asarray(load_npy(batch["clips_path"][0])[np.asarray(batch["rows"][0], dtype=np.int64)])
     if len(frames) != len(latents["latents"]):
         raise ValueError(f"{batch['latents_path'][0]} has {len(latents['latents'])} clips but {batch['clips_path'][0]} rows give {len(frames)}: rerun cache_latents")
     keep = ~np.isin(latents["video_id"], list(exclude_videos))
@@ -145,11 +169,12 @@ def latent_clip_dataset(latents_dir: Path, clips_dir: Path, seed: int, exclude_v
     on 2 cores, which the first training step waited for)."""
     ensure_ray()  # before the dataset exists (see ensure_ray)
     index = read_index(latents_dir)
+    latent_manifest, clip_manifest = read_manifest(latents_dir), read_manifest(clips_dir)
     items = []
     for shard, rows in index.groupby("shard", sort=True):
         items.append({
-            "latents_path": str((Path(latents_dir) / shard_name(int(shard))).resolve()),
-            "clips_path": str((Path(clips_dir) / clip_shard_name(int(shard))).resolve()),
+            "latents_path": shard_location(latents_dir, shard_name(int(shard)), latent_manifest),
+            "clips_path": shard_location(clips_dir, clip_shard_name(int(shard)), clip_manifest),
             "rows": rows.sort_values("shard_row")["shard_row"].astype(int).tolist(),  # the latent shard's row order
         })
     items = [items[k] for k in np.random.default_rng(seed).permutation(len(items))]

@@ -86,24 +86,33 @@ def require_reachable(location: str) -> None:
 
 def read_text(location: str) -> str | None:
     """The text of the file at `location`, or None when there is none."""
-    fs, path = filesystem(location)
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    if not is_file(location):
         return None
+    fs, path = filesystem(location)
     with fs.open_input_stream(path) as stream:
         return stream.read().decode()
 
 
 def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def write_bytes(location: str, data: bytes) -> None:
     """Whole or not at all: an object store's PUT is atomic; a local file is written beside and renamed."""
     fs, path = filesystem(location)
     if is_uri(location):
         with fs.open_output_stream(path) as stream:
-            stream.write(text.encode())
+            stream.write(data)
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     staged = Path(f"{path}.tmp-{os.getpid()}")
-    staged.write_text(text)
+    staged.write_bytes(data)
     staged.replace(path)
+
+
+def is_file(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def subfolders(location: str, prefix: str) -> list[str]:

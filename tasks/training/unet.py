@@ -31,7 +31,7 @@ from tasks.config.paths import IMAGE_LATENTS, LATENTS, UNET
 from tasks.operations.lineage import lineage_tags
 from tasks.storage.atomic import save_safetensors, write_json
 from tasks.storage.clip_shards import held_out_videos
-from tasks.storage.latent_shards import latent_dataset, load_null_context, read_index, read_latent_shard, shard_name
+from tasks.storage.latent_shards import latent_dataset, load_null_context, read_index, read_latent_shard, shard_locations
 from tasks.storage.object_store import run_storage
 from tasks.storage.previews import write_preview
 from tasks.training.launch import fit
@@ -194,7 +194,7 @@ def caption_reading(model: nn.Module, diffusion: DiffusionConfig, latents: Path,
     `reads` only where the whole interval is above 0. `relative` is the gap over the true loss."""
     from tasks.inference.encoders import encode_captions, load_text
 
-    parts = [read_latent_shard(latents / shard_name(int(shard)), ("latents", "caption", "clip_id", "video_id")) for shard in sorted(rows["shard"].unique())]
+    parts = [read_latent_shard(location, ("latents", "caption", "clip_id", "video_id")) for location in shard_locations(latents, sorted(rows["shard"].unique()))]
     wanted = set(rows["clip_id"].astype(str))
     keep = [np.isin(part["clip_id"].astype(str), list(wanted)) for part in parts]
     clips = torch.from_numpy(np.concatenate([part["latents"][k] for part, k in zip(parts, keep)]).astype(np.float32)).permute(0, 2, 1, 3, 4)

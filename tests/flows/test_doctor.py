@@ -20,6 +20,7 @@ def test_doctor_names_each_problem_and_what_answers(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("PREFECT_API_URL", prefect_api["PREFECT_API_URL"])
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # no head there
     monkeypatch.setenv("VERSVIDEO_RUN_STORAGE", "s3://no-such-bucket/runs")  # on the session's S3 server
+    monkeypatch.setenv("VERSVIDEO_DATA_STORAGE", f"{object_store['bucket']}/data")
     assert main(["doctor"]) == 1
     lines = {line[6:].partition(":")[0]: line for line in capsys.readouterr().out.splitlines()}
     assert lines["weights of filter"].startswith("FAIL") and "clip.safetensors: not a safetensors file" in lines["weights of filter"]
@@ -28,6 +29,7 @@ def test_doctor_names_each_problem_and_what_answers(tmp_path, monkeypatch, capsy
     assert lines["PREFECT_API_URL"].startswith("ok") and "answers 200" in lines["PREFECT_API_URL"]
     assert lines["RAY_ADDRESS"].startswith("FAIL")
     assert lines["VERSVIDEO_RUN_STORAGE"].startswith("FAIL") and f"'no-such-bucket' does not exist at endpoint {object_store['AWS_ENDPOINT_URL']}" in lines["VERSVIDEO_RUN_STORAGE"]
+    assert lines["VERSVIDEO_DATA_STORAGE"] == "ok    VERSVIDEO_DATA_STORAGE: s3://versvideo-tests/data: the bucket answers"
     assert lines["devices"].startswith("ok") and "CPU(s)" in lines["devices"]
 
     (tmp_path / "params.yaml").write_text("preset: smoke\n")

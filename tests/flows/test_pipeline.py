@@ -7,8 +7,10 @@ A failing stage is reported by name and a rerun resumes at it without redoing th
 with nothing changed no stage does work; changing a param reruns the stage that reads it. Then each
 service is asked through its own API what happened: MLflow's runs, tags, dataset inputs and
 artifacts (in the S3 bucket behind its server); Prefect's flow runs, task runs and summary
-artifacts; Ray's nodes the stages' tasks and the training workers ran on. Last, the outputs go to the team's DVC remote, a bucket,
-and come back into a clone elsewhere with nothing to rerun."""
+artifacts; Ray's nodes the stages' tasks and the training workers ran on; the bucket, for the
+checkpoints and the clip and latent shards (VERSVIDEO_DATA_STORAGE: no shard is on the disk).
+Last, the outputs go to the team's DVC remote, a bucket, and come back into a clone elsewhere with
+nothing to rerun."""
 
 import hashlib
 import json
@@ -39,13 +41,15 @@ STAGES = ["prepare", "filter", "decode", "cache_latents", "train_unet"]
 def services(request, tmp_path_factory):
     """The three servers, started side by side: {env variable: value} for their clients. Ray is a
     cluster of two nodes, two cores each, as two machines would be: a head and a worker node. Ray
-    Train's run folders (checkpoints) go to the S3 bucket, which both nodes reach."""
+    Train's run folders (checkpoints) and the clip and latent shards go to the S3 bucket, which
+    both nodes reach."""
     folder = tmp_path_factory.mktemp("services")
     ray, ray_env = ray_head(folder, num_cpus=2)
     servers = {**request.getfixturevalue("prefect_api"), **request.getfixturevalue("mlflow_api")}  # the session's; they start while Ray does
-    run_storage = {"VERSVIDEO_RUN_STORAGE": f"{request.getfixturevalue('object_store')['bucket']}/pipeline-runs"}
+    bucket = request.getfixturevalue("object_store")["bucket"]
+    storage = {"VERSVIDEO_RUN_STORAGE": f"{bucket}/pipeline-runs", "VERSVIDEO_DATA_STORAGE": f"{bucket}/pipeline-data"}
     with running(ray), running(ray_worker_node(folder, ray_env, num_cpus=2)):
-        yield {**servers, **ray_env, **run_storage}
+        yield {**servers, **ray_env, **storage}
 
 
 @pytest.fixture
@@ -152,6 +156,7 @@ def test_failed_stage_resumes_a_rerun_does_nothing_and_a_clone_elsewhere_pulls_i
     assert set(first_filter.data.tags["ray.nodes.filter"].split(",")) == node_ids
     assert set(first_decode.data.tags["ray.nodes.decode"].split(",")) == node_ids
     a_two_worker_training_ran_on_both_nodes_with_its_checkpoints_in_the_bucket(client, runs, node_ids, services["VERSVIDEO_RUN_STORAGE"])
+    the_shards_are_in_the_bucket_only(folder, services["VERSVIDEO_DATA_STORAGE"])
 
     a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder, f"{object_store['bucket']}/dvc-remote", services)
 
@@ -177,14 +182,31 @@ def a_two_worker_training_ran_on_both_nodes_with_its_checkpoints_in_the_bucket(c
     assert recorded == stored and "model.safetensors" in recorded
 
 
+def the_shards_are_in_the_bucket_only(folder: Path, storage: str) -> None:
+    """decode's and cache_latents' shards went to the data storage: the output folders hold their
+    small files and shards.json, whose every object is in the bucket with the bytes it names, so
+    the Ray tasks and the training workers on both nodes read them from there."""
+    bucket, prefix = storage.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3")
+    for output in ("data/clips", "data/clips/images", "data/latents", "data/latents/images"):
+        assert not list((folder / output).glob("clips-*.npy")) + list((folder / output).glob("latents-*.parquet"))
+        manifest = json.loads((folder / output / "shards.json").read_text())
+        assert manifest["storage"] == storage and manifest["shards"]
+        for entry in manifest["shards"].values():
+            data = s3.get_object(Bucket=bucket, Key=f"{prefix}/shards/{entry['object']}")["Body"].read()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+
+
 def a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder: Path, remote: str, services: dict[str, str]) -> None:
     """The team's DVC remote is a bucket (the session's S3 server, reached through the standard
     AWS variables only: nothing about the endpoint or keys is in the repository). `dvc push` from
     this clone; a clone in another directory `dvc pull`s, DVC finds nothing stale, and `versvideo
     pipeline` does no stage work there; filter and decode rerun there on one node write the same
-    bytes: the outputs' hashes depend neither on where a clone sits nor on how many nodes ran it."""
+    bytes: the outputs' hashes depend neither on where a clone sits nor on how many nodes ran it
+    (the shards go to the same data storage, where they are named by what they hold)."""
     def git_or_dvc(*command: str, where: Path = folder) -> str:
         env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a stage DVC runs starts a local Ray
+        env["VERSVIDEO_DATA_STORAGE"] = services["VERSVIDEO_DATA_STORAGE"]
         finished = subprocess.run(command, cwd=where, capture_output=True, text=True, env={**env, **BIN_FIRST})
         assert finished.returncode == 0, f"{' '.join(command)}:\n{(finished.stdout + finished.stderr)[-3000:]}"
         return finished.stdout

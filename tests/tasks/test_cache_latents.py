@@ -24,50 +24,15 @@ from safetensors.torch import save_file
 from eval.caption_probe import CHANCE, agreement, probe
 from model.image_vae import build_tiny_image_vae, decode_latents, encode_posterior, frames_to_pixels, load_image_vae, pixels_to_frames
 from model.text_encoder import TINY_TEXT_CONFIG, build_text_encoder, tokenizer_for
-from tasks.config.params import CacheLatentsParams, DecodeParams, FilterParams, Params, load_params, require_pretrained_weights
-from tasks.inference.encoders import clip_noise_seed, encoder_info
-from tasks.preprocessing import synthetic
-from tasks.preprocessing.clips import decode_clips
-from tasks.preprocessing.image_clips import decode_images
-from tasks.preprocessing.latents import cache_latents
+from tasks.config.params import CacheLatentsParams, DecodeParams, Params, load_params, require_pretrained_weights
+from tasks.inference.encoders import clip_noise_seed
 from tasks.preprocessing.smoke_vae import fit_smoke_vae
 from tasks.preprocessing.synthetic import render
 from tasks.stages.cache_latents import main as cache_latents_stage
-from tasks.stages.filter import filter_images, filter_videos
 from tasks.storage.clip_shards import shard_name as clip_shard_name
 from tasks.storage.latent_shards import latent_dataset, read_latent_shard, shard_name
-from tests.tasks.test_filter_decode import fixture_csv
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def clips_dir(fixture_videos, ray_session, tmp_path_factory):
-    """filter + decode on the fixture videos: 3 kept videos, 2 clips each, 2 clips per shard."""
-    decode_cfg = DecodeParams(clips_per_shard=2)
-    kept, _ = filter_videos(fixture_csv(fixture_videos), str(fixture_videos), FilterParams(), decode_cfg)
-    out = tmp_path_factory.mktemp("ws") / "data" / "clips"
-    index, _ = decode_clips(kept, decode_cfg, out, fixture_videos)
-    index.to_parquet(out / "index.parquet", index=False)
-    assert len(index) == 6 and index["shard"].nunique() == 3
-    # and the image stream: four synthetic image-text pairs as one-frame clips, two shards
-    images = out.parent / "raw_images"
-    synthetic.generate_images(images, num_images=4, height=64, width=64, seed=0)
-    image_index, _ = decode_images(filter_images(str(images), FilterParams())[0], decode_cfg, out / "images", images)
-    image_index.to_parquet(out / "images" / "index.parquet", index=False)
-    assert len(image_index) == 4
-    return out
-
-
-@pytest.fixture(scope="module")
-def cached(clips_dir, tmp_path_factory):
-    """One cache_latents run (in this process's Ray) with seeded posterior samples."""
-    cfg = CacheLatentsParams(sample_posterior=True, seed=5, num_workers=2)
-    out = tmp_path_factory.mktemp("latents")
-    index = pd.read_parquet(clips_dir / "index.parquet")
-    status = cache_latents(index, cfg, encoder_info(cfg), clips_dir, out)
-    index.to_parquet(out / "index.parquet", index=False)  # main() writes it last; here the test does
-    return index, status, out, cfg
 
 
 def test_cached_latents_are_the_vaes_encoding_of_each_clip(clips_dir, cached):
