@@ -18,6 +18,7 @@ kind of location.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -126,10 +127,20 @@ def read_shard_bytes(location: str) -> bytes:
 
 
 def load_npy(location: str) -> np.ndarray:
-    """A .npy shard: memory-mapped from a local file, read whole from object storage."""
+    """A .npy shard, read-only: memory-mapped from a local file, read whole from object storage."""
     if not is_uri(location):
         return np.load(location, mmap_mode="r")
-    return np.load(io.BytesIO(read_shard_bytes(location)))
+    return _downloaded_npy(location)
+
+
+@functools.lru_cache(maxsize=2)
+def _downloaded_npy(location: str) -> np.ndarray:
+    """The last shards downloaded, kept: readers such as evaluate's real clips take one row at a
+    time, mostly from the same shard, and would otherwise download it once per row. Read-only, as
+    a memory map is, since every caller shares the array."""
+    array = np.load(io.BytesIO(read_shard_bytes(location)))
+    array.flags.writeable = False
+    return array
 
 
 def save_npy_shard(array: np.ndarray, out_dir: str, name: str, storage: str | None) -> dict[str, Any] | None:
