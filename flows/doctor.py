@@ -7,6 +7,8 @@
   PREFECT_API_URL's /health, RAY_ADDRESS's port, the buckets of VERSVIDEO_RUN_STORAGE and
   VERSVIDEO_DATA_STORAGE); unset ones run
   locally and need nothing;
+- raw data: data.videos_root and data.images, when they are in object storage, answer and hold
+  something;
 - devices: the GPUs torch sees, and the CPU count.
 
 Each check prints one line; the exit status is 1 when any failed.
@@ -23,8 +25,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from tasks.config.params import Params, ParamsError, load_params, write_preset
-from tasks.storage.object_store import RUN_STORAGE_VARIABLE, StorageError, is_uri, require_reachable
+from tasks.storage.object_store import RUN_STORAGE_VARIABLE, StorageError, filesystem, is_uri, require_reachable
 from tasks.storage.shard_store import DATA_STORAGE_VARIABLE
 from tasks.storage.weight_files import require_weight_files
 
@@ -49,6 +53,9 @@ def doctor(params_file: Path, preset: str | None) -> bool:
     if params:
         for stage in STAGES_WITH_WEIGHTS:
             check(f"weights of {stage}", lambda stage=stage: weights_of(params[0], stage))
+        for key, location in (("data.videos_root", params[0].data.videos_root), ("data.images", params[0].data.images)):
+            if is_uri(location):
+                check(key, lambda location=location: raw_data_answers(location))
     for variable, probe in (("MLFLOW_TRACKING_URI", mlflow_answers), ("PREFECT_API_URL", prefect_answers), ("RAY_ADDRESS", ray_answers),
                             (RUN_STORAGE_VARIABLE, storage_answers), (DATA_STORAGE_VARIABLE, storage_answers)):
         check(variable, lambda variable=variable, probe=probe: probe(os.environ[variable]) if os.environ.get(variable) else "not set: runs locally")
@@ -106,6 +113,14 @@ def storage_answers(location: str) -> str:
         return f"{location}: a local folder (every node must see it)"
     require_reachable(location)
     return f"{location}: the bucket answers"
+
+
+def raw_data_answers(location: str) -> str:
+    require_reachable(location)
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise StorageError(f"{location}: nothing there; upload the videos (or image shards) under it, or fix the param")
+    return f"{location}: the bucket answers and holds it"
 
 
 def devices() -> str:

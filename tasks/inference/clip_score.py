@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from model.text_encoder import clip_config
 from model.weights import WeightsError, load_into, load_state_dict
+from tasks.storage.object_store import local_folder
 from tasks.storage.video_io import center_crop, cover_size, decode_frames
 
 __all__ = ["ClipFrameScorer", "WeightsError", "clip_pixels", "load_clip"]
@@ -59,7 +60,8 @@ class ClipFrameScorer:
         for row in batch.itertuples():
             middle = (int(row.segment_start) + int(row.segment_end) - 1) // 2
             height, width = cover_size(int(row.height), int(row.width), self.size, self.size)
-            images.append(center_crop(decode_frames(Path(self.videos_root) / row.path, [middle], height, width), self.size, self.size)[0])
+            with local_folder(self.videos_root, [row.path]) as root:  # a copy, when the videos are in object storage
+                images.append(center_crop(decode_frames(Path(root) / row.path, [middle], height, width), self.size, self.size)[0])
         image_features = F.normalize(self.model.encode_image(clip_pixels(np.stack(images), self.model)), dim=-1)
         text_features = F.normalize(self.model.encode_text(self.tokenizer(list(batch["name"]))), dim=-1)
         scores = (image_features * text_features).sum(dim=-1).numpy().astype(np.float64)

@@ -73,11 +73,18 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def dep_tag(path: str) -> str:
+    """The MLflow tag of a dvc.lock dependency's hash: `dvc.dep.data/latents`; an external one in
+    object storage, `s3://bucket/videos`, as `dvc.dep.s3/bucket/videos` (MLflow refuses keys with
+    `//`, which a path normalization would change)."""
+    return "dvc.dep." + path.replace("://", "/", 1)
+
+
 def lineage_tags(stage: str) -> dict[str, str]:
     """Tags for a run a stage opens. The dvc.dep hashes are dvc.lock's at the start (the last locked
     inputs); under a pipeline, record_stage replaces them with this run's once DVC locks them."""
     tags = {"versvideo.stage": stage, "git_commit": git_commit(), **machine_tags()}
-    tags.update({f"dvc.dep.{path}": digest for path, digest in dvc_dep_hashes(stage).items()})
+    tags.update({dep_tag(path): digest for path, digest in dvc_dep_hashes(stage).items()})
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")  # set by Prefect for the flow run that launched the stage
     if flow_run:
         tags["prefect.flow_run_id"] = flow_run
@@ -163,7 +170,7 @@ def record_stage(client: MlflowClient, run_id: str, stage: str, seconds: float, 
     """After a stage: its dvc.lock dependency hashes as tags and as MLflow dataset inputs (the DVC
     hash is the digest), its metrics files, and how long it took."""
     deps = locked_data_deps(stage)
-    hashes = {f"dvc.dep.{dep['path']}": str(dep.get("md5", "")) for dep in deps}
+    hashes = {dep_tag(dep["path"]): str(dep.get("md5", "")) for dep in deps}
     client.log_batch(run_id, tags=[RunTag("dvc.stage", stage), RunTag("dvc.ran", str(ran).lower())])  # false: DVC found the stage up to date
     # The runs the stage opened under this one (training, evaluation) took their dvc.dep tags from
     # dvc.lock as it was when they started: the previous run's hashes, wrong for any input that

@@ -15,7 +15,8 @@ import pandas as pd
 from eval import curation
 from model.weights import file_sha256
 from tasks.config.params import DecodeParams, FilterParams
-from tasks.storage.video_io import VideoError, clip_stride, cover_size, decode_frames, probe_video, video_path, window_length
+from tasks.storage.object_store import local_folder
+from tasks.storage.video_io import VideoError, clip_stride, cover_size, decode_frames, probe_video, relative_to_root, video_path, video_relative_path, window_length
 
 REASONS = (
     "malformed_row",
@@ -64,21 +65,26 @@ TEXT_FIELDS = ("reason", "detail", "path", "container", "codec", "content_sha256
 
 
 def assess_video(row: dict, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> dict:
-    """Everything we can learn about one row on its own; `reason` is '' when it passes."""
+    """Everything we can learn about one row on its own; `reason` is '' when it passes. With
+    videos_root in object storage the row's video is read from a local copy (local_folder)."""
     record = {**row, **NUMERIC_FIELDS, **{name: "" for name in TEXT_FIELDS}}
-    try:
-        _assess(record, videos_root, cfg, decode)
-    except VideoError as error:
-        record.update(reason=error.reason, detail=relative_to_root(error.detail, videos_root))
-    except Exception as error:  # a bug or an unforeseen file: reject the row, keep the stage going
-        record.update(reason="internal_error", detail=relative_to_root(f"{type(error).__name__}: {error}", videos_root))
+    with local_folder(videos_root, named_video(row)) as root:
+        try:
+            _assess(record, root, cfg, decode)
+        except VideoError as error:
+            record.update(reason=error.reason, detail=relative_to_root(error.detail, root))
+        except Exception as error:  # a bug or an unforeseen file: reject the row, keep the stage going
+            record.update(reason="internal_error", detail=relative_to_root(f"{type(error).__name__}: {error}", root))
     return record
 
 
-def relative_to_root(text: str, videos_root: str) -> str:
-    """A message with the files under videos_root named relative to it: the filter's outputs
-    are then the same bytes in every checkout and on every machine (DVC hashes them)."""
-    return text.replace(os.path.join(os.path.abspath(videos_root), ""), "")
+def named_video(row: dict) -> list[str]:
+    """The file `row` names, relative to videos_root; none when its name is unusable (_assess
+    rejects the row and says why)."""
+    try:
+        return [video_relative_path(row["page_dir"], row["videoid"])]
+    except VideoError:
+        return []
 
 
 def _assess(record: dict, videos_root: str, cfg: FilterParams, decode: DecodeParams) -> None:

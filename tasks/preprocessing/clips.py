@@ -4,7 +4,6 @@ one fixed-shape uint8 clip shard."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +14,9 @@ import ray
 from tasks.config.params import DecodeParams
 from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_record
 from tasks.storage.clip_shards import shard_name
+from tasks.storage.object_store import absolute, local_folder
 from tasks.storage.shard_store import MANIFEST, STORED_KEYS, save_npy_shard, write_manifest
-from tasks.storage.video_io import VideoError, center_crop, cover_size, open_reader, path_under, read_frames, window_length
+from tasks.storage.video_io import VideoError, center_crop, cover_size, open_reader, path_under, read_frames, relative_to_root, window_length
 
 
 def clip_starts(segment_start: int, segment_end: int, stride: int, cfg: DecodeParams, keyframes: list[int] | None = None) -> list[int]:
@@ -61,12 +61,13 @@ def decode_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, videos_ro
     for shard, videos in batch.groupby("shard", sort=True):
         clips = []
         for row in videos.itertuples():
-            try:
-                path = path_under(videos_root, row.path)  # kept.parquet's paths are relative to data.videos_root
-                starts, video_clips = decode_video_clips(str(path), row.height, row.width, row.segment_start, row.segment_end, row.stride, cfg)
-            except VideoError as error:
-                rows.append({"kind": "rejected", "video_id": row.videoid, "shard": shard, "reason": error.reason, "detail": error.detail})
-                continue
+            # kept.parquet's paths are relative to data.videos_root (a local copy, when it is in object storage)
+            with local_folder(videos_root, [row.path]) as root:
+                try:
+                    starts, video_clips = decode_video_clips(str(path_under(root, row.path)), row.height, row.width, row.segment_start, row.segment_end, row.stride, cfg)
+                except VideoError as error:
+                    rows.append({"kind": "rejected", "video_id": row.videoid, "shard": shard, "reason": error.reason, "detail": relative_to_root(error.detail, root)})
+                    continue
             for start, clip in zip(starts, video_clips):
                 rows.append(
                     {
@@ -132,7 +133,7 @@ def decode_clips(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, videos_ro
     kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // videos_per_shard)
     columns = ["shard", "videoid", "path", "height", "width", "fps", "segment_start", "segment_end", "stride", "name"]
     result = decode_in_shards(kept.loc[:, columns], decode_shard, out_dir, cfg, INDEX_COLUMNS, "decode", "videos decoded", storage,
-                              count=lambda batch: batch["video_id"].nunique(), videos_root=os.path.abspath(videos_root))
+                              count=lambda batch: batch["video_id"].nunique(), videos_root=absolute(videos_root))
     index = result[result["kind"] == "clip"].drop(columns=["kind", "reason", "detail", *STORED_COLUMNS]).reset_index(drop=True)
     rejected = result[result["kind"] == "rejected"].loc[:, ["video_id", "reason", "detail"]].reset_index(drop=True)
     for column in ("shard", "shard_row", "start_frame", "stride"):

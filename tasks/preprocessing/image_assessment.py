@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from tasks.config.params import FilterParams
-from tasks.storage.image_text import RECORD_COLUMNS, ImageTextFormatError, SourceReader, content_sha256, decode_image, list_records
+from tasks.storage.image_text import RECORD_COLUMNS, ImageTextFormatError, SourceReader, content_sha256, decode_image, images_folder, list_records, source_with_metadata
+from tasks.storage.object_store import local_folder
 from tasks.storage.video_io import VideoError
 
 IMAGE_REASONS = (
@@ -35,7 +36,13 @@ IMAGE_COLUMNS = [*RECORD_COLUMNS, "height", "width", "content_sha256", "reason",
 
 
 def assess_source(images_root: str, source: str, cfg: FilterParams) -> pd.DataFrame:
-    """One row per record of `source` (IMAGE_COLUMNS)."""
+    """One row per record of `source` (IMAGE_COLUMNS); read from a local copy of the source when
+    images_root is in object storage."""
+    with local_folder(images_folder(images_root), source_with_metadata(source)) as folder:
+        return _assess_source(folder, source, cfg)
+
+
+def _assess_source(images_root: str, source: str, cfg: FilterParams) -> pd.DataFrame:
     try:
         records = list_records(images_root, source)
     except ImageTextFormatError as error:

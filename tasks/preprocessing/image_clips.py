@@ -5,7 +5,6 @@ latent cache and the UNet's image stream then read them as they read the videos,
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,8 @@ import pandas as pd
 from tasks.config.params import DecodeParams
 from tasks.preprocessing.clips import STORED_COLUMNS, decode_in_shards, stored_shard_rows
 from tasks.storage.clip_shards import shard_name
-from tasks.storage.image_text import SourceReader, decode_image
+from tasks.storage.image_text import SourceReader, decode_image, images_folder, source_with_metadata
+from tasks.storage.object_store import absolute, local_folder
 from tasks.storage.shard_store import save_npy_shard
 from tasks.storage.video_io import VideoError, center_crop, cover_size
 
@@ -40,7 +40,7 @@ def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, ima
     rows, frames = [], []
     shard = int(batch["shard"].iloc[0])
     for source, records in batch.groupby("source", sort=False):
-        with SourceReader(images_root, str(source)) as reader:
+        with local_folder(images_folder(images_root), source_with_metadata(str(source))) as folder, SourceReader(folder, str(source)) as reader:
             for record in records.itertuples():
                 entry = {"clip_id": record.key, "video_id": record.key, "shard": shard, "source": source, "member": record.member, "caption": record.caption}
                 try:
@@ -61,7 +61,7 @@ def decode_images(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, images_r
     (index, rejected)."""
     kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // cfg.clips_per_shard)
     result = decode_in_shards(kept.loc[:, ["shard", "key", "source", "member", "caption"]], decode_image_shard, out_dir, cfg, _RESULT_COLUMNS,
-                              "decode_images", "images decoded", storage, images_root=os.path.abspath(images_root))
+                              "decode_images", "images decoded", storage, images_root=absolute(images_root))
     index = result[result["kind"] == "clip"].loc[:, IMAGE_INDEX_COLUMNS].reset_index(drop=True)
     rejected = result[result["kind"] == "rejected"].loc[:, ["clip_id", "source", "member", "reason", "detail"]].reset_index(drop=True)
     for column in ("shard", "shard_row"):

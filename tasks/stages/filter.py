@@ -12,8 +12,6 @@ images_rejected.parquet, with its reason (tasks/preprocessing/image_assessment.p
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 import ray
@@ -24,6 +22,7 @@ from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_r
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
 from tasks.preprocessing.image_assessment import IMAGE_COLUMNS, IMAGE_REASONS, assess_sources_batch, reject_repeats
 from tasks.storage.image_text import source_files
+from tasks.storage.object_store import absolute
 from tasks.storage.atomic import atomic_folder, write_json, write_metrics, write_parquet
 from tasks.storage.webvid import read_webvid_csv
 from tasks.storage.weight_files import require_weight_files
@@ -56,8 +55,8 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
     repeated = rows.duplicated(subset="videoid", keep="last")
     unique = rows[~repeated]
 
-    # Absolute: workers on an existing cluster (RAY_ADDRESS) do not run in this stage's directory
-    assessed = _assess_on_ray(unique, os.path.abspath(videos_root), cfg, decode)
+    # Absolute (or a URI): workers on an existing cluster (RAY_ADDRESS) do not run in this stage's directory
+    assessed = _assess_on_ray(unique, absolute(videos_root), cfg, decode)
     duplicates = rows[repeated].assign(**NUMERIC_FIELDS, **dict.fromkeys(TEXT_FIELDS, "")).assign(
         reason="duplicate_videoid", detail="a later row has the same videoid (its caption is kept)"
     )
@@ -71,7 +70,7 @@ def filter_videos(rows: pd.DataFrame, videos_root: str, cfg: FilterParams, decod
         assessed.loc[copies, "detail"] = "same bytes as videoid " + assessed.loc[copies, "content_sha256"].map(first_row)
 
     if cfg.clip_weights:  # scores are recorded; rows below clip_min_score are rejected
-        assessed = _apply_clip_filter(assessed, cfg, os.path.abspath(videos_root))
+        assessed = _apply_clip_filter(assessed, cfg, absolute(videos_root))
 
     kept = assessed[assessed["reason"] == ""].drop(columns=["reason", "detail"]).reset_index(drop=True)
     rejected = assessed[assessed["reason"] != ""].reset_index(drop=True)
@@ -128,7 +127,7 @@ def filter_images(images_root: str, cfg: FilterParams) -> tuple[pd.DataFrame, pd
         .map_batches(
             on_record(assess_sources_batch), batch_format="pandas", batch_size=1, num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
-            fn_kwargs={"images_root": os.path.abspath(images_root), "cfg": cfg},
+            fn_kwargs={"images_root": absolute(images_root), "cfg": cfg},
         )
     )
     assessed = collect_with_progress(assessed, "filter_images", len(sources), "image sources read", count=lambda batch: batch["source"].nunique())

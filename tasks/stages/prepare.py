@@ -21,6 +21,7 @@ from tasks.config.params import Params
 from tasks.config.paths import PREPARE_REPORT
 from tasks.preprocessing import synthetic
 from tasks.storage.atomic import atomic_folder, atomic_path, remove_stale_temporaries, write_json
+from tasks.storage.object_store import is_uri
 from tasks.storage.webvid import COLUMNS, dedupe_videoids, read_webvid_rows
 
 SYNTHETIC_MARKER = ".versvideo-synthetic.json"  # in data.videos_root or data.images: prepare wrote this folder, and may replace it
@@ -60,8 +61,8 @@ def prepare(params: Params) -> dict:
 
 def _write_synthetic_videos(params: Params) -> pd.DataFrame:
     cfg = params.prepare
+    refuse_foreign_folder(params.data.videos_root, "data.videos_root")
     final = Path(params.data.videos_root)
-    refuse_foreign_folder(final, "data.videos_root")
     # Render into a temporary folder and swap it in whole: a crash leaves the old set intact.
     with atomic_folder(final) as tmp:
         rows = synthetic.generate(tmp, num_videos=cfg.num_videos, seconds=cfg.seconds, fps=cfg.fps, height=cfg.height, width=cfg.width, seed=cfg.seed)
@@ -71,16 +72,21 @@ def _write_synthetic_videos(params: Params) -> pd.DataFrame:
 
 def _write_synthetic_images(params: Params) -> int:
     cfg = params.prepare
+    refuse_foreign_folder(params.data.images, "data.images")
     final = Path(params.data.images)
-    refuse_foreign_folder(final, "data.images")
     with atomic_folder(final) as tmp:
         count = synthetic.generate_images(tmp, num_images=cfg.num_images, height=cfg.height, width=cfg.width, seed=cfg.seed)
         (tmp / SYNTHETIC_MARKER).write_text(json.dumps({"written_by": "versvideo stage prepare", "source": "synthetic", "images": count}) + "\n")
     return count
 
 
-def refuse_foreign_folder(folder: Path, key: str) -> None:
+def refuse_foreign_folder(location: str, key: str) -> None:
     """prepare.source=synthetic replaces the folder `key` names: only an empty one, or one it wrote itself."""
+    if is_uri(location):
+        raise ValueError(f"{key} {location}: prepare.source=synthetic renders the embedded set into a local folder; point {key} at one. "
+                         "To read the embedded set from object storage, copy the rendered folder there and rerun with prepare.source=webvid, "
+                         "prepare.webvid_csv the rendered CSV and data.csv another path")
+    folder = Path(location)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise ValueError(f"{key} {folder}: is a link or a file, not a folder prepare wrote; point it at a new folder")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / SYNTHETIC_MARKER).is_file():

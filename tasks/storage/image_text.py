@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from tasks.storage.object_store import files_under, is_file, is_uri
 from tasks.storage.video_io import VideoError, path_under
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -43,7 +44,10 @@ class ImageTextFormatError(ValueError):
 
 def source_files(root: str | Path) -> list[str]:
     """The tar and Parquet files of `root` (a file, or a folder searched recursively), relative to
-    the root's folder, sorted; a Parquet beside a same-stem tar is the tar's metadata, not a source."""
+    the root's folder, sorted; a Parquet beside a same-stem tar is the tar's metadata, not a source.
+    A root in object storage (a URI) may hold WebDataset shards only (see bucket_sources)."""
+    if is_uri(root):
+        return bucket_sources(str(root))
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(
@@ -63,6 +67,39 @@ def source_files(root: str | Path) -> list[str]:
     if not sources:
         raise ImageTextFormatError(f"data.images {root}: no .tar or .parquet file in it; expected img2dataset's output folder")
     return sources
+
+
+def bucket_sources(root: str) -> list[str]:
+    """source_files of a root in object storage, where the filter's and decode's Ray tasks fetch
+    each shard, with its metadata Parquet, whole. Parquet tables that point at image files are
+    refused: each image would be an object of its own to find and fetch, which img2dataset's
+    WebDataset output (its default) avoids."""
+    if is_file(root):
+        if not root.endswith(".tar"):
+            raise ImageTextFormatError(f"data.images {root}: in object storage, data.images must be WebDataset .tar shards (a .tar, or a folder of them)")
+        return [root.rsplit("/", 1)[1]]
+    everything = [name for name in files_under(root) if not Path(name).name.startswith(".")]
+    tars = sorted(name for name in everything if name.endswith(".tar"))
+    tables = [name for name in everything if name.endswith(".parquet") and f"{name[: -len('.parquet')]}.tar" not in tars]
+    if tables:
+        raise ImageTextFormatError(
+            f"data.images {root}: {tables[0]} (and {len(tables) - 1} more) is a Parquet table pointing at image files; in object "
+            "storage data.images must be WebDataset .tar shards (img2dataset --output_format webdataset), or point data.images at a local folder")
+    if everything and not tars:
+        raise ImageTextFormatError(f"data.images {root}: no .tar in it; expected img2dataset's WebDataset output")
+    return tars
+
+
+def images_folder(root: str | Path) -> str:
+    """The folder `root`'s sources are named relative to (root_folder), for a path or a URI."""
+    if is_uri(root):
+        return str(root).rsplit("/", 1)[0] if is_file(str(root)) else str(root)
+    return str(root_folder(root))
+
+
+def source_with_metadata(source: str) -> list[str]:
+    """The files one source is read from: itself, and a tar's metadata Parquet beside it."""
+    return [source, f"{source[: -len('.tar')]}.parquet"] if source.endswith(".tar") else [source]
 
 
 def root_folder(root: str | Path) -> Path:

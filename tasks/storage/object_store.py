@@ -10,9 +10,13 @@ stores) select the account and endpoint; nothing here names one.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -136,3 +140,46 @@ def sha256(location: str) -> str:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def files_under(location: str) -> list[str]:
+    """The files under the folder `location`, recursively, as paths relative to it, sorted."""
+    fs, path = filesystem(location)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    base = path.rstrip("/") + "/"
+    return sorted(info.path.removeprefix(base) for info in found if info.type == pafs.FileType.File)
+
+
+def stays_inside(relative: str) -> bool:
+    """Whether `relative` names something under its root: not absolute, no `..` leaving it."""
+    normal = os.path.normpath(relative)
+    return not os.path.isabs(relative) and normal != ".." and not normal.startswith(f"..{os.sep}")
+
+
+@contextlib.contextmanager
+def local_folder(root: str, relatives: Iterable[str]) -> Iterator[str]:
+    """A local folder to read the files `relatives` (relative to `root`) from, with the local
+    code every stage already has: `root` itself when it is a local path; for a URI (raw videos in
+    a bucket, read by Ray tasks on any node), a temporary folder holding a copy of each of them
+    that exists, removed on exit. A missing object is left missing and one that would leave the
+    root is not fetched, so the reader rejects it exactly as it rejects a local one, and names it
+    relative to the root in the same words: the stage's outputs are the same bytes either way."""
+    if not is_uri(root):
+        yield absolute(root)
+        return
+    folder = tempfile.mkdtemp(prefix="versvideo-fetched-")
+    try:
+        fs, base = filesystem(root)
+        for relative in relatives:
+            if not stays_inside(relative):
+                continue
+            source = f"{base.rstrip('/')}/{Path(os.path.normpath(relative)).as_posix()}"
+            if fs.get_file_info(source).type != pafs.FileType.File:
+                continue
+            target = Path(folder) / os.path.normpath(relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(source) as stream, open(target, "wb") as file:
+                shutil.copyfileobj(stream, file, 1 << 20)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -32,8 +32,8 @@ class VideoError(Exception):
         self.detail = detail
 
 
-def video_path(videos_root: str | Path, page_dir: str, videoid: str) -> Path:
-    """{videos_root}/{page_dir}/{videoid}.mp4, refusing paths that leave videos_root.
+def video_relative_path(page_dir: str, videoid: str) -> str:
+    """{page_dir}/{videoid}.mp4, the file a CSV row names relative to videos_root.
 
     A videoid that already ends in a video extension (`clip.mkv`) is used as the file name, so a
     CSV can list containers other than MP4 (UCF-101's AVI, Matroska).
@@ -43,7 +43,12 @@ def video_path(videos_root: str | Path, page_dir: str, videoid: str) -> Path:
         name += ".mp4"
     if os.path.isabs(str(page_dir)):
         raise VideoError("path_outside_root", f"{page_dir}/{name}: page_dir is an absolute path; it must be relative to videos_root")
-    return path_under(videos_root, os.path.join(str(page_dir), name))
+    return os.path.join(str(page_dir), name)
+
+
+def video_path(videos_root: str | Path, page_dir: str, videoid: str) -> Path:
+    """{videos_root}/{page_dir}/{videoid}.mp4, refusing paths that leave videos_root."""
+    return path_under(videos_root, video_relative_path(page_dir, videoid))
 
 
 def path_under(root: str | Path, relative: str, follow_links: bool = False) -> Path:
@@ -57,6 +62,13 @@ def path_under(root: str | Path, relative: str, follow_links: bool = False) -> P
     if os.path.commonpath([real_root, resolve(candidate)]) != real_root:
         raise VideoError("path_outside_root", f"{relative} resolves outside videos_root (via '..' or a symlink)")
     return candidate
+
+
+def relative_to_root(text: str, videos_root: str) -> str:
+    """A message with the files under videos_root named relative to it: the stages' outputs
+    are then the same bytes in every checkout, on every machine (DVC hashes them), and whether
+    the videos were read in place or from a local copy of a bucket's."""
+    return text.replace(os.path.join(os.path.abspath(videos_root), ""), "")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """`versvideo doctor`: params, weight files, services and devices checked without running a stage,
-against the session's real MLflow and Prefect servers, its S3 server and a port nothing listens on."""
+against the session's real MLflow and Prefect servers, its S3 server (the buckets, and a
+data.videos_root and data.images in it) and a port nothing listens on."""
 
 import socket
+
+import boto3
 
 from flows.cli import main
 
@@ -14,7 +17,9 @@ def free_port() -> int:
 
 def test_doctor_names_each_problem_and_what_answers(tmp_path, monkeypatch, capsys, mlflow_api, prefect_api, object_store):
     (tmp_path / "clip.safetensors").write_bytes(b"<html>404 Not Found</html>")
-    (tmp_path / "params.yaml").write_text("preset: smoke\nfilter:\n  clip_weights: clip.safetensors\n")
+    boto3.client("s3").put_object(Bucket=object_store["bucket"].removeprefix("s3://"), Key="doctor-images/00000.tar", Body=b"")
+    (tmp_path / "params.yaml").write_text(f"preset: smoke\nfilter:\n  clip_weights: clip.safetensors\n"
+                                          f"data:\n  videos_root: {object_store['bucket']}/no-videos-here\n  images: {object_store['bucket']}/doctor-images\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_api["MLFLOW_TRACKING_URI"])
     monkeypatch.setenv("PREFECT_API_URL", prefect_api["PREFECT_API_URL"])
@@ -31,6 +36,8 @@ def test_doctor_names_each_problem_and_what_answers(tmp_path, monkeypatch, capsy
     assert lines["VERSVIDEO_RUN_STORAGE"].startswith("FAIL") and f"'no-such-bucket' does not exist at endpoint {object_store['AWS_ENDPOINT_URL']}" in lines["VERSVIDEO_RUN_STORAGE"]
     assert lines["VERSVIDEO_DATA_STORAGE"] == "ok    VERSVIDEO_DATA_STORAGE: s3://versvideo-tests/data: the bucket answers"
     assert lines["devices"].startswith("ok") and "CPU(s)" in lines["devices"]
+    assert lines["data.videos_root"] == f"FAIL  data.videos_root: {object_store['bucket']}/no-videos-here: nothing there; upload the videos (or image shards) under it, or fix the param"
+    assert lines["data.images"] == f"ok    data.images: {object_store['bucket']}/doctor-images: the bucket answers and holds it"
 
     (tmp_path / "params.yaml").write_text("preset: smoke\n")
     monkeypatch.delenv("RAY_ADDRESS")

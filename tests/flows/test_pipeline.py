@@ -1,14 +1,16 @@
 """The pipeline against real services: a Prefect server, an MLflow tracking server and a Ray head
 node on 127.0.0.1 (tests/services.py), driven by `versvideo pipeline` as a user's shell runs it,
-on a tiny synthetic set: the data stages and a few steps of train_unet on two workers (training
-and evaluation have their own tests of what they compute).
+on a tiny synthetic set whose raw videos and image shards are in the S3 bucket: the data stages
+and a few steps of train_unet on two workers (training and evaluation have their own tests of
+what they compute).
 
 A failing stage is reported by name and a rerun resumes at it without redoing the finished ones;
 with nothing changed no stage does work; changing a param reruns the stage that reads it. Then each
 service is asked through its own API what happened: MLflow's runs, tags, dataset inputs and
 artifacts (in the S3 bucket behind its server); Prefect's flow runs, task runs and summary
 artifacts; Ray's nodes the stages' tasks and the training workers ran on; the bucket, for the
-checkpoints and the clip and latent shards (VERSVIDEO_DATA_STORAGE: no shard is on the disk).
+checkpoints and the clip and latent shards (VERSVIDEO_DATA_STORAGE: no shard is on the disk), and
+DVC's lock, which tracks the raw data in the bucket as external dependencies.
 Last, the outputs go to the team's DVC remote, a bucket, and come back into a clone elsewhere with
 nothing to rerun."""
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from uuid import UUID
 
 import boto3
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -31,7 +34,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from tasks.preprocessing import synthetic
+from tasks.storage.webvid import COLUMNS as WEBVID_COLUMNS
 from tests.services import ray_head, ray_worker_node, running
+from tests.tasks.test_raw_data_in_bucket import upload_folder
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "filter", "decode", "cache_latents", "train_unet"]
@@ -53,12 +59,25 @@ def services(request, tmp_path_factory):
 
 
 @pytest.fixture
-def project(tmp_path, services):
+def project(tmp_path, services, object_store):
+    """A checkout whose raw data is in the bucket, as a team's WebVid copy and LAION shards are:
+    the embedded set's videos and image shards, rendered once and uploaded; the checkout holds
+    their CSV only (prepare.source=webvid), so on the cluster only the driver reads the checkout."""
     for name in ("dvc.yaml", "tasks", "model", "eval", "flows"):
         source = REPO / name
         (shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__")) if source.is_dir() else shutil.copy(source, tmp_path / name))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"].update(num_videos=6, num_images=8, seconds=1.5)
+    rendered = tmp_path.parent / f"{tmp_path.name}-rendered"
+    rows = synthetic.generate(rendered / "videos", num_videos=6, seconds=1.5, fps=params["prepare"]["fps"], height=params["prepare"]["height"],
+                              width=params["prepare"]["width"], seed=0)
+    synthetic.generate_images(rendered / "images", num_images=8, height=params["prepare"]["height"], width=params["prepare"]["width"], seed=0)
+    raw = f"{object_store['bucket']}/raw-{tmp_path.name}"
+    upload_folder(rendered / "videos", f"{raw}/videos")
+    upload_folder(rendered / "images", f"{raw}/images")
+    (tmp_path / "incoming").mkdir()
+    pd.DataFrame(rows, columns=list(WEBVID_COLUMNS)).to_csv(tmp_path / "incoming" / "webvid.csv", index=False)
+    params["data"].update(videos_root=f"{raw}/videos", images=f"{raw}/images")
+    params["prepare"].update(source="webvid", webvid_csv="incoming/webvid.csv")
     params["decode"]["clips_per_shard"] = 4  # 2 videos a shard: 3 decode tasks, for the cluster's two nodes
     params["cache_latents"]["smoke_vae_fit_steps"] = 0  # a random stand-in VAE: its fit has its own test
     # two workers, one on each node (strict_spread: Ray fails rather than put both on one), a few
@@ -157,6 +176,12 @@ def test_failed_stage_resumes_a_rerun_does_nothing_and_a_clone_elsewhere_pulls_i
     assert set(first_decode.data.tags["ray.nodes.decode"].split(",")) == node_ids
     a_two_worker_training_ran_on_both_nodes_with_its_checkpoints_in_the_bucket(client, runs, node_ids, services["VERSVIDEO_RUN_STORAGE"])
     the_shards_are_in_the_bucket_only(folder, services["VERSVIDEO_DATA_STORAGE"])
+    assert not (folder / "data" / "raw" / "videos").exists() and not (folder / "data" / "raw" / "images").exists()  # read from the bucket
+    filter_lock = yaml.safe_load((folder / "dvc.lock").read_text())["stages"]["filter"]["deps"]
+    external = {dep["path"]: dep["md5"] for dep in filter_lock if dep["path"].startswith("s3://")}
+    assert set(external) == {params["data"]["videos_root"], params["data"]["images"]}
+    videos = params["data"]["videos_root"]
+    assert first_filter.data.tags[f"dvc.dep.{videos.replace('://', '/')}"] == external[videos]  # MLflow keys may not hold '//'
 
     a_teammate_pulls_from_the_bucket_and_has_nothing_to_rerun(folder, f"{object_store['bucket']}/dvc-remote", services)
 

@@ -21,10 +21,14 @@ FIXTURE_ENCODERS = CacheLatentsParams(sample_posterior=True, seed=5, num_workers
 
 
 @pytest.fixture(scope="session")
-def fixture_kept(fixture_videos, ray_session) -> pd.DataFrame:
-    """The filter's kept rows of the fixture videos (3 videos)."""
-    kept, _ = filter_videos(fixture_csv(fixture_videos), str(fixture_videos), FilterParams(), FIXTURE_DECODE)
-    return kept
+def fixture_filtered(fixture_videos, ray_session) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The filter's (kept, rejected) rows of the fixture videos' CSV (3 videos kept)."""
+    return filter_videos(fixture_csv(fixture_videos), str(fixture_videos), FilterParams(), FIXTURE_DECODE)
+
+
+@pytest.fixture(scope="session")
+def fixture_kept(fixture_filtered) -> pd.DataFrame:
+    return fixture_filtered[0]
 
 
 @pytest.fixture(scope="session")

@@ -122,6 +122,16 @@ def test_prepare_refuses_to_replace_a_folder_of_videos_it_did_not_write(tmp_path
     assert digest(tmp_path / "data/raw/videos") == first and (tmp_path / "data/raw/videos" / prepare_stage.SYNTHETIC_MARKER).is_file()
 
 
+def test_prepare_renders_the_embedded_set_only_into_a_local_folder(tmp_path, monkeypatch):
+    """A bucket is where a team's videos are read from (source=webvid), not where prepare renders:
+    it says so before writing anything, not after a local folder named `s3:` appeared."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("prepare:\n  num_videos: 2\n  seconds: 1.0\n")
+    with pytest.raises(ValueError, match=r"data.videos_root s3://team/videos: prepare.source=synthetic renders the embedded set into a local folder"):
+        prepare_stage.prepare(load_params("params.yaml", ["data.videos_root=s3://team/videos"]))
+    assert not any(tmp_path.rglob("s3*")) and not (tmp_path / "data/raw/webvid.csv").exists()
+
+
 def test_prepare_never_writes_over_the_users_csv(tmp_path, monkeypatch):
     """With data.csv = prepare.webvid_csv it used to rewrite the user's CSV, rows and columns dropped."""
     monkeypatch.chdir(tmp_path)
