@@ -30,6 +30,7 @@ folder, and logs one MLflow run with the same figures and MP4/GIF samples.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import tempfile
@@ -66,7 +67,7 @@ from tasks.operations.ray_runtime import ensure_ray
 from tasks.storage.atomic import atomic_path
 from tasks.storage.latent_shards import load_encoders_info
 from tasks.storage.previews import write_preview
-from tasks.storage.shard_store import load_npy
+from tasks.storage.shard_store import data_storage, load_npy, read_output_file, write_output_file
 from tasks.storage.video_io import VideoError, center_crop, cover_size, decode_frames, probe_video, resize_frames
 from tasks.storage.weight_files import require_weight_files
 
@@ -260,23 +261,29 @@ def stats_key(protocol: Protocol, ids: dict[str, str], s: Settings) -> dict[str,
     }
 
 
-def stats_path(key: dict[str, Any], folder: Path) -> Path:
+def stats_name(key: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return folder / f"{key['dataset']}-{digest}.npz"
+    return f"{key['dataset']}-{digest}.npz"
 
 
-def load_real_stats(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+def load_real_stats(folder: Path, name: str) -> dict[str, Any] | None:
+    """The cached statistics `name` of the stats folder (or of the data storage its shards.json
+    names), or None when they have not been computed."""
+    data = read_output_file(folder, name)
+    if data is None:
         return None
-    with np.load(path) as saved:
+    with np.load(io.BytesIO(data)) as saved:
         return {"fvd": FeatureStats.from_arrays(saved), "clipsim_frames": saved["clipsim_frames"], "consistency_pairs": saved["consistency_pairs"],
                 "skipped": int(saved["skipped"]), "offsets": json.loads(str(saved["offsets"]))}
 
 
-def save_real_stats(path: Path, real: dict[str, Any], key: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as file:
-        np.savez(file, **real["fvd"].arrays(), clipsim_frames=real["clipsim_frames"], consistency_pairs=real["consistency_pairs"],
-                 skipped=real["skipped"], offsets=json.dumps(real["offsets"]), key=json.dumps(key, sort_keys=True))
+def save_real_stats(folder: Path, name: str, real: dict[str, Any], key: dict[str, Any]) -> None:
+    """Into the stats folder, or with VERSVIDEO_DATA_STORAGE into the bucket beside the shards
+    (the folder then keeps shards.json): the cache every node and every clone reads."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **real["fvd"].arrays(), clipsim_frames=real["clipsim_frames"], consistency_pairs=real["consistency_pairs"],
+             skipped=real["skipped"], offsets=json.dumps(real["offsets"]), key=json.dumps(key, sort_keys=True))
+    write_output_file(folder, name, buffer.getvalue(), data_storage())
 
 
 def reduce_rows(rows: pd.DataFrame, frames: int, limit: int | None = None) -> dict[str, Any]:
@@ -305,7 +312,7 @@ def score(protocols: list[Protocol], s: Settings, ids: dict[str, str], samples: 
     for protocol in protocols:
         rows = [{"protocol": protocol.name, "kind": "generated", "index": k, "prompt": prompt, "seed": s.cfg.seed * 1_000_003 + k, "path": "", "shard_row": -1, "id": ""}
                 for k, prompt in enumerate(protocol.prompts)]
-        cached[protocol.name] = load_real_stats(stats_path(keys[protocol.name], stats)) if len(protocol.real) else None
+        cached[protocol.name] = load_real_stats(stats, stats_name(keys[protocol.name])) if len(protocol.real) else None
         if cached[protocol.name] is None:
             rows += [{"protocol": protocol.name, "kind": "real", "index": k, "prompt": row.prompt, "seed": 0, "path": row.path, "shard_row": int(row.shard_row), "id": str(row.id)}
                      for k, row in enumerate(protocol.real.itertuples())]
@@ -332,7 +339,7 @@ def score(protocols: list[Protocol], s: Settings, ids: dict[str, str], samples: 
         if real is None:
             real = reduce_rows(mine[mine["kind"] == "real"], view.frames, protocol.real_limit)
             if real["fvd"].count >= 2:
-                save_real_stats(stats_path(keys[protocol.name], stats), real, keys[protocol.name])
+                save_real_stats(stats, stats_name(keys[protocol.name]), real, keys[protocol.name])
         probed = [json.loads(text) for text in mine[mine["kind"] == "generated"].sort_values("index")["probe"]] if protocol.name == "captions" else []
         results[protocol.name] = {"generated": generated, "real": real, "real_cached": cached[protocol.name] is not None, "probed": probed}
         if protocol.name == s.cfg.decoder_table:

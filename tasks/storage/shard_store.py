@@ -151,3 +151,26 @@ def save_npy_shard(array: np.ndarray, out_dir: str, name: str, storage: str | No
         return None
     data = npy_bytes(array)
     return store_shard(storage, f"{sha256_bytes(data)}.npy", data)
+
+
+def read_output_file(folder: Path, name: str) -> bytes | None:
+    """A file of a persisted output `folder` (evaluate's cached real-data statistics): the object
+    its manifest names, else the file in the folder; None when neither holds it."""
+    manifest = read_manifest(folder)
+    if manifest is not None and name in manifest["shards"]:
+        return read_shard_bytes(shard_location(folder, name, manifest))
+    path = Path(folder) / name
+    return path.read_bytes() if path.is_file() else None
+
+
+def write_output_file(folder: Path, name: str, data: bytes, storage: str | None) -> None:
+    """Add file `name` to the persisted output `folder`: into it, or with a data storage as an
+    object there (named `name`, which the caller makes unique to what the bytes are computed
+    from), recorded in the folder's manifest beside the earlier ones. A manifest of another
+    storage is started afresh: the folder is a cache, and its files are recomputed on demand."""
+    if storage is None:
+        write_bytes(str(Path(folder) / name), data)
+        return
+    manifest = read_manifest(folder)
+    entries = manifest["shards"] if manifest is not None and manifest["storage"] == storage else {}
+    write_manifest(Path(folder), storage, {**entries, name: store_shard(storage, name, data)})

@@ -119,3 +119,44 @@ def test_an_unreachable_data_storage_fails_in_seconds_naming_the_variable_and_en
         data_storage()
     monkeypatch.setenv(DATA_STORAGE_VARIABLE, "")
     assert data_storage() is None  # unset: the shards stay in their output folders
+
+
+def test_evaluations_real_statistics_go_to_the_data_storage_and_a_pulled_manifest_finds_them(object_store, tmp_path, monkeypatch):
+    """evaluate's cache of real-video statistics (data/eval_stats, DVC-persisted) follows the
+    shards: an object in the bucket, named by the inputs it was computed from, and shards.json in
+    the folder; a clone that pulled the folder reads it without the variable set."""
+    from eval.frechet import FeatureStats
+    from eval.video_features import I3D_FEATURES
+    from tasks.evaluation.scoring import load_real_stats, save_real_stats, stats_name
+
+    rng = np.random.default_rng(0)
+    fvd = FeatureStats(I3D_FEATURES)
+    fvd.update(rng.normal(size=(5, I3D_FEATURES)))
+    real = {"fvd": fvd, "clipsim_frames": rng.random((5, 4)), "consistency_pairs": rng.random((5, 3)), "skipped": 1, "offsets": {"v1": 3, "v2": 0}}
+    key = {"dataset": "ucf101", "split": "test", "frames": 4}
+    name = stats_name(key)
+    storage = f"{object_store['bucket']}/eval-stats-{tmp_path.name}"
+    monkeypatch.setenv(DATA_STORAGE_VARIABLE, storage)
+    folder = tmp_path / "clone-a" / "data" / "eval_stats"
+    save_real_stats(folder, name, real, key)
+    assert [path.name for path in folder.iterdir()] == [MANIFEST]
+    entry = read_manifest(folder)["shards"][name]
+    stored = read_shard_bytes(shard_location(folder, name))
+    assert entry == {"object": name, "sha256": hashlib.sha256(stored).hexdigest(), "bytes": len(stored)}
+
+    monkeypatch.delenv(DATA_STORAGE_VARIABLE)
+    pulled = tmp_path / "clone-b" / "data" / "eval_stats"
+    pulled.mkdir(parents=True)
+    (pulled / MANIFEST).write_bytes((folder / MANIFEST).read_bytes())  # what `dvc pull` brings
+    for where in (folder, pulled):
+        loaded = load_real_stats(where, name)
+        np.testing.assert_array_equal(loaded["fvd"].mean, fvd.mean)
+        np.testing.assert_array_equal(loaded["fvd"].covariance, fvd.covariance)
+        np.testing.assert_array_equal(loaded["clipsim_frames"], real["clipsim_frames"])
+        assert loaded["skipped"] == 1 and loaded["offsets"] == real["offsets"]
+    assert load_real_stats(pulled, stats_name({**key, "frames": 8})) is None  # other inputs: not computed yet
+
+    local = tmp_path / "clone-c" / "data" / "eval_stats"  # no data storage: a file in the folder, as the demo keeps it
+    save_real_stats(local, name, real, key)
+    assert [path.name for path in local.iterdir()] == [name]
+    np.testing.assert_array_equal(load_real_stats(local, name)["consistency_pairs"], real["consistency_pairs"])
