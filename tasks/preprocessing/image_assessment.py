@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config.params import FilterParams
-from tasks.storage.image_text import RECORD_COLUMNS, ImageTextFormatError, SourceReader, content_sha256, decode_image, images_folder, list_records, source_with_metadata
+from tasks.storage.image_text import RECORD_COLUMNS, ImageTextFormatError, SourceReader, content_sha256, decode_image, list_records, source_with_metadata
 from tasks.storage.object_store import local_folder
 from tasks.storage.video_io import VideoError
 
@@ -35,10 +35,11 @@ IMAGE_REASONS = (
 IMAGE_COLUMNS = [*RECORD_COLUMNS, "height", "width", "content_sha256", "reason", "detail"]
 
 
-def assess_source(images_root: str, source: str, cfg: FilterParams) -> pd.DataFrame:
-    """One row per record of `source` (IMAGE_COLUMNS); read from a local copy of the source when
-    images_root is in object storage."""
-    with local_folder(images_folder(images_root), source_with_metadata(source)) as folder:
+def assess_source(sources_folder: str, source: str, cfg: FilterParams) -> pd.DataFrame:
+    """One row per record of `source` (IMAGE_COLUMNS), named relative to `sources_folder`
+    (image_text.images_folder of data.images); read from a local copy of the source when that
+    folder is in object storage."""
+    with local_folder(sources_folder, source_with_metadata(source)) as folder:
         return _assess_source(folder, source, cfg)
 
 
@@ -90,8 +91,8 @@ def _assess(record: dict, reader: SourceReader, cfg: FilterParams) -> None:
     record["content_sha256"] = content_sha256(data)
 
 
-def assess_sources_batch(batch: pd.DataFrame, images_root: str, cfg: FilterParams) -> pd.DataFrame:
-    return pd.concat([assess_source(images_root, source, cfg) for source in batch["source"]], ignore_index=True)
+def assess_sources_batch(batch: pd.DataFrame, sources_folder: str, cfg: FilterParams) -> pd.DataFrame:
+    return pd.concat([assess_source(sources_folder, source, cfg) for source in batch["source"]], ignore_index=True)
 
 
 def reject_repeats(assessed: pd.DataFrame) -> pd.DataFrame:

@@ -32,7 +32,7 @@ def image_frame(image: np.ndarray, cfg: DecodeParams) -> np.ndarray:
     return np.ascontiguousarray(center_crop(resized, cfg.height, cfg.width))[None]
 
 
-def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, images_root: str, storage: str | None) -> pd.DataFrame:
+def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, sources_folder: str, storage: str | None) -> pd.DataFrame:
     """Ray Data UDF: the images of one shard (each source file opened once), written as one clip
     shard (into out_dir, or into the data storage: then a kind=shard row names its object);
     returns its index rows (kind=clip) and the images that no longer decode (kind=rejected: the
@@ -40,7 +40,7 @@ def decode_image_shard(batch: pd.DataFrame, cfg: DecodeParams, out_dir: str, ima
     rows, frames = [], []
     shard = int(batch["shard"].iloc[0])
     for source, records in batch.groupby("source", sort=False):
-        with local_folder(images_folder(images_root), source_with_metadata(str(source))) as folder, SourceReader(folder, str(source)) as reader:
+        with local_folder(sources_folder, source_with_metadata(str(source))) as folder, SourceReader(folder, str(source)) as reader:
             for record in records.itertuples():
                 entry = {"clip_id": record.key, "video_id": record.key, "shard": shard, "source": source, "member": record.member, "caption": record.caption}
                 try:
@@ -61,7 +61,7 @@ def decode_images(kept: pd.DataFrame, cfg: DecodeParams, out_dir: Path, images_r
     (index, rejected)."""
     kept = kept.reset_index(drop=True).assign(shard=lambda frame: frame.index // cfg.clips_per_shard)
     result = decode_in_shards(kept.loc[:, ["shard", "key", "source", "member", "caption"]], decode_image_shard, out_dir, cfg, _RESULT_COLUMNS,
-                              "decode_images", "images decoded", storage, images_root=absolute(images_root))
+                              "decode_images", "images decoded", storage, sources_folder=images_folder(absolute(images_root)))  # resolved once, here
     index = result[result["kind"] == "clip"].loc[:, IMAGE_INDEX_COLUMNS].reset_index(drop=True)
     rejected = result[result["kind"] == "rejected"].loc[:, ["clip_id", "source", "member", "reason", "detail"]].reset_index(drop=True)
     for column in ("shard", "shard_row"):

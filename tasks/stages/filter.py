@@ -21,7 +21,7 @@ from tasks.config.paths import FILTER_METRICS, FILTER_REPORT, FILTERED, IMAGES_K
 from tasks.operations.ray_runtime import collect_with_progress, ensure_ray, on_record
 from tasks.preprocessing.assessment import NUMERIC_FIELDS, REASONS, TEXT_FIELDS, assess_batch
 from tasks.preprocessing.image_assessment import IMAGE_COLUMNS, IMAGE_REASONS, assess_sources_batch, reject_repeats
-from tasks.storage.image_text import source_files
+from tasks.storage.image_text import images_folder, source_files
 from tasks.storage.object_store import absolute
 from tasks.storage.atomic import atomic_folder, write_json, write_metrics, write_parquet
 from tasks.storage.webvid import read_webvid_csv
@@ -127,7 +127,7 @@ def filter_images(images_root: str, cfg: FilterParams) -> tuple[pd.DataFrame, pd
         .map_batches(
             on_record(assess_sources_batch), batch_format="pandas", batch_size=1, num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
-            fn_kwargs={"images_root": absolute(images_root), "cfg": cfg},
+            fn_kwargs={"sources_folder": images_folder(absolute(images_root)), "cfg": cfg},  # resolved once, here
         )
     )
     assessed = collect_with_progress(assessed, "filter_images", len(sources), "image sources read", count=lambda batch: batch["source"].nunique())
